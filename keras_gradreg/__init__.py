@@ -1,0 +1,23 @@
+"""keras_gradreg: gradient regularisation against adversarial examples for Keras 3.
+
+Lyu, Huang and Liang (2015): train on L + sigma * ||grad_x L||_q, the
+linearised worst case of the loss over a p-norm ball of radius sigma.
+"""
+
+from keras_gradreg import layers
+from keras_gradreg.gradients import input_gradients
+from keras_gradreg.model import RegularizedModel
+from keras_gradreg.norms import dual_exponent, dual_norm, worst_case_perturbation
+from keras_gradreg.regularizer import GradientRegularizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradientRegularizer",
+    "RegularizedModel",
+    "dual_exponent",
+    "dual_norm",
+    "input_gradients",
+    "layers",
+    "worst_case_perturbation",
+]

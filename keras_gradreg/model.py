@@ -1,0 +1,314 @@
+"""`RegularizedModel`: a `keras.Model` trained on the regularised objective."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import keras
+import tensorflow as tf
+from keras.src.losses.loss import unscale_loss_for_distribution
+from keras.src.models.functional import Functional
+from keras.src.models.model import functional_init_arguments
+from keras.src.saving import object_registration
+from keras.src.trainers.trainer import Trainer
+
+from keras_gradreg import randomness
+from keras_gradreg.gradients import (
+    concat_per_example,
+    floating_inputs,
+    replace_floating_inputs,
+    split_per_example,
+    zeros_for_missing,
+)
+from keras_gradreg.norms import dual_norm, worst_case_perturbation
+from keras_gradreg.regularizer import GradientRegularizer
+
+_EVAL_ONLY_EXCLUDED = ("data_loss", "penalty")
+
+
+class StepResult(NamedTuple):
+    """What one regularised forward/backward pass produces (per replica).
+
+    Losses are as Keras computes them: already divided by the number of
+    replicas under a `tf.distribute` strategy.
+    """
+
+    gradients: list
+    y_pred: Any
+    total_loss: tf.Tensor
+    data_loss: tf.Tensor
+    penalty: tf.Tensor
+
+
+def _as_regularizer(regularizer: Any) -> GradientRegularizer:
+    if regularizer is None:
+        return GradientRegularizer()
+    if isinstance(regularizer, GradientRegularizer):
+        return regularizer
+    if isinstance(regularizer, dict):
+        if "class_name" in regularizer:
+            return keras.saving.deserialize_keras_object(regularizer)
+        return GradientRegularizer(**regularizer)
+    raise ValueError(
+        "`regularizer` must be a kgr.GradientRegularizer, a dict of its "
+        f"arguments, or None. Received: regularizer={regularizer!r}"
+    )
+
+
+_FUNCTIONAL_VARIANTS: dict[type, type] = {}
+
+
+def _functional_variant(cls: type) -> type:
+    """`cls` combined with `Functional`, made once and cached.
+
+    Keras makes a `Model` subclass functional by rewriting the `__bases__` of
+    the class and of all its parents, which would break every later
+    subclassed use of `RegularizedModel` in the same process. A separate class
+    leaves the original hierarchy untouched. It is saved under `cls`'s
+    registered name, so loading goes back through `cls`.
+    """
+    variant = _FUNCTIONAL_VARIANTS.get(cls)
+    if variant is None:
+        variant = type(
+            cls.__name__,
+            (cls, Functional),
+            {"__module__": cls.__module__, "__qualname__": cls.__qualname__},
+        )
+        object_registration.GLOBAL_CUSTOM_NAMES[variant] = object_registration.get_registered_name(
+            cls
+        )
+        _FUNCTIONAL_VARIANTS[cls] = variant
+    return variant
+
+
+@keras.saving.register_keras_serializable(package="keras_gradreg")
+class RegularizedModel(keras.Model):
+    """A `keras.Model` whose `fit` minimises L + sigma * ||grad_x L||_q.
+
+    Use it like `keras.Model`, functionally or by subclassing:
+
+    ```python
+    reg = kgr.GradientRegularizer(p=2, sigma=0.1, method="penalty")
+    model = kgr.RegularizedModel(inputs, outputs, regularizer=reg)
+
+    class Net(kgr.RegularizedModel):
+        def __init__(self, **kwargs):
+            super().__init__(regularizer=reg, **kwargs)
+            self.dense = keras.layers.Dense(10)
+
+        def call(self, x):
+            return self.dense(x)
+    ```
+
+    The input gradient is the gradient of each example's own loss (the
+    compiled loss, with sample and class weights) over every floating-point
+    input, the norm running over all of them together. `fit` logs `loss`
+    (the regularised objective), `data_loss` (the clean loss) and `penalty`
+    (sigma * ||g||_q for "penalty" and "finite_difference"; the loss at
+    x + r* for "adversarial"). `evaluate` reports clean metrics only. All
+    forward passes of one step share the step's dropout masks.
+
+    Args:
+        *args: As for `keras.Model` (`inputs, outputs` for a functional model).
+        regularizer: A `kgr.GradientRegularizer`, a dict of its arguments, or
+            None for the defaults.
+        **kwargs: As for `keras.Model`.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        if functional_init_arguments(args, kwargs) and not issubclass(cls, Functional):
+            variant = _functional_variant(cls)
+            return variant.__new__(variant, *args, **kwargs)
+        return super().__new__(cls, *args, **kwargs)
+
+    def __init__(self, *args, regularizer: Any = None, **kwargs):
+        regularizer = _as_regularizer(regularizer)
+        if isinstance(self, Functional):
+            Trainer.__init__(self)
+            Functional.__init__(self, *args, **kwargs)
+        else:
+            keras.Model.__init__(self, *args, **kwargs)
+        self._regularizer = regularizer
+        self._data_loss_tracker = keras.metrics.Mean(name="data_loss")
+        self._penalty_tracker = keras.metrics.Mean(name="penalty")
+
+    @property
+    def regularizer(self) -> GradientRegularizer:
+        """The `kgr.GradientRegularizer` used by `fit`."""
+        return self._regularizer
+
+    @regularizer.setter
+    def regularizer(self, value: Any) -> None:
+        self._regularizer = _as_regularizer(value)
+        self.train_function = None  # Retrace with the new settings.
+
+    # ------------------------------------------------------------------ #
+    # Training.
+    # ------------------------------------------------------------------ #
+
+    def fit(self, *args, **kwargs):
+        self._check_has_loss()
+        return super().fit(*args, **kwargs)
+
+    def _check_has_loss(self) -> None:
+        overrides_loss = type(self).compute_loss is not Trainer.compute_loss
+        if getattr(self, "_compile_loss", None) is None and not overrides_loss:
+            raise ValueError(
+                "RegularizedModel penalises the gradient of the training loss, so "
+                "it needs one: call `model.compile(loss=...)` with a loss before "
+                "`fit`. Received: loss=None"
+            )
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        self._check_has_loss()
+        result = self.regularized_step(x, y, sample_weight)
+        self.optimizer.apply_gradients(zip(result.gradients, self.trainable_weights))
+        batch_size = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+        for tracker, value in (
+            (self._loss_tracker, result.total_loss),
+            (self._data_loss_tracker, result.data_loss),
+            (self._penalty_tracker, result.penalty),
+        ):
+            tracker.update_state(unscale_loss_for_distribution(value), sample_weight=batch_size)
+        return self.compute_metrics(x, y, result.y_pred, sample_weight=sample_weight)
+
+    def test_step(self, data):
+        logs = super().test_step(data)
+        return {k: v for k, v in logs.items() if k not in _EVAL_ONLY_EXCLUDED}
+
+    def regularized_step(self, x, y, sample_weight=None) -> StepResult:
+        """Computes the regularised loss and its gradients for one batch.
+
+        Updates nothing but the model's random state (seed generators), so it
+        can be compiled on its own (per replica) and the optimizer applied
+        outside.
+
+        Args:
+            x: Model input.
+            y: Targets.
+            sample_weight: Optional per-example weights.
+
+        Returns:
+            A `StepResult`. Its gradients are scaled like the loss by the
+            optimizer (loss scaling under mixed precision).
+        """
+        reg = self._regularizer
+        if reg.sigma == 0.0:
+            return self._plain_step(x, y, sample_weight)
+        if reg.method == "penalty":
+            return self._penalty_step(x, y, sample_weight)
+        return self._perturbed_step(x, y, sample_weight)
+
+    def _forward_loss(self, x, y, sample_weight):
+        if self._call_has_training_arg:
+            y_pred = self(x, training=True)
+        else:
+            y_pred = self(x)
+        loss = self._compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+        )
+        return y_pred, loss
+
+    def _scale(self, loss):
+        return loss if self.optimizer is None else self.optimizer.scale_loss(loss)
+
+    def _loss_scale(self) -> tf.Tensor:
+        """The optimizer's loss scale (1 without mixed precision), float32."""
+        return tf.cast(self._scale(tf.constant(1.0)), tf.float32)
+
+    def _input_gradient(self, inner_tape, scaled_loss, inputs) -> tf.Tensor:
+        """Per-example gradient of the (reduced) loss, flattened, float32.
+
+        Row i is c * w_i * d l_i / d x_i, with c the loss's reduction factor
+        (1 / (batch * replicas) for Keras's default), so summing per-row norms
+        reduces the penalty exactly like the loss.
+        """
+        gradients = inner_tape.gradient(scaled_loss, inputs)
+        gradients = zeros_for_missing(gradients, inputs)
+        return concat_per_example(gradients) / self._loss_scale()
+
+    def _plain_step(self, x, y, sample_weight) -> StepResult:
+        with tf.GradientTape() as tape:
+            y_pred, loss = self._forward_loss(x, y, sample_weight)
+            scaled = self._scale(loss)
+        gradients = tape.gradient(scaled, self.trainable_weights)
+        return StepResult(gradients, y_pred, loss, loss, tf.zeros_like(loss))
+
+    def _penalty_step(self, x, y, sample_weight) -> StepResult:
+        reg = self._regularizer
+        inputs = self._differentiable_inputs(x)
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                inner.watch(inputs)
+                y_pred, loss = self._forward_loss(x, y, sample_weight)
+                scaled = self._scale(loss)
+            flat_gradient = self._input_gradient(inner, scaled, inputs)
+            penalty = reg.sigma * tf.reduce_sum(dual_norm(flat_gradient, reg.p))
+            penalty = tf.cast(penalty, loss.dtype)
+            total = loss + penalty
+            scaled_total = self._scale(total)
+        gradients = outer.gradient(scaled_total, self.trainable_weights)
+        return StepResult(gradients, y_pred, total, loss, penalty)
+
+    def _perturbed_step(self, x, y, sample_weight) -> StepResult:
+        reg = self._regularizer
+        adversarial = reg.method == "adversarial"
+        inputs = self._differentiable_inputs(x)
+        generators = randomness.seed_generators(self)
+        step_randomness = randomness.snapshot(generators)
+        # The clean pass needs parameter gradients unless its weight is 0.
+        clean_in_objective = not adversarial or reg.clean_weight > 0.0
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                inner.watch(inputs)
+                if clean_in_objective:
+                    y_pred, loss = self._forward_loss(x, y, sample_weight)
+                else:
+                    with outer.stop_recording():
+                        y_pred, loss = self._forward_loss(x, y, sample_weight)
+                scaled = self._scale(loss)
+            with outer.stop_recording():
+                flat_gradient = self._input_gradient(inner, scaled, inputs)
+                radius = reg.sigma if adversarial else reg.fd_step
+                flat_step = tf.stop_gradient(worst_case_perturbation(flat_gradient, reg.p, radius))
+                steps = split_per_example(flat_step, inputs)
+            x_moved = replace_floating_inputs(x, [t + step for t, step in zip(inputs, steps)])
+            randomness.restore(generators, step_randomness)
+            _, moved_loss = self._forward_loss(x_moved, y, sample_weight)
+            if adversarial:
+                penalty = moved_loss
+                total = reg.clean_weight * loss + (1.0 - reg.clean_weight) * moved_loss
+            else:
+                penalty = reg.sigma * (moved_loss - loss) / reg.fd_step
+                total = loss + penalty
+            scaled_total = self._scale(total)
+        gradients = outer.gradient(scaled_total, self.trainable_weights)
+        return StepResult(gradients, y_pred, total, loss, penalty)
+
+    def _differentiable_inputs(self, x) -> list[tf.Tensor]:
+        inputs = floating_inputs(x)
+        if not inputs:
+            raise ValueError(
+                "RegularizedModel needs at least one floating-point input to "
+                f"differentiate the loss by. Received input dtypes: "
+                f"{[t.dtype.name for t in tf.nest.flatten(x) if t is not None]}"
+            )
+        return inputs
+
+    # ------------------------------------------------------------------ #
+    # Serialization.
+    # ------------------------------------------------------------------ #
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config["regularizer"] = keras.saving.serialize_keras_object(self._regularizer)
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects=None):
+        config = dict(config)
+        regularizer = _as_regularizer(config.pop("regularizer", None))
+        model = super().from_config(config, custom_objects=custom_objects)
+        model._regularizer = regularizer
+        return model
