@@ -1,0 +1,5 @@
+"""The training binary that reproduces the paper's experiments.
+
+`python -m train.main --preset=mnist_maxout_mlp --workdir=/tmp/run`; the work is
+done by `train.train_lib.train_and_evaluate(config, workdir)`.
+"""
