@@ -6,7 +6,7 @@ linearised worst case of the loss over a p-norm ball of radius sigma.
 
 from keras_gradreg import layers
 from keras_gradreg.gradients import input_gradients
-from keras_gradreg.model import RegularizedModel
+from keras_gradreg.model import RegularizedModel, regularize
 from keras_gradreg.norms import dual_exponent, dual_norm, worst_case_perturbation
 from keras_gradreg.regularizer import GradientRegularizer
 
@@ -19,5 +19,6 @@ __all__ = [
     "dual_norm",
     "input_gradients",
     "layers",
+    "regularize",
     "worst_case_perturbation",
 ]

@@ -24,6 +24,7 @@ from keras_gradreg.norms import dual_norm, worst_case_perturbation
 from keras_gradreg.regularizer import GradientRegularizer
 
 _EVAL_ONLY_EXCLUDED = ("data_loss", "penalty")
+_SEED_STATE_KEY = "seed_generator_state_"
 
 
 class StepResult(NamedTuple):
@@ -300,6 +301,24 @@ class RegularizedModel(keras.Model):
     # Serialization.
     # ------------------------------------------------------------------ #
 
+    def save_own_variables(self, store) -> None:
+        """Saves the model's variables and, unlike Keras, its random state.
+
+        Stock Keras does not save `SeedGenerator` states, so a reloaded model
+        would draw new dropout masks and not continue training identically.
+        """
+        super().save_own_variables(store)
+        for index, generator in enumerate(randomness.seed_generators(self)):
+            store[f"{_SEED_STATE_KEY}{index}"] = generator.state
+
+    def load_own_variables(self, store) -> None:
+        own = {key: store[key] for key in store.keys() if not key.startswith(_SEED_STATE_KEY)}
+        super().load_own_variables(own)
+        for index, generator in enumerate(randomness.seed_generators(self)):
+            key = f"{_SEED_STATE_KEY}{index}"
+            if key in store.keys():
+                generator.state.assign(store[key])
+
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config["regularizer"] = keras.saving.serialize_keras_object(self._regularizer)
@@ -312,3 +331,31 @@ class RegularizedModel(keras.Model):
         model = super().from_config(config, custom_objects=custom_objects)
         model._regularizer = regularizer
         return model
+
+
+def regularize(model: keras.Model, regularizer: Any = None) -> RegularizedModel:
+    """A `RegularizedModel` sharing the layers of a built Keras model.
+
+    Turns an existing `keras.Sequential` or functional model into one that
+    trains with the gradient penalty; both models keep the same weights.
+
+    Args:
+        model: A Keras model with defined inputs (e.g. a Sequential that
+            starts with `keras.Input`, or any functional model).
+        regularizer: As for `RegularizedModel`.
+
+    Raises:
+        ValueError: If the model has no defined inputs (a subclassed model,
+            or a Sequential that was never built on an input).
+    """
+    try:
+        inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError):
+        inputs = outputs = None
+    if not inputs or not outputs:
+        raise ValueError(
+            "`kgr.regularize` needs a model with defined inputs (functional, or a "
+            "Sequential starting with keras.Input); subclass kgr.RegularizedModel "
+            f"instead. Received: model={model.name!r} of type {type(model).__name__}"
+        )
+    return RegularizedModel(inputs, outputs, regularizer=regularizer, name=model.name)

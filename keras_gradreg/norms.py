@@ -138,7 +138,7 @@ def worst_case_perturbation(g: tf.Tensor, p: PValue, sigma) -> tf.Tensor:
         else:
             direction = tf.sign(scaled) * tf.pow(tf.abs(scaled) / safe_norm, q - 1.0)
         direction = tf.where(nonzero, direction, tf.zeros_like(direction))
-    sigma = tf.cast(sigma, g.dtype)
+    sigma = tf.cast(sigma, g.dtype) if tf.is_tensor(sigma) else tf.constant(sigma, g.dtype)
     if sigma.shape.rank == 1:
         sigma = tf.reshape(sigma, [-1] + [1] * (g.shape.rank - 1))
     return sigma * tf.reshape(direction, tf.shape(g))

@@ -1,0 +1,71 @@
+"""Shared fixtures: a small classification problem and tiny model builders."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import keras_gradreg as kgr  # noqa: E402
+
+NUM_FEATURES = 6
+NUM_CLASSES = 3
+
+
+@pytest.fixture
+def linear_problem():
+    """Data and weights of a linear softmax model with no ties in |g|."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, NUM_FEATURES)).astype("float32")
+    y = rng.integers(0, NUM_CLASSES, size=16)
+    w = rng.normal(scale=0.5, size=(NUM_FEATURES, NUM_CLASSES)).astype("float32")
+    b = rng.normal(scale=0.1, size=(NUM_CLASSES,)).astype("float32")
+    return x, y, w, b
+
+
+@keras.saving.register_keras_serializable(package="keras_gradreg_tests")
+class LinearNet(kgr.RegularizedModel):
+    """Subclassed linear softmax model."""
+
+    def __init__(self, units: int = NUM_CLASSES, activation=None, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.activation = activation
+        self.dense = keras.layers.Dense(units, activation=activation)
+
+    def call(self, x):
+        return self.dense(x)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "activation": self.activation}
+
+
+def linear_model(kind: str, regularizer, w=None, b=None, activation=None):
+    """A linear model (logits = x W + b) built as `kind`."""
+    if kind == "sequential":
+        plain = keras.Sequential(
+            [keras.Input((NUM_FEATURES,)), keras.layers.Dense(NUM_CLASSES, activation=activation)]
+        )
+        model = kgr.regularize(plain, regularizer)
+    elif kind == "functional":
+        inputs = keras.Input((NUM_FEATURES,))
+        outputs = keras.layers.Dense(NUM_CLASSES, activation=activation)(inputs)
+        model = kgr.RegularizedModel(inputs, outputs, regularizer=regularizer)
+    elif kind == "subclassed":
+        model = LinearNet(activation=activation, regularizer=regularizer)
+        model(np.zeros((1, NUM_FEATURES), "float32"))
+    else:
+        raise ValueError(kind)
+    if w is not None:
+        model.set_weights([w, b])
+    return model
+
+
+def compile_sgd(model, lr=0.1, probabilities=False, **kwargs):
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=not probabilities)
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss=loss, **kwargs)
+    return model

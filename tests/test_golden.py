@@ -1,0 +1,93 @@
+"""One `fit` step of a linear softmax model against the NumPy closed form."""
+
+from __future__ import annotations
+
+import math
+
+import linear_reference as ref
+import numpy as np
+import pytest
+from conftest import compile_sgd, linear_model
+
+import keras_gradreg as kgr
+
+P_VALUES = [1.0, 2.0, math.inf, 3.0]
+METHODS = ["penalty", "adversarial", "finite_difference"]
+
+
+def fit_one_step(model, x, y, **kwargs):
+    history = model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0, **kwargs)
+    return {k: v[0] for k, v in history.history.items()}
+
+
+@pytest.mark.parametrize("kind", ["sequential", "functional", "subclassed"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("p", P_VALUES)
+def test_one_step_matches_numpy(linear_problem, kind, method, p):
+    x, y, w, b = linear_problem
+    settings = dict(p=p, sigma=0.3, method=method, clean_weight=0.25, fd_step=0.05)
+    model = compile_sgd(linear_model(kind, kgr.GradientRegularizer(**settings), w, b))
+    logs = fit_one_step(model, x, y)
+    x64, w64, b64 = (a.astype("float64") for a in (x, w, b))
+    want_w, want_b, want_logs = ref.one_step(x64, y, w64, b64, lr=0.1, **settings)
+    got_w, got_b = model.get_weights()
+    np.testing.assert_allclose(got_w, want_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_b, want_b, rtol=1e-5, atol=1e-6)
+    for key in ("loss", "data_loss", "penalty"):
+        np.testing.assert_allclose(logs[key], want_logs[key], rtol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("p", [2.0, math.inf])
+def test_probability_outputs_match_logits(linear_problem, p):
+    """A softmax-output model with a probability loss trains like the logits one."""
+    x, y, w, b = linear_problem
+    reg = kgr.GradientRegularizer(p=p, sigma=0.3)
+    model = compile_sgd(
+        linear_model("functional", reg, w, b, activation="softmax"), probabilities=True
+    )
+    logs = fit_one_step(model, x, y)
+    want_w, want_b, want_logs = ref.one_step(
+        *(a.astype("float64") for a in (x,)),
+        y,
+        w.astype("float64"),
+        b.astype("float64"),
+        p=p,
+        sigma=0.3,
+        method="penalty",
+    )
+    np.testing.assert_allclose(model.get_weights()[0], want_w, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(logs["penalty"], want_logs["penalty"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sample_and_class_weights(linear_problem, method):
+    """Per-example weights scale each example's loss and its penalty alike."""
+    x, y, w, b = linear_problem
+    settings = dict(p=2.0, sigma=0.3, method=method, fd_step=0.05)
+    weights = np.linspace(0.2, 2.0, len(y))
+    model = compile_sgd(linear_model("functional", kgr.GradientRegularizer(**settings), w, b))
+    logs = fit_one_step(model, x, y, sample_weight=weights.astype("float32"))
+    want_w, _, want_logs = ref.one_step(
+        x.astype("float64"),
+        y,
+        w.astype("float64"),
+        b.astype("float64"),
+        weights=weights,
+        **settings,
+    )
+    np.testing.assert_allclose(model.get_weights()[0], want_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logs["penalty"], want_logs["penalty"], rtol=1e-5)
+
+    class_weight = {0: 0.5, 1: 2.0, 2: 1.0}
+    model = compile_sgd(linear_model("functional", kgr.GradientRegularizer(**settings), w, b))
+    fit_one_step(model, x, y, class_weight=class_weight)
+    per_class = np.array([class_weight[c] for c in y])
+    want_w, _, _ = ref.one_step(
+        x.astype("float64"),
+        y,
+        w.astype("float64"),
+        b.astype("float64"),
+        weights=per_class,
+        **settings,
+    )
+    np.testing.assert_allclose(model.get_weights()[0], want_w, rtol=1e-5, atol=1e-6)
