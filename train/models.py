@@ -145,6 +145,7 @@ def build_model(
     max_norm: float | None = 1.9365,
     first_conv_max_norm: float | None = 0.9,
     hidden_units: Sequence[int] | None = None,
+    preprocessing: keras.layers.Layer | None = None,
     regularizer: kgr.GradientRegularizer | None = None,
 ) -> kgr.RegularizedModel:
     """Builds one of the paper's networks, uncompiled, with logits output.
@@ -167,12 +168,15 @@ def build_model(
             pieces for "maxout_mlp"). None means (240, 240) for "maxout_mlp"
             and (1200, 1200) for "sigmoid_mlp" (the paper's widths are not
             known). Not accepted by the convolutional networks.
+        preprocessing: Optional layer applied to the input before everything
+            else (e.g. `train.preprocessing.ContrastNormalizeZCA` for CIFAR-10),
+            so that the model's input stays in pixel space.
         regularizer: The model's `kgr.GradientRegularizer`; None for the
             default one.
 
     Returns:
-        A `kgr.RegularizedModel` mapping inputs in [0, 1] (or whitened, for
-        CIFAR-10) to `num_classes` logits.
+        A `kgr.RegularizedModel` mapping inputs (pixels in [0, 1] in this
+        project) to `num_classes` logits.
 
     Raises:
         ValueError: On an unknown `name` or an invalid argument.
@@ -207,8 +211,13 @@ def build_model(
             f"Received: input_shape={input_shape!r}"
         )
 
+    if preprocessing is not None and not isinstance(preprocessing, keras.layers.Layer):
+        raise ValueError(
+            f"`preprocessing` must be a keras.layers.Layer or None. "
+            f"Received: preprocessing={preprocessing!r}"
+        )
     inputs = keras.Input(shape=input_shape, name="image")
-    x = inputs
+    x = inputs if preprocessing is None else preprocessing(inputs)
     if is_mlp:
         x = keras.layers.Flatten(name="flatten")(x)
         for i, width in enumerate(units):
