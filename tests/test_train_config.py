@@ -1,0 +1,132 @@
+"""Tests of train.config (fields, presets) and train.main's flags."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from train import config as config_lib
+from train import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def parse():
+    """Parses argv into train.main's flags; restores them afterwards."""
+
+    def run(*args):
+        main.FLAGS(["train.main", "--workdir=/tmp/unused", *args])
+        return main.config_from_flags()
+
+    yield run
+    main.FLAGS.unparse_flags()
+
+
+def test_presets_hold_the_papers_settings():
+    conv = config_lib.make_config("mnist_conv_maxout")
+    assert (conv.model, conv.p, conv.sigma, conv.batch_size) == (
+        "conv_maxout_mnist",
+        math.inf,
+        0.1,
+        128,
+    )
+    mlp = config_lib.make_config("mnist_maxout_mlp")
+    assert (mlp.model, mlp.p, mlp.batch_size, mlp.dataset) == ("maxout_mlp", 2.0, 100, "mnist")
+    assert (mlp.input_dropout, mlp.hidden_dropout, mlp.max_norm) == (0.2, 0.5, 1.9365)
+    assert config_lib.make_config("mnist_sigmoid_mlp").model == "sigmoid_mlp"
+    cifar = config_lib.make_config("cifar10_conv_maxout")
+    assert (cifar.dataset, cifar.model) == ("cifar10", "conv_maxout_cifar10")
+    for name in config_lib.PRESETS:
+        assert config_lib.make_config(name).preset == name
+
+
+def test_overrides_replace_preset_values_and_are_validated():
+    config = config_lib.make_config("mnist_conv_maxout", sigma=0.2, epochs=3)
+    assert (config.sigma, config.epochs, config.p) == (0.2, 3, math.inf)
+    with pytest.raises(ValueError, match=r"sigma=-1"):
+        config_lib.make_config("mnist_conv_maxout", sigma=-1)
+    with pytest.raises(ValueError, match="preset='mnist_resnet'"):
+        config_lib.make_config("mnist_resnet")
+    with pytest.raises(ValueError, match="Unknown config fields"):
+        config_lib.make_config(sigmaa=0.1)
+    with pytest.raises(ValueError, match="hidden_units"):
+        config_lib.make_config("mnist_conv_maxout", hidden_units=(10,))
+    with pytest.raises(ValueError, match="min_learning_rate=0.5"):
+        config_lib.make_config(learning_rate=0.1, min_learning_rate=0.5)
+
+
+def test_to_dict_is_json_with_inf_as_string():
+    values = config_lib.make_config("mnist_conv_maxout").to_dict()
+    assert json.loads(json.dumps(values)) == values
+    assert values["p"] == "inf" and values["eval_attacks"] == ["fgsm", "pgd"]
+    assert config_lib.make_config(p=values["p"]).p == math.inf
+
+
+def test_flags_override_the_preset(parse):
+    config = parse("--preset=mnist_conv_maxout", "--sigma=0.25", "--eval_epsilons_2=0.5,1")
+    assert config.model == "conv_maxout_mnist"
+    assert config.p == math.inf  # From the preset.
+    assert config.sigma == 0.25 and config.eval_epsilons_2 == (0.5, 1.0)
+
+
+def test_flag_types(parse):
+    config = parse("--p=inf", "--hidden_units=32,16", "--nojit_compile", "--eval_attacks=")
+    assert config.p == math.inf and config.hidden_units == (32, 16)
+    assert config.jit_compile is False and config.eval_attacks == ()
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("--sigma=-0.5", "flag --sigma=-0.5: `sigma` must be a finite number >= 0"),
+        ("--p=0.5", "flag --p=0.5: `p` must be a number >= 1"),
+        ("--method=exact", "flag --method=exact: `method` must be one of"),
+        ("--batch_size=0", "flag --batch_size=0: `batch_size` must be an integer >= 1"),
+        ("--validation_split=1", "flag --validation_split=1.0:"),
+        ("--eval_attacks=cw", r"flag --eval_attacks=\['cw'\]"),
+        ("--data_npz=/no/such.npz", "flag --data_npz=/no/such.npz: `data_npz` must be an existing"),
+        ("--strategy=tpu", "flag --strategy=tpu:"),
+    ],
+)
+def test_bad_flag_values_name_the_flag(parse, arg, message):
+    with pytest.raises(flags.IllegalFlagValueError, match=message):
+        parse(arg)
+
+
+def test_bad_flag_fails_before_any_work(tmp_path):
+    """The binary exits with the flag's message and creates no workdir."""
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "train.main", f"--workdir={workdir}", "--clean_weight=2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "flag --clean_weight=2.0: `clean_weight` must be a number in [0, 1]" in result.stderr
+    assert not workdir.exists()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.main",
+            f"--workdir={workdir}",
+            "--preset=mnist_conv_maxout",
+            "--hidden_units=10",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "hidden_units=(10,)" in result.stderr
+    assert not workdir.exists()
