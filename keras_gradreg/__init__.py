@@ -4,21 +4,26 @@ Lyu, Huang and Liang (2015): train on L + sigma * ||grad_x L||_q, the
 linearised worst case of the loss over a p-norm ball of radius sigma.
 """
 
-from keras_gradreg import layers
+from keras_gradreg import attacks, layers, visualize
 from keras_gradreg.gradients import input_gradients
 from keras_gradreg.model import RegularizedModel, regularize
 from keras_gradreg.norms import dual_exponent, dual_norm, worst_case_perturbation
 from keras_gradreg.regularizer import GradientRegularizer
+from keras_gradreg.robustness import RobustnessReport, evaluate_robustness
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GradientRegularizer",
     "RegularizedModel",
+    "RobustnessReport",
+    "attacks",
     "dual_exponent",
     "dual_norm",
+    "evaluate_robustness",
     "input_gradients",
     "layers",
     "regularize",
+    "visualize",
     "worst_case_perturbation",
 ]

@@ -1,0 +1,195 @@
+"""Pictures: worst-case perturbations r* per norm, and robustness curves.
+
+Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so nothing
+needs a screen and the global backend of the caller is left alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import keras
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from keras_gradreg.attacks import check_clip, check_epsilon, loss_from_logits
+from keras_gradreg.gradients import LossLike, input_gradients
+from keras_gradreg.norms import PValue, canonical_p, worst_case_perturbation
+
+if TYPE_CHECKING:
+    from keras_gradreg.robustness import RobustnessReport
+
+DEFAULT_SIGMA = {1.0: 1.0, 2.0: 1.5, math.inf: 0.1}
+
+
+def _sigmas(ps: Sequence[PValue], sigma: Any) -> dict[float, float]:
+    ps = [canonical_p(p, "ps") for p in ps]
+    if not ps:
+        raise ValueError(f"`ps` must list at least one norm. Received: ps={ps!r}")
+    if sigma is None or isinstance(sigma, Mapping):
+        given = {canonical_p(k, "sigma"): v for k, v in (sigma or DEFAULT_SIGMA).items()}
+        missing = [p for p in ps if p not in given]
+        if missing:
+            raise ValueError(
+                f"`sigma` has no radius for p={missing[0]}; pass a number or a dict "
+                f"with every p. Received: sigma={sigma!r}"
+            )
+        return {p: check_epsilon(given[p], "sigma") for p in ps}
+    value = check_epsilon(sigma, "sigma")
+    return {p: value for p in ps}
+
+
+def _as_images(a: np.ndarray, image_shape: Sequence[int] | None) -> np.ndarray:
+    """(n, H, W) or (n, H, W, 3) images from a batch of inputs."""
+    n = a.shape[0]
+    if image_shape is not None:
+        if math.prod(image_shape) != math.prod(a.shape[1:]):
+            raise ValueError(
+                f"`image_shape` must hold the {math.prod(a.shape[1:])} values of one "
+                f"input. Received: image_shape={tuple(image_shape)}"
+            )
+        a = a.reshape((n, *image_shape))
+    elif a.ndim == 2:
+        side = math.isqrt(a.shape[1])
+        if side * side != a.shape[1]:
+            raise ValueError(
+                "Flat inputs must have a square number of features, or pass "
+                f"`image_shape`. Received: image_shape=None for {a.shape[1]} features"
+            )
+        a = a.reshape(n, side, side)
+    if a.ndim == 4 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (3, 4) or (a.ndim == 4 and a.shape[-1] != 3):
+        raise ValueError(
+            "Inputs must be grey or RGB images (n, H, W[, 1 or 3]) or flat squares. "
+            f"Received: image_shape={tuple(a.shape[1:])}"
+        )
+    return a
+
+
+def _signed_image(r: np.ndarray) -> tuple[np.ndarray, dict]:
+    """An r* image centred on 0: colour map for grey, 0.5 + r / 2max for RGB."""
+    scale = float(np.max(np.abs(r))) or 1.0
+    if r.ndim == 3:
+        return 0.5 + r / (2 * scale), {}
+    return r, {"cmap": "RdBu_r", "vmin": -scale, "vmax": scale}
+
+
+def _save(figure: Figure, path: str) -> None:
+    FigureCanvasAgg(figure)
+    figure.savefig(path, dpi=100)
+
+
+def perturbations(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    ps: Sequence[PValue] = (1, 2, math.inf),
+    sigma: float | Mapping[PValue, float] | None = None,
+    path: str = "perturbations.png",
+    loss: LossLike = None,
+    clip: tuple[Any, Any] | None = (0.0, 1.0),
+    image_shape: Sequence[int] | None = None,
+) -> dict[float, np.ndarray]:
+    """Draws each input, its worst-case perturbation r* per norm and x + r*.
+
+    r* is the family's closed form for the gradient of each example's own
+    loss (PAPER.md), as in the paper's figures: for a regularised model it
+    looks like strokes, for a plain one like noise. Rows are examples;
+    columns are the input, then r* (red up, blue down) and clip(x + r*) for
+    each p, titled with the predicted class.
+
+    Args:
+        model: A Keras classifier.
+        x: A small batch of images: (n, H, W), (n, H, W, 1 or 3), or flat
+            (n, H * W) with H = W or `image_shape` given.
+        y: Labels for `loss`.
+        ps: Norms of the perturbation balls, each >= 1.
+        sigma: A radius for every p, or a dict {p: radius}; None for
+            `DEFAULT_SIGMA` (inputs in [0, 1]).
+        path: Where to write the PNG.
+        loss: A Keras loss; None for the model's compiled loss.
+        clip: The box x + r* is clipped to for display, or None.
+        image_shape: Shape of one image when `x` is flat and not square.
+
+    Returns:
+        r* per p (as floats, inf for the max-norm), NumPy arrays shaped like `x`.
+    """
+    sigmas = _sigmas(ps, sigma)
+    clip = check_clip(clip)
+    x = np.asarray(x, dtype="float32")
+    if x.ndim < 2 or len(x) == 0:
+        raise ValueError(f"`x` must be a non-empty batch. Received: x with shape {x.shape}")
+    images = _as_images(x, image_shape)  # Checks the shape before any work.
+    gradient = input_gradients(model, x, y, loss)
+    from_logits = loss_from_logits(model, loss)
+    steps = {p: np.asarray(worst_case_perturbation(gradient, p, s)) for p, s in sigmas.items()}
+
+    def predicted(batch):
+        out = np.asarray(model(batch, training=False)).reshape(len(batch), -1)
+        if out.shape[1] > 1:
+            return out.argmax(axis=1)
+        return (out[:, 0] > (0.0 if from_logits else 0.5)).astype(int)
+
+    low, high = (None, None) if clip is None else clip
+    shown = {p: x + r if clip is None else np.clip(x + r, low, high) for p, r in steps.items()}
+    grey = {"cmap": "gray"}
+    if clip is not None and np.ndim(low) == 0 and np.ndim(high) == 0:
+        grey.update(vmin=float(low), vmax=float(high))
+    columns = 1 + 2 * len(steps)
+    figure = Figure(figsize=(1.6 * columns, 1.7 * len(x) + 0.4))
+    axes = figure.subplots(len(x), columns, squeeze=False)
+    labels = predicted(x)
+    for row in range(len(x)):
+        axes[row, 0].imshow(images[row], **(grey if images.ndim == 3 else {}))
+        axes[row, 0].set_title(f"input: {labels[row]}", fontsize=8)
+    for k, (p, r) in enumerate(steps.items()):
+        name = "inf" if math.isinf(p) else f"{p:g}"
+        r_images, moved = _as_images(r, image_shape), _as_images(shown[p], image_shape)
+        moved_labels = predicted(shown[p])
+        for row in range(len(x)):
+            image, style = _signed_image(r_images[row])
+            axes[row, 1 + 2 * k].imshow(image, **style)
+            axes[row, 1 + 2 * k].set_title(f"r*, p={name}, σ={sigmas[p]:g}", fontsize=8)
+            axes[row, 2 + 2 * k].imshow(
+                np.clip(moved[row], 0, 1) if moved.ndim == 4 else moved[row],
+                **(grey if moved.ndim == 3 else {}),
+            )
+            axes[row, 2 + 2 * k].set_title(f"x + r*: {moved_labels[row]}", fontsize=8)
+    for axis in axes.flat:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.tight_layout()
+    _save(figure, path)
+    return steps
+
+
+def plot_report(report: RobustnessReport, path: str) -> None:
+    """Accuracy against epsilon per norm (clean accuracy at 0), as a PNG."""
+    norms = list(dict.fromkeys(row["p"] for row in report.rows))
+    figure = Figure(figsize=(4.2 * len(norms), 3.4))
+    axes = figure.subplots(1, len(norms), squeeze=False)[0]
+    styles = {"fgsm": "o-", "pgd": "s-", "noise": "x--"}
+    for axis, p in zip(axes, norms):
+        for attack, style in styles.items():
+            points = sorted(
+                (row["epsilon"], row["accuracy"])
+                for row in report.rows
+                if row["p"] == p and row["attack"] == attack
+            )
+            if points:
+                eps, acc = zip(*[(0.0, report.clean_accuracy), *points])
+                axis.plot(eps, np.asarray(acc) * 100, style, label=attack)
+        axis.set_title(f"p = {p}")
+        axis.set_xlabel("epsilon")
+        axis.set_ylabel("accuracy (%)")
+        axis.set_ylim(-2, 102)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    if report.flags:
+        figure.suptitle("flags: " + ", ".join(report.flags), color="red", fontsize=9)
+    figure.tight_layout()
+    _save(figure, path)
