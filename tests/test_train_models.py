@@ -155,6 +155,17 @@ def test_gcn_and_zca_reference():
     np.testing.assert_allclose(w, w.T, atol=1e-6)  # ZCA: symmetric, no rotation.
 
 
+def test_zca_with_fewer_examples_than_dimensions_matches_eigh():
+    rng = np.random.default_rng(4)
+    x = global_contrast_normalize(rng.integers(0, 256, size=(10, 40)))
+    mean, w = fit_zca(x, filter_bias=0.5)
+    centred = x - x.mean(axis=0)
+    s, u = np.linalg.eigh(centred.T @ centred / len(x))
+    expected = (u / np.sqrt(np.maximum(s, 0) + 0.5)) @ u.T
+    np.testing.assert_allclose(w, expected, atol=1e-5)
+    np.testing.assert_allclose(mean, x.mean(axis=0), atol=1e-5)
+
+
 def test_whitening_layer_matches_numpy_and_is_scale_free():
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, size=(200, 4, 4, 3)).astype("uint8")

@@ -57,10 +57,19 @@ def fit_zca(x: np.ndarray, filter_bias: float = 1.0) -> tuple[np.ndarray, np.nda
     x = np.asarray(x, np.float64)
     mean = x.mean(axis=0)
     centred = x - mean
-    covariance = centred.T @ centred / len(x)
-    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
-    eigenvalues = np.maximum(eigenvalues, 0.0)
-    whitening = (eigenvectors / np.sqrt(eigenvalues + filter_bias)) @ eigenvectors.T
+    count, size = centred.shape
+    if count >= size:
+        eigenvalues, eigenvectors = np.linalg.eigh(centred.T @ centred / count)
+        eigenvalues = np.maximum(eigenvalues, 0.0)
+        whitening = (eigenvectors / np.sqrt(eigenvalues + filter_bias)) @ eigenvectors.T
+    else:
+        # Fewer examples than dimensions: the covariance has rank < count, so
+        # take its eigenvectors from a thin SVD (cost N^2 D, not D^3); the
+        # null space has eigenvalue 0, i.e. scale 1 / sqrt(filter_bias).
+        _, singular_values, rows = np.linalg.svd(centred / np.sqrt(count), full_matrices=False)
+        eigenvalues = singular_values**2
+        scaled = rows.T * (1.0 / np.sqrt(eigenvalues + filter_bias) - 1.0 / np.sqrt(filter_bias))
+        whitening = scaled @ rows + np.eye(size) / np.sqrt(filter_bias)
     return mean.astype(np.float32), whitening.astype(np.float32)
 
 
