@@ -430,6 +430,15 @@ class Config:
                 f"`hidden_units` applies to the MLPs only, not to model={self.model!r}. "
                 f"Received: hidden_units={self.hidden_units!r}"
             )
+        if (
+            self.eval_examples
+            and self.eval_attacks
+            and not (self.eval_epsilons_inf or self.eval_epsilons_2)
+        ):
+            raise ValueError(
+                "`eval_attacks` needs radii in `eval_epsilons_inf` or `eval_epsilons_2` "
+                "(or eval_examples=0). Received: eval_epsilons_inf=(), eval_epsilons_2=()"
+            )
         if self.min_learning_rate > self.learning_rate:
             raise ValueError(
                 "`min_learning_rate` must not exceed `learning_rate`. Received: "

@@ -18,6 +18,7 @@ Writes to `workdir`:
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -36,6 +37,7 @@ from train.config import Config
 from train.preprocessing import ContrastNormalizeZCA
 
 METRICS_FILE = "metrics.json"
+PICTURE_EXAMPLES = 6
 
 # Fields that may change between a run and its resumption in the same workdir.
 RESUMABLE_FIELDS = frozenset(
@@ -434,6 +436,7 @@ def _run(config, workdir, strategy, previous, extra_callbacks) -> dict[str, Any]
             "epochs": list((previous or {}).get("epochs", [])),
             "final": None,
             "robustness": None,
+            "artifacts": {},
         },
     )
     checkpoint_dir = os.path.join(workdir, "checkpoints")
@@ -478,6 +481,66 @@ def _run(config, workdir, strategy, previous, extra_callbacks) -> dict[str, Any]
     metrics.write()
     logging.info("Final test accuracy %.4f.", metrics.content["final"]["test/accuracy"])
 
+    metrics.content["artifacts"] = evaluate_and_draw(model, arrays, config, workdir, metrics)
     metrics.content["status"] = "done"
     metrics.write()
     return metrics.content
+
+
+def evaluate_and_draw(
+    model: keras.Model,
+    arrays: data_lib.Arrays,
+    config: Config,
+    workdir: str,
+    metrics: MetricsFile,
+) -> dict[str, str]:
+    """The robustness report and the perturbation pictures, in pixel space.
+
+    Attacks the first `eval_examples` test images as [0, 1] pixels, clipped to
+    [0, 1] (CIFAR-10's whitening is inside the model). Stores the report's
+    `to_dict()` under "robustness" in `metrics`.
+
+    Returns:
+        File names (in `workdir`) of what was written.
+    """
+    artifacts = {}
+    epsilons = {
+        p: list(values)
+        for p, values in ((math.inf, config.eval_epsilons_inf), (2, config.eval_epsilons_2))
+        if values
+    }
+    count = min(config.eval_examples, len(arrays.x_test))
+    if count and config.eval_attacks and epsilons:
+        start = time.perf_counter()
+        x = arrays.x_test[:count].astype(np.float32) / 255.0
+        report = kgr.evaluate_robustness(
+            model,
+            (x, arrays.y_test[:count]),
+            epsilons=epsilons,
+            attacks=config.eval_attacks,
+            steps=config.eval_pgd_steps,
+            batch_size=config.batch_size,
+            seed=config.seed,
+        )
+        logging.info(
+            "Robustness on %d test examples (%.1f s):\n%s",
+            count,
+            time.perf_counter() - start,
+            report,
+        )
+        if report.flags:
+            logging.warning("The robustness report flags: %s", report.flags)
+        metrics.content["robustness"] = report.to_dict()
+        report.save_json(os.path.join(workdir, "robustness.json"))
+        report.plot(os.path.join(workdir, "robustness.png"))
+        artifacts.update(robustness_json="robustness.json", robustness_plot="robustness.png")
+    if config.pictures:
+        count = min(PICTURE_EXAMPLES, len(arrays.x_test))
+        kgr.visualize.perturbations(
+            model,
+            arrays.x_test[:count].astype(np.float32) / 255.0,
+            arrays.y_test[:count],
+            path=os.path.join(workdir, "perturbations.png"),
+        )
+        artifacts["perturbations"] = "perturbations.png"
+    return artifacts
