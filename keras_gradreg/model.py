@@ -22,6 +22,7 @@ from keras_gradreg.gradients import (
 )
 from keras_gradreg.norms import dual_norm, worst_case_perturbation
 from keras_gradreg.regularizer import GradientRegularizer
+from keras_gradreg.train_function import make_distributed_train_function
 
 _EVAL_ONLY_EXCLUDED = ("data_loss", "penalty")
 _SEED_STATE_KEY = "seed_generator_state_"
@@ -54,6 +55,10 @@ def _as_regularizer(regularizer: Any) -> GradientRegularizer:
         "`regularizer` must be a kgr.GradientRegularizer, a dict of its "
         f"arguments, or None. Received: regularizer={regularizer!r}"
     )
+
+
+def _is_default_strategy(strategy) -> bool:
+    return type(strategy).__name__ == "_DefaultDistributionStrategy"
 
 
 _FUNCTIONAL_VARIANTS: dict[type, type] = {}
@@ -147,6 +152,51 @@ class RegularizedModel(keras.Model):
     # Training.
     # ------------------------------------------------------------------ #
 
+    def make_train_function(self, force: bool = False):
+        """Builds `fit`'s step; under a strategy, XLA compiles each replica.
+
+        Without a strategy this is Keras's own (with `jit_compile=True`, XLA
+        compiles the whole step). Under a tf.distribute strategy, each
+        replica's forward and backward passes (`regularized_step`, nested
+        tapes included) are one XLA computation when `jit_compile` is True,
+        and the gradient all-reduce and optimizer update run outside it; see
+        `keras_gradreg.train_function`.
+        """
+        if self.train_function is not None and not force:
+            return self.train_function
+        self._replica_step = None
+        if _is_default_strategy(self.distribute_strategy):
+            return super().make_train_function(force=force)
+        if self.jit_compile and not self.run_eagerly:
+            self._replica_step = tf.function(
+                self.regularized_step, jit_compile=True, reduce_retracing=True
+            )
+        self.train_function = make_distributed_train_function(self, self.train_step)
+        return self.train_function
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Builds the model from one batch's shapes before distributed `fit`.
+
+        Keras 3.15 averages a distributed batch with `strategy.reduce` to get
+        those shapes, which raises under `MultiWorkerMirroredStrategy` (even
+        for a stock `keras.Model`). The first local replica's batch has the
+        same structure and is all the build needs.
+        """
+        if iterator is not None and self._distribute_strategy is not None:
+            for _, _, it in iterator:
+                batch = next(it)
+                data_batch = tf.nest.map_structure(
+                    lambda t: (
+                        self._distribute_strategy.experimental_local_results(t)[0]
+                        if isinstance(t, tf.distribute.DistributedValues)
+                        else t
+                    ),
+                    batch,
+                )
+                break
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     def fit(self, *args, **kwargs):
         self._check_has_loss()
         return super().fit(*args, **kwargs)
@@ -163,7 +213,8 @@ class RegularizedModel(keras.Model):
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         self._check_has_loss()
-        result = self.regularized_step(x, y, sample_weight)
+        step = getattr(self, "_replica_step", None) or self.regularized_step
+        result = step(x, y, sample_weight)
         self.optimizer.apply_gradients(zip(result.gradients, self.trainable_weights))
         batch_size = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
         for tracker, value in (

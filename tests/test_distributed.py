@@ -1,0 +1,114 @@
+"""XLA under tf.distribute: 1 vs 2 replicas, steps_per_execution, multi-worker.
+
+Logical devices must be configured before TensorFlow runs anything, so every
+case runs in a subprocess (tests/distributed_cases.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CASES = Path(__file__).with_name("distributed_cases.py")
+ROOT = CASES.parent.parent
+METHODS = ("penalty", "adversarial", "finite_difference")
+
+
+def run_case(*args: str, env: dict | None = None, timeout: int = 600) -> None:
+    result = subprocess.run(
+        [sys.executable, str(CASES), *args],
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+@pytest.fixture(scope="module")
+def mirrored(tmp_path_factory):
+    """Results of every method on 1 device and on 2 replicas, and XLA's dump."""
+    tmp = tmp_path_factory.mktemp("mirrored")
+    dump = tmp / "xla_dump"
+    run_case("mirrored", str(tmp / "results.json"), env={"XLA_FLAGS": f"--xla_dump_to={dump}"})
+    results = json.loads((tmp / "results.json").read_text())
+    modules = {name.split(".")[1] for name in os.listdir(dump) if name.startswith("module_")}
+    return results, modules
+
+
+def assert_same_weights(a, b):
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(np.array(x), np.array(y), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_replicas_with_xla_match_one_device(mirrored, method):
+    results, _ = mirrored
+    one, two = results[f"{method}/one_device"], results[f"{method}/two_replicas"]
+    assert (two["num_replicas"], two["jit_compile"]) == (2, True)
+    assert_same_weights(one["weights"], two["weights"])
+    # The finite difference (L(x + h d) - L(x)) / h multiplies float32 rounding
+    # of the replicas' partial sums by sigma / h = 50: its log gets 1e-4.
+    rtol = 1e-4 if method == "finite_difference" else 1e-5
+    for key in ("loss", "data_loss", "penalty"):
+        np.testing.assert_allclose(two["logs"][key], one["logs"][key], rtol=rtol, err_msg=key)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_steps_per_execution_under_a_strategy(mirrored, method):
+    """steps_per_execution=3 under MirroredStrategy (broken in stock Keras 3.15)."""
+    results, _ = mirrored
+    assert_same_weights(
+        results[f"{method}/one_device"]["weights"],
+        results[f"{method}/two_replicas_spe3"]["weights"],
+    )
+
+
+def test_each_replica_step_is_compiled_by_xla(mirrored):
+    """XLA's own dump names the per-replica step; the distributed loop is not compiled."""
+    _, modules = mirrored
+    assert any("regularized_step" in name for name in modules), sorted(modules)
+    assert not any("multi_step_on_iterator" in name for name in modules), sorted(modules)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_multi_worker_matches_single_worker(tmp_path):
+    """Two workers on 127.0.0.1 end with identical weights, equal to one worker's."""
+    cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(2)]}
+    workers = []
+    for index in range(2):
+        tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        workers.append(
+            subprocess.Popen(
+                [sys.executable, str(CASES), "worker", str(tmp_path / f"worker{index}.npz")],
+                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": json.dumps(tf_config)},
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    for worker in workers:
+        output, _ = worker.communicate(timeout=600)
+        assert worker.returncode == 0, output[-5000:]
+    run_case("single", str(tmp_path / "single.npz"))
+    first, second, single = (
+        np.load(tmp_path / name) for name in ("worker0.npz", "worker1.npz", "single.npz")
+    )
+    for key in single.files:
+        np.testing.assert_array_equal(first[key], second[key])
+        np.testing.assert_allclose(first[key], single[key], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,98 @@
+"""Mixed precision: the input gradient is loss-scaled and the penalty is float32."""
+
+from __future__ import annotations
+
+import keras
+import linear_reference as ref
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_gradreg as kgr
+
+
+@pytest.fixture
+def policy(request):
+    keras.mixed_precision.set_global_policy(request.param)
+    yield request.param
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def confident_linear_problem():
+    """Tiny weights and confident predictions: float16 input gradients underflow.
+
+    d loss / d logits is about 1e-4 / batch and W about 2e-4, so d loss / d x is
+    about 1e-9 per entry, below float16's smallest subnormal (6e-8).
+    """
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 6)).astype("float32")
+    y = np.zeros(16, "int64")
+    w = (rng.normal(size=(6, 3)) * 2e-4).astype("float32")
+    b = np.array([9.0, 0.0, 0.0], "float32")
+    return x, y, w, b
+
+
+def linear(regularizer, w, b):
+    inputs = keras.Input((6,))
+    outputs = keras.layers.Dense(3)(inputs)
+    model = kgr.RegularizedModel(inputs, outputs, regularizer=regularizer)
+    model.set_weights([w, b])
+    return model
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16"], indirect=True)
+def test_underflowing_float16_gradient_still_gives_the_penalty(policy):
+    """The exact penalty's inner gradient is loss-scaled like the outer one.
+
+    (finite_difference cannot resolve a penalty this small in float16: its
+    two forward passes differ by less than float16's spacing of the logits.)
+    """
+    x, y, w, b = confident_linear_problem()
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model = linear(kgr.GradientRegularizer(p=2, sigma=1.0), w, b)
+
+    # Without loss scaling, float16 backpropagation loses the input gradient.
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        unscaled = loss(y, model(xt))
+    np.testing.assert_array_equal(tape.gradient(unscaled, xt).numpy(), 0.0)
+
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=loss)
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    logs = model.fit(x, y, batch_size=16, verbose=0).history
+    g = ref.input_gradients(x.astype("float64"), y, w.astype("float64"), b.astype("float64"))
+    want = float(np.mean(ref.dual_norm(g, 2)))
+    assert want > 0
+    np.testing.assert_allclose(logs["penalty"][0], want, rtol=2e-2)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"], indirect=True)
+@pytest.mark.parametrize("method", ["penalty", "adversarial", "finite_difference"])
+def test_mixed_policies_match_float32(policy, method):
+    """Logged penalty and one step's weights agree with float32 within half precision."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(32, 6)).astype("float32")
+    y = rng.integers(0, 3, size=32)
+    reg = kgr.GradientRegularizer(p=2, sigma=0.5, method=method, fd_step=0.1)
+
+    def run():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((6,))
+        hidden = keras.layers.Dense(16, activation="tanh")(inputs)
+        model = kgr.RegularizedModel(inputs, keras.layers.Dense(3)(hidden), regularizer=reg)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        logs = model.fit(x, y, batch_size=32, verbose=0).history
+        return logs["penalty"][0], model.get_weights()
+
+    mixed_penalty, mixed_weights = run()
+    keras.mixed_precision.set_global_policy("float32")
+    penalty, weights = run()
+    tolerance = 3e-2 if policy == "mixed_bfloat16" else 5e-3
+    np.testing.assert_allclose(mixed_penalty, penalty, rtol=tolerance)
+    for a, b in zip(mixed_weights, weights):
+        assert a.dtype == np.float32
+        np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance)
