@@ -1,4 +1,4 @@
-"""FGSM and PGD in the family's p-norms, and exact projections onto p-balls.
+"""FGSM and PGD in the family's p-norms (ball geometry in `keras_gradreg.balls`).
 
 FGSM takes one step of the closed-form worst-case perturbation r* (PAPER.md,
 section 1), which is optimal for a linear model. PGD repeats steepest-ascent
@@ -26,154 +26,23 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_gradreg.balls import (  # noqa: F401  (re-exported as kgr.attacks.*)
+    _ALG,
+    BALL_NORMS,
+    ball_norm,
+    project_ball,
+    project_l1,
+    project_l2,
+    project_linf,
+    random_in_ball,
+    random_on_sphere,
+    random_signs,
+)
 from keras_gradreg.gradients import LossLike, per_example_loss, resolve_loss
 from keras_gradreg.norms import PValue, canonical_p, worst_case_perturbation
 
-PGD_NORMS = (1.0, 2.0, math.inf)
-# One fixed generator ("auto_select" may differ between devices). XLA's Philox
-# stream still differs from the graph kernel's: a seed reproduces per mode.
-_ALG = "philox"
+PGD_NORMS = BALL_NORMS
 Clip = tuple[Any, Any] | None
-
-# ---------------------------------------------------------------------- #
-# Projections onto p-balls (per example, axis 0 is the batch).
-# ---------------------------------------------------------------------- #
-
-
-def _radius_like(radius, flat: tf.Tensor) -> tf.Tensor:
-    """`radius` as a (batch, 1) column in the dtype of `flat`."""
-    radius = tf.cast(radius, flat.dtype)
-    if radius.shape.rank == 0:
-        return tf.fill([tf.shape(flat)[0], 1], radius)
-    return tf.reshape(radius, [-1, 1])
-
-
-def _flat(delta: tf.Tensor) -> tf.Tensor:
-    return tf.reshape(delta, [tf.shape(delta)[0], -1])
-
-
-def project_linf(delta: tf.Tensor, radius) -> tf.Tensor:
-    """Projects each example of `delta` onto the L-inf ball of `radius`.
-
-    Args:
-        delta: Perturbations, batch on axis 0.
-        radius: A scalar or one radius per example, shape (batch,).
-
-    Returns:
-        The Euclidean projection, shaped like `delta`.
-    """
-    delta = tf.convert_to_tensor(delta)
-    flat = _flat(delta)
-    r = _radius_like(radius, flat)
-    return tf.reshape(tf.clip_by_value(flat, -r, r), tf.shape(delta))
-
-
-def project_l2(delta: tf.Tensor, radius) -> tf.Tensor:
-    """Projects each example of `delta` onto the L2 ball of `radius`."""
-    delta = tf.convert_to_tensor(delta)
-    flat = _flat(delta)
-    r = _radius_like(radius, flat)
-    norm = tf.norm(flat, axis=1, keepdims=True)
-    factor = tf.where(norm > r, r / tf.where(norm > 0, norm, tf.ones_like(norm)), 1.0)
-    return tf.reshape(flat * factor, tf.shape(delta))
-
-
-def project_l1(delta: tf.Tensor, radius) -> tf.Tensor:
-    """Projects each example of `delta` onto the L1 ball of `radius`.
-
-    The exact sort-based algorithm of Duchi et al. (2008): soft-threshold by
-    the theta that brings the L1 norm down to the radius; rows already inside
-    the ball are returned unchanged.
-    """
-    delta = tf.convert_to_tensor(delta)
-    flat = _flat(delta)
-    r = _radius_like(radius, flat)
-    magnitude = tf.abs(flat)
-    inside = tf.reduce_sum(magnitude, axis=1, keepdims=True) <= r
-    ordered = tf.sort(magnitude, axis=1, direction="DESCENDING")
-    cumulative = tf.cumsum(ordered, axis=1)
-    index = tf.cast(tf.range(1, tf.shape(flat)[1] + 1), flat.dtype)[None, :]
-    support = ordered * index > cumulative - r
-    count = tf.reduce_sum(tf.cast(support, tf.int32), axis=1, keepdims=True)
-    count = tf.maximum(count, 1)
-    total = tf.gather(cumulative, count - 1, batch_dims=1)
-    theta = (total - r) / tf.cast(count, flat.dtype)
-    shrunk = tf.sign(flat) * tf.nn.relu(magnitude - theta)
-    return tf.reshape(tf.where(inside, flat, shrunk), tf.shape(delta))
-
-
-def project_ball(delta: tf.Tensor, p: PValue, radius) -> tf.Tensor:
-    """Projects each example of `delta` onto the p-ball, p in {1, 2, inf}."""
-    p = _pgd_norm(p)
-    if math.isinf(p):
-        return project_linf(delta, radius)
-    return project_l2(delta, radius) if p == 2.0 else project_l1(delta, radius)
-
-
-def random_in_ball(shape, p: PValue, radius, seed, dtype=tf.float32) -> tf.Tensor:
-    """Points drawn uniformly from the p-ball of `radius` (stateless).
-
-    Args:
-        shape: Shape of the batch of points (batch on axis 0).
-        p: 1, 2 or inf.
-        radius: Scalar radius.
-        seed: A stateless seed, shape (2,) integers.
-        dtype: Floating dtype of the result.
-    """
-    p = _pgd_norm(p)
-    shape = tf.convert_to_tensor(shape)
-    size = tf.reduce_prod(shape[1:])
-    flat_shape = tf.stack([shape[0], size])
-    radius = tf.cast(radius, dtype)
-    if math.isinf(p):
-        return radius * tf.random.stateless_uniform(shape, seed, -1.0, 1.0, dtype=dtype, alg=_ALG)
-    seeds = tf.random.experimental.stateless_split(seed, 3, alg=_ALG)
-    if p == 2.0:
-        direction = tf.random.stateless_normal(flat_shape, seeds[0], dtype=dtype, alg=_ALG)
-        direction /= tf.maximum(tf.norm(direction, axis=1, keepdims=True), 1e-12)
-        u = tf.random.stateless_uniform([shape[0], 1], seeds[1], dtype=dtype, alg=_ALG)
-        scale = tf.pow(u, 1.0 / tf.cast(size, dtype))
-        return tf.reshape(radius * scale * direction, shape)
-    # Uniform on the L1 ball: d + 1 exponentials normalised, the last dropped.
-    u = tf.random.stateless_uniform(
-        tf.stack([shape[0], size + 1]), seeds[0], 1e-12, 1.0, dtype=dtype, alg=_ALG
-    )
-    exponential = -tf.math.log(u)
-    point = exponential[:, :-1] / tf.reduce_sum(exponential, axis=1, keepdims=True)
-    signs = random_signs(flat_shape, seeds[1], dtype)
-    return tf.reshape(radius * signs * point, shape)
-
-
-def random_on_sphere(shape, p: PValue, radius, seed, dtype=tf.float32) -> tf.Tensor:
-    """Random points of p-norm exactly `radius` (stateless).
-
-    For p = inf every coordinate is +-radius (a random corner of the cube);
-    for p = 2 the direction is uniform; for p = 1 the magnitudes are
-    exponential, normalised.
-    """
-    p = _pgd_norm(p)
-    shape = tf.convert_to_tensor(shape)
-    flat_shape = tf.stack([shape[0], tf.reduce_prod(shape[1:])])
-    radius = tf.cast(radius, dtype)
-    seeds = tf.random.experimental.stateless_split(seed, 2, alg=_ALG)
-    signs = random_signs(flat_shape, seeds[0], dtype)
-    if math.isinf(p):
-        return tf.reshape(radius * signs, shape)
-    if p == 2.0:
-        direction = tf.random.stateless_normal(flat_shape, seeds[1], dtype=dtype, alg=_ALG)
-        norm = tf.norm(direction, axis=1, keepdims=True)
-    else:
-        u = tf.random.stateless_uniform(flat_shape, seeds[1], 1e-12, 1.0, dtype=dtype, alg=_ALG)
-        direction = -tf.math.log(u) * signs
-        norm = tf.reduce_sum(tf.abs(direction), axis=1, keepdims=True)
-    return tf.reshape(radius * direction / tf.maximum(norm, 1e-12), shape)
-
-
-def random_signs(shape, seed, dtype=tf.float32) -> tf.Tensor:
-    """Independent +-1 entries (stateless)."""
-    bits = tf.random.stateless_uniform(shape, seed, 0, 2, dtype=tf.int32, alg=_ALG)
-    return tf.cast(2 * bits - 1, dtype)
-
 
 # ---------------------------------------------------------------------- #
 # Losses, labels and correctness.
@@ -262,15 +131,6 @@ def _check_count(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
     return int(value)
-
-
-def _pgd_norm(p: PValue) -> float:
-    value = canonical_p(p)
-    if value not in PGD_NORMS:
-        raise ValueError(
-            f"`p` must be 1, 2 or inf (the norms with an exact projection). Received: p={p!r}"
-        )
-    return value
 
 
 def check_clip(clip: Clip) -> Clip:
@@ -527,7 +387,7 @@ def pgd_with_correct(
 ):
     """`pgd` that also returns the per-example correctness at the result."""
     epsilon = check_epsilon(epsilon)
-    p = _pgd_norm(p)
+    p = ball_norm(p)
     steps = _check_count(steps, "steps")
     restarts = _check_count(restarts, "restarts")
     if step_size is None:

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_gradreg import attacks as attacks_lib
+from keras_gradreg import balls
 from keras_gradreg.gradients import LossLike, per_example_loss, resolve_loss
 from keras_gradreg.norms import canonical_p, dual_norm
 
@@ -150,7 +151,7 @@ def _check_epsilons(epsilons: Any) -> dict[float, list[float]]:
         )
     checked = {}
     for p, values in epsilons.items():
-        p = attacks_lib._pgd_norm(p)
+        p = balls.ball_norm(p)
         values = [values] if not isinstance(values, Iterable) else list(values)
         if not values:
             raise ValueError(
