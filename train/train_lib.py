@@ -463,6 +463,7 @@ def _run(config, workdir, strategy, previous, extra_callbacks) -> dict[str, Any]
         epochs=config.epochs,
         steps_per_epoch=steps_per_epoch,
         callbacks=fit_callbacks,
+        shuffle=False,  # The pipeline shuffles.
         verbose="auto",
     )
     if recorder.resumed_from_epoch is None:
