@@ -169,6 +169,8 @@ def test_resume_after_sigkill_in_second_epoch(tmp_path):
     with open(os.path.join(workdir, "metrics.json")) as f:
         final = json.load(f)
     assert final["resumed_from_epoch"] == 2 and final["epochs"] == after["epochs"]
+    # The weights come back from the backup: the same final evaluation.
+    assert final["final"] == after["final"]
 
 
 def test_workdir_of_another_run_is_refused(tmp_path):
