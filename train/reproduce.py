@@ -1,0 +1,313 @@
+r"""Reproduces the paper's MNIST table: sigma chosen on validation, then 60k runs.
+
+    python -m train.reproduce --table=mnist --data_npz=../shared/data/mnist.npz
+
+1. Selection: the maxout MLP with the p=2 penalty is trained for
+   `--select_epochs` on 50k examples for each sigma of `--select_sigmas`; the
+   other 10k (the last of the training set) are the validation split. The
+   sigma with the best final validation accuracy is chosen. The test set is
+   not looked at.
+2. Final runs: every row of the table is trained on all 60k examples and
+   evaluated on the test set (error and the robustness report).
+
+Every run is a `train.train_lib.train_and_evaluate` run in its own workdir, so
+an interrupted reproduction started again resumes where it stopped and
+finished runs are not repeated. Writes `results/mnist.json`,
+`results/mnist.md` and the table between the README's markers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import time
+from typing import Any
+
+from absl import app, flags, logging
+
+from train import config as config_lib
+from train import train_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("table", "mnist", ["mnist"], "Which table to reproduce.")
+flags.DEFINE_string("data_npz", None, "Offline MNIST .npz (x_train, y_train, x_test, y_test).")
+flags.DEFINE_string("workdir", "runs/reproduce_mnist", "Where the runs' files go.")
+flags.DEFINE_string("results_dir", "results", "Where mnist.json and mnist.md go.")
+flags.DEFINE_string("readme", "README.md", "README whose table is replaced ('' for none).")
+flags.DEFINE_list("select_sigmas", ["0.03", "0.1", "0.3", "1.0"], "p=2 sigmas to select from.")
+flags.DEFINE_integer("select_epochs", 5, "Epochs of each selection run.", lower_bound=1)
+flags.DEFINE_integer("final_epochs", 5, "Epochs of each MLP final run.", lower_bound=1)
+flags.DEFINE_integer("conv_epochs", 1, "Epochs of the conv maxout final run.", lower_bound=1)
+flags.DEFINE_list("rows", [], "Final rows to run (empty: all). Names: see ROWS.")
+flags.DEFINE_integer("eval_examples", 1000, "Test examples attacked per row.", lower_bound=1)
+
+VALIDATION_SPLIT = 10_000 / 60_000
+README_START = "<!-- mnist-table:start -->"
+README_END = "<!-- mnist-table:end -->"
+EPSILONS = {"inf": (0.1, 0.2, 0.3), "2": (1.0, 2.0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of the table: a preset and the settings that differ from it."""
+
+    name: str
+    label: str
+    preset: str
+    overrides: dict[str, Any]
+    uses_chosen_sigma: bool = False
+    conv: bool = False
+
+
+ROWS = (
+    Row("maxout_plain", "maxout MLP, plain (sigma=0)", "mnist_maxout_mlp", {"sigma": 0.0}),
+    Row(
+        "maxout_p2_penalty",
+        "maxout MLP, p=2, penalty",
+        "mnist_maxout_mlp",
+        {"p": 2.0, "method": "penalty"},
+        uses_chosen_sigma=True,
+    ),
+    Row(
+        "maxout_p2_adversarial",
+        "maxout MLP, p=2, adversarial",
+        "mnist_maxout_mlp",
+        {"p": 2.0, "method": "adversarial", "clean_weight": 0.0},
+        uses_chosen_sigma=True,
+    ),
+    Row(
+        "maxout_p2_finite_difference",
+        "maxout MLP, p=2, finite difference",
+        "mnist_maxout_mlp",
+        {"p": 2.0, "method": "finite_difference"},
+        uses_chosen_sigma=True,
+    ),
+    Row(
+        "maxout_pinf_fgsm",
+        "maxout MLP, p=inf, FGSM training (clean_weight 0.5, eps 0.25)",
+        "mnist_maxout_mlp",
+        {"p": math.inf, "method": "adversarial", "clean_weight": 0.5, "sigma": 0.25},
+    ),
+    Row(
+        "sigmoid_p2_penalty",
+        "sigmoid MLP, p=2, penalty",
+        "mnist_sigmoid_mlp",
+        {"p": 2.0, "method": "penalty"},
+        uses_chosen_sigma=True,
+    ),
+    Row(
+        "conv_pinf_penalty",
+        "conv maxout, p=inf, penalty, sigma=0.1",
+        "mnist_conv_maxout",
+        {"p": math.inf, "method": "penalty", "sigma": 0.1},
+        conv=True,
+    ),
+)
+ROWS_BY_NAME = {row.name: row for row in ROWS}
+
+
+def hardware() -> str:
+    """CPU model and core count (or what is known of the machine)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = re.findall(r"model name\s*:\s*(.+)", f.read())
+        if names:
+            model = names[0].strip()
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, no GPU"
+
+
+def command_line(preset: str, overrides: dict[str, Any]) -> str:
+    """The `train.main` command that reproduces a run."""
+    parts = ["python -m train.main", f"--preset={preset}"]
+    for key, value in overrides.items():
+        if isinstance(value, float) and math.isinf(value):
+            value = "inf"
+        if isinstance(value, bool):
+            parts.append(f"--{key}" if value else f"--no{key}")
+        else:
+            parts.append(f"--{key}={value}")
+    return " ".join(parts)
+
+
+def run(name: str, preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Trains (or resumes, or reads a finished) run; returns its metrics and command."""
+    workdir = os.path.join(FLAGS.workdir, name)
+    overrides = {"data_npz": FLAGS.data_npz, **overrides}
+    config = config_lib.make_config(preset, **overrides)
+    path = os.path.join(workdir, train_lib.METRICS_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            done = json.load(f)
+        if done.get("status") == "done":
+            logging.info("%s: finished earlier, reading %s", name, path)
+            return {"metrics": done, "command": command_line(preset, overrides)}
+    logging.info("%s: training (%s)", name, command_line(preset, overrides))
+    start = time.time()
+    metrics = train_lib.train_and_evaluate(config, workdir)
+    metrics["wall_seconds_this_process"] = time.time() - start
+    return {"metrics": metrics, "command": command_line(preset, overrides)}
+
+
+def select_sigma() -> dict[str, Any]:
+    """Trains the p=2 penalty maxout MLP on 50k for each sigma; picks by validation."""
+    curves, runs = {}, {}
+    for value in FLAGS.select_sigmas:
+        sigma = float(value)
+        result = run(
+            f"select/sigma_{sigma:g}",
+            "mnist_maxout_mlp",
+            {
+                "p": 2.0,
+                "method": "penalty",
+                "sigma": sigma,
+                "validation_split": VALIDATION_SPLIT,
+                "epochs": FLAGS.select_epochs,
+                "eval_examples": 0,
+                "pictures": False,
+            },
+        )
+        epochs = result["metrics"]["epochs"]
+        curves[f"{sigma:g}"] = [100.0 * (1.0 - r["validation/accuracy"]) for r in epochs]
+        runs[f"{sigma:g}"] = result["command"]
+    chosen = min(curves, key=lambda s: (curves[s][-1], float(s)))
+    return {
+        "metric": "validation error (%) after each epoch, 50k train / 10k validation",
+        "epochs": FLAGS.select_epochs,
+        "curves": curves,
+        "chosen_sigma": float(chosen),
+        "commands": runs,
+    }
+
+
+def accuracy(robustness: dict[str, Any] | None, attack: str, p: str, epsilon: float):
+    for row in (robustness or {}).get("rows", []):
+        if row["attack"] == attack and str(row["p"]) == p and math.isclose(row["epsilon"], epsilon):
+            return row["accuracy"]
+    return None
+
+
+def table_row(row: Row, result: dict[str, Any], sigma: float) -> dict[str, Any]:
+    metrics = result["metrics"]
+    epochs = metrics["epochs"]
+    record = {
+        "name": row.name,
+        "label": row.label,
+        "sigma": sigma,
+        "epochs": len(epochs),
+        "test_error_percent": metrics["final"]["test/error_percent"],
+        "train_seconds": sum(r.get("seconds", 0.0) for r in epochs),
+        "command": result["command"],
+        "robustness_examples": (metrics.get("robustness") or {}).get("num_examples"),
+        "flags": (metrics.get("robustness") or {}).get("flags"),
+    }
+    for attack in ("fgsm", "pgd"):
+        for p, epsilons in EPSILONS.items():
+            for epsilon in epsilons:
+                record[f"{attack}_{p}_{epsilon:g}"] = accuracy(
+                    metrics.get("robustness"), attack, p, epsilon
+                )
+    return record
+
+
+def markdown(results: dict[str, Any]) -> str:
+    def percent(value):
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    header = (
+        "| model | sigma | test error % | FGSM inf .1/.2/.3 | PGD inf .1/.2/.3 | "
+        "FGSM L2 1/2 | PGD L2 1/2 | epochs | train time |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+    )
+    lines = []
+    for r in results["rows"]:
+        cells = [
+            r["label"],
+            f"{r['sigma']:g}",
+            f"{r['test_error_percent']:.2f}",
+            "/".join(percent(r[f"fgsm_inf_{e:g}"]) for e in EPSILONS["inf"]),
+            "/".join(percent(r[f"pgd_inf_{e:g}"]) for e in EPSILONS["inf"]),
+            "/".join(percent(r[f"fgsm_2_{e:g}"]) for e in EPSILONS["2"]),
+            "/".join(percent(r[f"pgd_2_{e:g}"]) for e in EPSILONS["2"]),
+            str(r["epochs"]),
+            f"{r['train_seconds'] / 60:.1f} min",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    selection = results["selection"]
+    curves = ", ".join(
+        f"sigma={s}: {'/'.join(f'{e:.2f}' for e in c)}" for s, c in selection["curves"].items()
+    )
+    commands = "\n".join(f"- {r['label']}: `{r['command']}`" for r in results["rows"])
+    return (
+        f"Attack columns are accuracy (%) on the first {results['eval_examples']} test "
+        f"images (PGD: {results['pgd_steps']} steps). Hardware: {results['hardware']}.\n\n"
+        + header
+        + "\n".join(lines)
+        + f"\n\nsigma for p=2 chosen on validation (50k/10k split of the training set, "
+        f"{selection['epochs']} epochs, validation error % per epoch): {curves}; "
+        f"chosen sigma = {selection['chosen_sigma']:g}.\n\nCommands (with "
+        f"`--data_npz=...`, `--workdir=...`):\n\n{commands}\n"
+    )
+
+
+def update_readme(path: str, text: str) -> None:
+    with open(path) as f:
+        readme = f.read()
+    if README_START not in readme or README_END not in readme:
+        raise ValueError(f"{path} has no {README_START} ... {README_END} markers.")
+    before, rest = readme.split(README_START, 1)
+    _, after = rest.split(README_END, 1)
+    with open(path, "w") as f:
+        f.write(f"{before}{README_START}\n{text}{README_END}{after}")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    unknown = sorted(set(FLAGS.rows) - set(ROWS_BY_NAME))
+    if unknown:
+        raise app.UsageError(f"Unknown --rows {unknown}. Known: {sorted(ROWS_BY_NAME)}")
+    for value in FLAGS.select_sigmas:
+        config_lib.make_config("mnist_maxout_mlp", sigma=float(value))  # Validates each.
+    if FLAGS.data_npz is None or not os.path.isfile(FLAGS.data_npz):
+        raise app.UsageError(f"--data_npz must name the MNIST .npz. Received: {FLAGS.data_npz}")
+
+    selection = select_sigma()
+    rows = [ROWS_BY_NAME[name] for name in FLAGS.rows] if FLAGS.rows else list(ROWS)
+    records = []
+    for row in rows:
+        overrides = dict(row.overrides)
+        if row.uses_chosen_sigma:
+            overrides["sigma"] = selection["chosen_sigma"]
+        overrides["epochs"] = FLAGS.conv_epochs if row.conv else FLAGS.final_epochs
+        overrides["eval_examples"] = FLAGS.eval_examples
+        result = run(f"final/{row.name}", row.preset, overrides)
+        records.append(table_row(row, result, overrides["sigma"]))
+
+    results = {
+        "table": FLAGS.table,
+        "hardware": hardware(),
+        "eval_examples": FLAGS.eval_examples,
+        "pgd_steps": config_lib.make_config("mnist_maxout_mlp").eval_pgd_steps,
+        "selection": selection,
+        "rows": records,
+    }
+    os.makedirs(FLAGS.results_dir, exist_ok=True)
+    with open(os.path.join(FLAGS.results_dir, "mnist.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    text = markdown(results)
+    with open(os.path.join(FLAGS.results_dir, "mnist.md"), "w") as f:
+        f.write(text)
+    if FLAGS.readme:
+        update_readme(FLAGS.readme, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    app.run(main)
