@@ -349,16 +349,31 @@ def _mnist(model: str, **overrides: Any) -> dict[str, Any]:
 
 
 # The paper's experiments (PAPER.md section 3). Where the paper's value is not
-# known, the value here is this project's choice, marked "chosen".
+# known, the value here is this project's choice ("chosen"). Optimisers are
+# chosen: Adam with cosine decay over the run. Measured on real MNIST, one
+# epoch of the maxout MLP (p=2, sigma=0.1, penalty, batch 100, dropout
+# 0.2/0.5) reached 96.3-96.6% test accuracy with Adam at 1e-3 to 3e-3, and
+# 95.6-96.0% with SGD (lr 0.05-0.2, momentum 0.5 or 0.9).
+_OPTIMIZATION = {"optimizer": "adam", "lr_schedule": "cosine", "learning_rate": 1e-3}
+
 PRESETS: dict[str, dict[str, Any]] = {
-    # p=2 (paper); sigma, optimizer, epochs chosen.
-    "mnist_sigmoid_mlp": _mnist("sigmoid_mlp", p=2.0, sigma=0.1, batch_size=100, epochs=50),
-    # 784-240x5-240x5-10, p=2 (paper); batch 100 (maxout paper); sigma,
-    # optimizer and epochs chosen.
-    "mnist_maxout_mlp": _mnist("maxout_mlp", p=2.0, sigma=0.1, batch_size=100, epochs=50),
+    # p=2 (paper); hidden layers, sigma and epochs chosen.
+    "mnist_sigmoid_mlp": _mnist(
+        "sigmoid_mlp", p=2.0, sigma=0.1, batch_size=100, epochs=50, **_OPTIMIZATION
+    ),
+    # 784-240x5-240x5-10, dropout 0.2/0.5, max-norm 1.9365, batch 100 (maxout
+    # paper), p=2 (paper); sigma, learning rate and epochs chosen.
+    "mnist_maxout_mlp": _mnist(
+        "maxout_mlp",
+        p=2.0,
+        sigma=0.1,
+        batch_size=100,
+        epochs=50,
+        **{**_OPTIMIZATION, "learning_rate": 2e-3},
+    ),
     # p=inf, sigma=0.1 (paper); batch 128 (maxout paper).
     "mnist_conv_maxout": _mnist(
-        "conv_maxout_mnist", p=math.inf, sigma=0.1, batch_size=128, epochs=50
+        "conv_maxout_mnist", p=math.inf, sigma=0.1, batch_size=128, epochs=50, **_OPTIMIZATION
     ),
     # Batch 128 (maxout paper); p and sigma chosen (2/255 in pixel units);
     # GCN + ZCA whitening inside the model, so attacks are in pixel space.
@@ -371,6 +386,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "epochs": 100,
         "eval_epsilons_inf": (2.0 / 255.0, 4.0 / 255.0, 8.0 / 255.0),
         "eval_epsilons_2": (0.25, 0.5),
+        **_OPTIMIZATION,
     },
 }
 
