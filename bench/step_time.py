@@ -39,7 +39,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import keras_gradreg as kgr  # noqa: E402
-from keras_gradreg.layers.fast_dropout import replace_dropout  # noqa: E402
+from keras_gradreg.layers import FastDropout  # noqa: E402
 from train.models import build_model  # noqa: E402
 
 CONFIGS = ("maxout_mlp_bare", "maxout_mlp_preset", "conv_maxout_cifar10")
@@ -52,8 +52,8 @@ flags.DEFINE_list("xla", ["on", "off"], "XLA settings: on (jit_compile=True), of
 flags.DEFINE_list(
     "dropout",
     ["keras", "fast"],
-    "Dropout layers for configurations with dropout: keras (keras.layers.Dropout "
-    "as train.models builds it) and/or fast (kgr.layers.FastDropout).",
+    "Dropout layers for configurations with dropout: keras (stock "
+    "keras.layers.Dropout) and/or fast (kgr.layers.FastDropout, what train.models builds).",
 )
 flags.DEFINE_enum("fast_rng_alg", "auto", ["auto", "philox", "threefry"], "FastDropout's rng_alg.")
 flags.DEFINE_integer("batch_size", 128, "Examples per step.")
@@ -120,6 +120,20 @@ def network(config: str) -> tuple[keras.Model, tuple[int, ...], bool]:
     if config == "conv_maxout_cifar10":
         return build_model("conv_maxout_cifar10", input_shape=(32, 32, 3)), (32, 32, 3), True
     raise ValueError(f"Unknown configuration. Received: config={config!r}")
+
+
+def with_dropout(net: keras.Model, kind: str) -> keras.Model:
+    """A clone of `net` whose dropout layers are stock Keras ("keras") or FastDropout."""
+
+    def clone(layer):
+        if isinstance(layer, keras.layers.Dropout):
+            config = {k: v for k, v in layer.get_config().items() if k != "rng_alg"}
+            if kind == "fast":
+                return FastDropout.from_config({**config, "rng_alg": FLAGS.fast_rng_alg})
+            return keras.layers.Dropout.from_config(config)
+        return layer.__class__.from_config(layer.get_config())
+
+    return keras.models.clone_model(net, clone_function=clone)
 
 
 def has_dropout(net: keras.Model) -> bool:
@@ -189,10 +203,8 @@ def bench_config(config: str, dropout: str | None, counts: dict[str, int]) -> li
     """Times every (XLA, method) model of one configuration, interleaved."""
     keras.utils.set_random_seed(FLAGS.seed)
     net, input_shape, momentum = network(config)
-    if dropout == "fast":
-        net = keras.models.clone_model(
-            net, clone_function=lambda layer: replace_dropout(layer, FLAGS.fast_rng_alg)
-        )
+    if dropout is not None:
+        net = with_dropout(net, dropout)
     rng = np.random.default_rng(FLAGS.seed)
     x = tf.constant(rng.random((FLAGS.batch_size, *input_shape), dtype=np.float32))
     y = tf.constant(rng.integers(0, 10, FLAGS.batch_size), dtype=tf.int32)

@@ -22,7 +22,7 @@ from keras_gradreg.gradients import (
 )
 from keras_gradreg.norms import dual_norm, worst_case_perturbation
 from keras_gradreg.regularizer import GradientRegularizer
-from keras_gradreg.train_function import make_distributed_train_function
+from keras_gradreg.train_function import make_distributed_function
 
 _EVAL_ONLY_EXCLUDED = ("data_loss", "penalty")
 _SEED_STATE_KEY = "seed_generator_state_"
@@ -171,8 +171,17 @@ class RegularizedModel(keras.Model):
             self._replica_step = tf.function(
                 self.regularized_step, jit_compile=True, reduce_retracing=True
             )
-        self.train_function = make_distributed_train_function(self, self.train_step)
+        self.train_function = make_distributed_function(self, self.train_step)
         return self.train_function
+
+    def make_test_function(self, force: bool = False):
+        """Builds `evaluate`'s step; under a strategy, see `make_train_function`."""
+        if self.test_function is not None and not force:
+            return self.test_function
+        if _is_default_strategy(self.distribute_strategy):
+            return super().make_test_function(force=force)
+        self.test_function = make_distributed_function(self, self.test_step)
+        return self.test_function
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Builds the model from one batch's shapes before distributed `fit`.

@@ -1,11 +1,12 @@
-"""`fit`'s step function under a tf.distribute strategy, XLA per replica.
+"""`fit`'s and `evaluate`'s step functions under a tf.distribute strategy.
 
 Two things stock Keras 3 cannot do under `MirroredStrategy` (TF 2.21, Keras
 3.15): compile with `jit_compile=True` (it hands the whole distributed step,
 all-reduce and optimizer update included, to XLA) and run
 `steps_per_execution > 1` (each step sits in a `tf.cond` inside the while
 loop, where the cross-replica merge call fails: keras-team/keras#19246); and
-under `MultiWorkerMirroredStrategy` its log reduction fails on scalars.
+under `MultiWorkerMirroredStrategy` its log reduction fails on scalars, in
+`fit` and in `evaluate` alike.
 Here XLA compiles each replica's forward and backward passes only, and the
 while loop's own predicate guards each step, so no `tf.cond` wraps it.
 """
@@ -17,25 +18,27 @@ from collections.abc import Callable
 import tensorflow as tf
 
 
-def make_distributed_train_function(model, train_step: Callable) -> Callable:
-    """Builds `function(iterator) -> logs` running `train_step` on each replica.
+def make_distributed_function(model, step_function: Callable) -> Callable:
+    """Builds `function(iterator) -> logs` running `step_function` on each replica.
+
+    Serves `fit` (with `model.train_step`) and `evaluate` (`model.test_step`).
 
     Args:
         model: The Keras model (its strategy, `steps_per_execution` and
             `run_eagerly` are used).
-        train_step: The per-replica step, `data -> logs`.
+        step_function: The per-replica step, `data -> logs`.
 
     Returns:
-        A function with the contract of Keras's `model.train_function`: it
-        runs up to `steps_per_execution` steps and raises `StopIteration` when
-        the iterator is exhausted before the first.
+        A function with the contract of Keras's `model.train_function` and
+        `model.test_function`: it runs up to `steps_per_execution` steps and
+        raises `StopIteration` when the iterator is exhausted before the first.
     """
     strategy = model.distribute_strategy
     steps_per_execution = model.steps_per_execution
 
     @tf.autograph.experimental.do_not_convert
     def one_step_on_data(data):
-        outputs = strategy.run(train_step, args=(data,))
+        outputs = strategy.run(step_function, args=(data,))
         # Keras's reduce_per_replica reduces scalars on axis 0 under
         # MultiWorkerMirroredStrategy, which fails; the logs are scalars.
         return tf.nest.map_structure(

@@ -94,12 +94,15 @@ def multi_worker(out_path: str) -> None:
     with strategy.scope():
         model = build("penalty")
     model.fit(dataset, epochs=1, verbose=0)
-    np.savez(out_path, *model.get_weights())
+    evaluation = model.evaluate(dataset, verbose=0, return_dict=True)
+    np.savez(out_path, *model.get_weights(), evaluation_loss=evaluation["loss"])
 
 
 def single(out_path: str) -> None:
     model, _ = train(tf.distribute.get_strategy(), "penalty")
-    np.savez(out_path, *model.get_weights())
+    x, y = problem()
+    evaluation = model.evaluate(x, y, batch_size=GLOBAL_BATCH, verbose=0, return_dict=True)
+    np.savez(out_path, *model.get_weights(), evaluation_loss=evaluation["loss"])
 
 
 if __name__ == "__main__":

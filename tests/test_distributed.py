@@ -87,7 +87,11 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_multi_worker_matches_single_worker(tmp_path):
-    """Two workers on 127.0.0.1 end with identical weights, equal to one worker's."""
+    """Two workers on 127.0.0.1 end with identical weights, equal to one worker's.
+
+    `evaluate` on the workers (broken in stock Keras 3.15 under this strategy)
+    gives the single worker's loss.
+    """
     cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(2)]}
     workers = []
     for index in range(2):

@@ -250,12 +250,6 @@ def _free_ports(count):
     return ports
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Keras 3.15's evaluate fails under MultiWorkerMirroredStrategy (reduce_per_replica "
-    "takes a MEAN over axis 0 of scalar logs); RegularizedModel needs its own test function",
-)
 def test_multi_worker_run_writes_from_the_chief_only(tmp_path):
     workdir = str(tmp_path / "run")
     settings = dict(
