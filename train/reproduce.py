@@ -1,6 +1,7 @@
 r"""Reproduces the paper's MNIST table: sigma chosen on validation, then 60k runs.
 
-    python -m train.reproduce --table=mnist --data_npz=../shared/data/mnist.npz
+    python -m train.reproduce --table=mnist --data_npz=../shared/data/mnist.npz \
+        --workdir=runs/reproduce_mnist
 
 1. Selection: the maxout MLP with the p=2 penalty is trained for
    `--select_epochs` on 50k examples for each sigma of `--select_sigmas`; the
@@ -12,7 +13,9 @@ r"""Reproduces the paper's MNIST table: sigma chosen on validation, then 60k run
 
 Every run is a `train.train_lib.train_and_evaluate` run in its own workdir, so
 an interrupted reproduction started again resumes where it stopped and
-finished runs are not repeated. Writes `results/mnist.json`,
+finished runs are not repeated (`--workdir` holds one subdirectory per run;
+`--data_npz` and `--eval_examples` as for `train.main`, whose other flags the
+rows set themselves). Writes `results/mnist.json`,
 `results/mnist.md` and the table between the README's markers.
 """
 
@@ -30,12 +33,11 @@ from typing import Any
 from absl import app, flags, logging
 
 from train import config as config_lib
+from train import main as main_lib  # noqa: F401  (defines --workdir, --data_npz, ...)
 from train import train_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("table", "mnist", ["mnist"], "Which table to reproduce.")
-flags.DEFINE_string("data_npz", None, "Offline MNIST .npz (x_train, y_train, x_test, y_test).")
-flags.DEFINE_string("workdir", "runs/reproduce_mnist", "Where the runs' files go.")
 flags.DEFINE_string("results_dir", "results", "Where mnist.json and mnist.md go.")
 flags.DEFINE_string("readme", "README.md", "README whose table is replaced ('' for none).")
 flags.DEFINE_list("select_sigmas", ["0.03", "0.1", "0.3", "1.0"], "p=2 sigmas to select from.")
@@ -43,7 +45,6 @@ flags.DEFINE_integer("select_epochs", 5, "Epochs of each selection run.", lower_
 flags.DEFINE_integer("final_epochs", 5, "Epochs of each MLP final run.", lower_bound=1)
 flags.DEFINE_integer("conv_epochs", 1, "Epochs of the conv maxout final run.", lower_bound=1)
 flags.DEFINE_list("rows", [], "Final rows to run (empty: all). Names: see ROWS.")
-flags.DEFINE_integer("eval_examples", 1000, "Test examples attacked per row.", lower_bound=1)
 
 VALIDATION_SPLIT = 10_000 / 60_000
 README_START = "<!-- mnist-table:start -->"
@@ -270,6 +271,15 @@ def update_readme(path: str, text: str) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    shared = {"data_npz", "eval_examples"}
+    ignored = [f.name for f in config_lib.FIELDS if FLAGS[f.name].present and f.name not in shared]
+    ignored += ["preset"] if FLAGS["preset"].present else []
+    if ignored:
+        raise app.UsageError(
+            "train.reproduce sets the training settings of each row itself; of "
+            "train.main's flags it takes --workdir, --data_npz and --eval_examples. "
+            f"Received: {', '.join('--' + name for name in ignored)}"
+        )
     unknown = sorted(set(FLAGS.rows) - set(ROWS_BY_NAME))
     if unknown:
         raise app.UsageError(f"Unknown --rows {unknown}. Known: {sorted(ROWS_BY_NAME)}")
