@@ -15,6 +15,11 @@ P_VALUES = [1.0, 2.0, math.inf, 3.0]
 METHODS = ["penalty", "adversarial", "finite_difference"]
 
 
+def reference_step(x, y, w, b, **kwargs):
+    """`linear_reference.one_step` in float64."""
+    return ref.one_step(x.astype("float64"), y, w.astype("float64"), b.astype("float64"), **kwargs)
+
+
 def fit_one_step(model, x, y, **kwargs):
     history = model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0, **kwargs)
     return {k: v[0] for k, v in history.history.items()}
@@ -28,8 +33,7 @@ def test_one_step_matches_numpy(linear_problem, kind, method, p):
     settings = dict(p=p, sigma=0.3, method=method, clean_weight=0.25, fd_step=0.05)
     model = compile_sgd(linear_model(kind, kgr.GradientRegularizer(**settings), w, b))
     logs = fit_one_step(model, x, y)
-    x64, w64, b64 = (a.astype("float64") for a in (x, w, b))
-    want_w, want_b, want_logs = ref.one_step(x64, y, w64, b64, lr=0.1, **settings)
+    want_w, want_b, want_logs = reference_step(x, y, w, b, lr=0.1, **settings)
     got_w, got_b = model.get_weights()
     np.testing.assert_allclose(got_w, want_w, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got_b, want_b, rtol=1e-5, atol=1e-6)
@@ -46,15 +50,7 @@ def test_probability_outputs_match_logits(linear_problem, p):
         linear_model("functional", reg, w, b, activation="softmax"), probabilities=True
     )
     logs = fit_one_step(model, x, y)
-    want_w, want_b, want_logs = ref.one_step(
-        *(a.astype("float64") for a in (x,)),
-        y,
-        w.astype("float64"),
-        b.astype("float64"),
-        p=p,
-        sigma=0.3,
-        method="penalty",
-    )
+    want_w, want_b, want_logs = reference_step(x, y, w, b, p=p, sigma=0.3, method="penalty")
     np.testing.assert_allclose(model.get_weights()[0], want_w, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(logs["penalty"], want_logs["penalty"], rtol=1e-4)
 
@@ -67,14 +63,7 @@ def test_sample_and_class_weights(linear_problem, method):
     weights = np.linspace(0.2, 2.0, len(y))
     model = compile_sgd(linear_model("functional", kgr.GradientRegularizer(**settings), w, b))
     logs = fit_one_step(model, x, y, sample_weight=weights.astype("float32"))
-    want_w, _, want_logs = ref.one_step(
-        x.astype("float64"),
-        y,
-        w.astype("float64"),
-        b.astype("float64"),
-        weights=weights,
-        **settings,
-    )
+    want_w, _, want_logs = reference_step(x, y, w, b, weights=weights, **settings)
     np.testing.assert_allclose(model.get_weights()[0], want_w, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(logs["penalty"], want_logs["penalty"], rtol=1e-5)
 
@@ -82,12 +71,5 @@ def test_sample_and_class_weights(linear_problem, method):
     model = compile_sgd(linear_model("functional", kgr.GradientRegularizer(**settings), w, b))
     fit_one_step(model, x, y, class_weight=class_weight)
     per_class = np.array([class_weight[c] for c in y])
-    want_w, _, _ = ref.one_step(
-        x.astype("float64"),
-        y,
-        w.astype("float64"),
-        b.astype("float64"),
-        weights=per_class,
-        **settings,
-    )
+    want_w, _, _ = reference_step(x, y, w, b, weights=per_class, **settings)
     np.testing.assert_allclose(model.get_weights()[0], want_w, rtol=1e-5, atol=1e-6)
