@@ -221,8 +221,11 @@ def compiled_kernel(model: keras.Model, loss: LossLike, builder: Callable, **sta
 
     One kernel per model, loss and static setting; numbers that vary between
     calls (epsilon, bounds, seeds) are tensor arguments and do not retrace.
+    With `loss=None` the key is the model's current compiled loss, so a
+    recompiled model gets a new kernel.
     """
-    key = (builder, _loss_key(loss), tuple(sorted(static.items())))
+    effective_loss = loss if loss is not None else getattr(model, "loss", None)
+    key = (builder, loss is None, _loss_key(effective_loss), tuple(sorted(static.items())))
     per_model = _CACHE.setdefault(model, {})
     if key not in per_model:
         loss_fn = resolve_loss(model, loss)

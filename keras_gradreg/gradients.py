@@ -80,7 +80,7 @@ def per_example_loss(loss_fn: Callable, y: Any, y_pred: Any) -> tf.Tensor:
     if values.shape.rank == 0:
         raise ValueError(
             "The loss must return one value per example, not a scalar; use a "
-            "Keras loss or a function without reduction."
+            f"Keras loss or a function without reduction. Received: loss shape={values.shape}"
         )
     if values.shape.rank > 1:
         values = tf.reduce_sum(tf.reshape(values, [tf.shape(values)[0], -1]), axis=1)

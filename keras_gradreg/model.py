@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, NamedTuple
 
 import keras
 import tensorflow as tf
+from keras.src.backend.common import global_state
 from keras.src.losses.loss import unscale_loss_for_distribution
 from keras.src.models.functional import Functional
 from keras.src.models.model import functional_init_arguments
+from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
 from keras.src.saving import object_registration
 from keras.src.trainers.trainer import Trainer
 
@@ -50,6 +53,13 @@ def _as_regularizer(regularizer: Any) -> GradientRegularizer:
     if isinstance(regularizer, dict):
         if "class_name" in regularizer:
             return keras.saving.deserialize_keras_object(regularizer)
+        known = set(inspect.signature(GradientRegularizer).parameters)
+        unknown = sorted(set(regularizer) - known)
+        if unknown:
+            raise ValueError(
+                f"`regularizer` has unknown keys {unknown}; known: {sorted(known)}. "
+                f"Received: regularizer={regularizer!r}"
+            )
         return GradientRegularizer(**regularizer)
     raise ValueError(
         "`regularizer` must be a kgr.GradientRegularizer, a dict of its "
@@ -146,7 +156,10 @@ class RegularizedModel(keras.Model):
     @regularizer.setter
     def regularizer(self, value: Any) -> None:
         self._regularizer = _as_regularizer(value)
-        self.train_function = None  # Retrace with the new settings.
+        if self.train_function is not None:
+            # Rebuilt, not dropped: `fit` calls `self.train_function` each step,
+            # so a callback may change the regularizer between epochs.
+            self.make_train_function(force=True)
 
     # ------------------------------------------------------------------ #
     # Training.
@@ -241,9 +254,9 @@ class RegularizedModel(keras.Model):
     def regularized_step(self, x, y, sample_weight=None) -> StepResult:
         """Computes the regularised loss and its gradients for one batch.
 
-        Updates nothing but the model's random state (seed generators), so it
-        can be compiled on its own (per replica) and the optimizer applied
-        outside.
+        Updates no weights (only the state a forward pass updates: seed
+        generators, BatchNorm statistics, loss trackers), so it can be
+        compiled on its own (per replica) and the optimizer applied outside.
 
         Args:
             x: Model input.
@@ -316,8 +329,8 @@ class RegularizedModel(keras.Model):
         reg = self._regularizer
         adversarial = reg.method == "adversarial"
         inputs = self._differentiable_inputs(x)
-        generators = randomness.seed_generators(self)
-        step_randomness = randomness.snapshot(generators)
+        seed_states = [generator.state for generator in randomness.seed_generators(self)]
+        step_randomness = randomness.snapshot(seed_states)
         # The clean pass needs parameter gradients unless its weight is 0.
         clean_in_objective = not adversarial or reg.clean_weight > 0.0
         with tf.GradientTape() as outer:
@@ -335,8 +348,14 @@ class RegularizedModel(keras.Model):
                 flat_step = tf.stop_gradient(worst_case_perturbation(flat_gradient, reg.p, radius))
                 steps = split_per_example(flat_step, inputs)
             x_moved = replace_floating_inputs(x, [t + step for t, step in zip(inputs, steps)])
-            randomness.restore(generators, step_randomness)
+            # The moved pass is a probe: it redraws the clean pass's masks and
+            # leaves no trace in the model's state (BatchNorm statistics) or in
+            # Keras's per-output loss trackers.
+            side_state = self._state_outside_seeds(seed_states)
+            kept_state = randomness.snapshot(side_state)
+            randomness.restore(seed_states, step_randomness)
             _, moved_loss = self._forward_loss(x_moved, y, sample_weight)
+            randomness.restore(side_state, kept_state)
             if adversarial:
                 penalty = moved_loss
                 total = reg.clean_weight * loss + (1.0 - reg.clean_weight) * moved_loss
@@ -347,12 +366,21 @@ class RegularizedModel(keras.Model):
         gradients = outer.gradient(scaled_total, self.trainable_weights)
         return StepResult(gradients, y_pred, total, loss, penalty)
 
+    def _state_outside_seeds(self, seed_states: list) -> list:
+        """Non-trainable model variables and loss trackers, seed states excluded."""
+        seeds = {id(state) for state in seed_states}
+        compile_loss = getattr(self, "_compile_loss", None)
+        trackers = compile_loss.metrics if compile_loss is not None else []
+        variables = [*self.non_trainable_variables]
+        variables += [v for tracker in trackers for v in tracker.variables]
+        return [v for v in variables if id(v) not in seeds]
+
     def _differentiable_inputs(self, x) -> list[tf.Tensor]:
         inputs = floating_inputs(x)
         if not inputs:
             raise ValueError(
                 "RegularizedModel needs at least one floating-point input to "
-                f"differentiate the loss by. Received input dtypes: "
+                "differentiate the loss by. Received: input dtypes="
                 f"{[t.dtype.name for t in tf.nest.flatten(x) if t is not None]}"
             )
         return inputs
@@ -362,22 +390,30 @@ class RegularizedModel(keras.Model):
     # ------------------------------------------------------------------ #
 
     def save_own_variables(self, store) -> None:
-        """Saves the model's variables and, unlike Keras, its random state.
+        """Saves the model's variables and, unlike Keras, its dropout seed states.
 
-        Stock Keras does not save `SeedGenerator` states, so a reloaded model
-        would draw new dropout masks and not continue training identically.
+        Stock Keras does not save `SeedGenerator` states, so a reloaded or
+        resumed model (`BackupAndRestore` saves weights files) would draw new
+        dropout masks and not continue training identically. A consequence:
+        weights saved from a `RegularizedModel` load into a `RegularizedModel`;
+        for the plain model that `kgr.regularize` wrapped, save that model's
+        weights (they are the same layers).
         """
         super().save_own_variables(store)
-        for index, generator in enumerate(randomness.seed_generators(self)):
+        for index, generator in enumerate(self._owned_seed_generators()):
             store[f"{_SEED_STATE_KEY}{index}"] = generator.state
 
     def load_own_variables(self, store) -> None:
         own = {key: store[key] for key in store.keys() if not key.startswith(_SEED_STATE_KEY)}
         super().load_own_variables(own)
-        for index, generator in enumerate(randomness.seed_generators(self)):
+        for index, generator in enumerate(self._owned_seed_generators()):
             key = f"{_SEED_STATE_KEY}{index}"
             if key in store.keys():
                 generator.state.assign(store[key])
+
+    def _owned_seed_generators(self) -> list:
+        global_generator = global_state.get_global_attribute(GLOBAL_SEED_GENERATOR)
+        return [g for g in randomness.seed_generators(self) if g is not global_generator]
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()

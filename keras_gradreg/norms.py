@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import tensorflow as tf
 
 PValue = float | int | str
@@ -37,7 +38,7 @@ def canonical_p(p: PValue, name: str = "p") -> float:
             raise ValueError(
                 f"`{name}` must be a number >= 1 or 'inf'. Received: {name}={p!r}"
             ) from None
-    elif isinstance(p, bool) or not isinstance(p, (int, float)):
+    elif isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)):
         raise ValueError(f"`{name}` must be a number >= 1 or 'inf'. Received: {name}={p!r}")
     else:
         value = float(p)

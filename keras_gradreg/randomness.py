@@ -1,34 +1,47 @@
-"""Sharing one step's randomness between several forward passes.
+"""Sharing one step's randomness (and state) between several forward passes.
 
 Keras 3 layers draw their noise (dropout masks, Gaussian noise, ...) from
 `keras.random.SeedGenerator`s whose state advances on every call. Reading
 every generator's state before the first pass and writing it back before a
-later pass makes that pass draw exactly the same masks.
+later pass makes that pass draw exactly the same masks. The same snapshot
+and restore of other variables undoes what a probing pass changed.
 """
 
 from __future__ import annotations
 
 import keras
 import tensorflow as tf
+from keras.src.backend.common import global_state
+from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
 
 
 def seed_generators(model: keras.layers.Layer) -> list:
-    """All seed generators owned by `model` and its sublayers, each once."""
+    """The seed generators `model`'s layers draw from, each once.
+
+    Those owned by the model and its sublayers, and Keras's global generator
+    (what `keras.random.*(seed=None)` uses) if it exists. Randomness drawn
+    from TensorFlow's own stateful RNG (`tf.random.uniform`) is not covered.
+    """
     found, seen = [], set()
-    for layer in model._flatten_layers(include_self=True, recursive=True):
-        for generator in getattr(layer, "_seed_generators", ()):
-            if id(generator) not in seen:
-                seen.add(id(generator))
-                found.append(generator)
+    owned = (
+        generator
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+        for generator in getattr(layer, "_seed_generators", ())
+    )
+    global_generator = global_state.get_global_attribute(GLOBAL_SEED_GENERATOR)
+    for generator in (*owned, *([global_generator] if global_generator else [])):
+        if id(generator) not in seen:
+            seen.add(id(generator))
+            found.append(generator)
     return found
 
 
-def snapshot(generators: list) -> list[tf.Tensor]:
-    """Copies of the generators' current states."""
-    return [tf.identity(generator.state.value) for generator in generators]
+def snapshot(variables: list) -> list[tf.Tensor]:
+    """Copies of the variables' current values."""
+    return [tf.identity(variable.value) for variable in variables]
 
 
-def restore(generators: list, states: list[tf.Tensor]) -> None:
-    """Writes states taken by `snapshot` back into the generators."""
-    for generator, state in zip(generators, states):
-        generator.state.assign(state)
+def restore(variables: list, values: list[tf.Tensor]) -> None:
+    """Writes values taken by `snapshot` back into the variables."""
+    for variable, value in zip(variables, values):
+        variable.assign(value)

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import keras
+import numpy as np
 
 from keras_gradreg.norms import PValue, canonical_p, dual_exponent
 
@@ -13,7 +14,7 @@ METHODS = ("penalty", "adversarial", "finite_difference")
 
 
 def _check_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"`{name}` must be a number. Received: {name}={value!r}")
     value = float(value)
     if math.isnan(value):

@@ -416,3 +416,14 @@ def test_pgd_under_mirrored_strategy_matches_single_device():
     assert result.returncode == 0, result.stderr[-3000:]
     line = [ln for ln in result.stdout.splitlines() if ln.startswith("MAXDIFF")][-1]
     assert float(line.split()[1]) < 1e-6
+
+
+def test_recompiled_model_gets_a_kernel_for_its_new_loss():
+    """With loss=None the cached kernel follows the model's current compiled loss."""
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    first = attacks.compiled_kernel(model, None, attacks._fgsm_fn, p=math.inf)
+    assert attacks.compiled_kernel(model, None, attacks._fgsm_fn, p=math.inf) is first
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=False))
+    assert attacks.compiled_kernel(model, None, attacks._fgsm_fn, p=math.inf) is not first

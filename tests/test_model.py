@@ -268,3 +268,61 @@ def test_subclassed_and_functional_coexist():
     x, y = data(8)
     for model in (functional, subclassed):
         assert "penalty" in fit(compile_sgd(model), x, y)
+
+
+@pytest.mark.parametrize("method", ["adversarial", "finite_difference"])
+def test_moved_pass_leaves_no_trace(method):
+    """Per-output loss logs are the clean losses; BatchNorm sees the clean batch only."""
+    x, y = data(16)
+    inputs = keras.Input((NUM_FEATURES,))
+    hidden = keras.layers.BatchNormalization(momentum=0.5)(keras.layers.Dense(8)(inputs))
+    outputs = {
+        "a": keras.layers.Dense(NUM_CLASSES, name="a")(hidden),
+        "b": keras.layers.Dense(NUM_CLASSES, name="b")(hidden),
+    }
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    reg = kgr.GradientRegularizer(p="inf", sigma=5.0, method=method, fd_step=1.0)
+    model = kgr.RegularizedModel(inputs, outputs, regularizer=reg)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss={"a": loss, "b": loss})
+    plain = keras.Model(inputs, outputs)  # Same layers: the clean pass's reference.
+    with_batch_stats = plain(x, training=True)  # What one clean training pass computes.
+    model.set_weights(plain.get_weights())
+    moving_before = [v.numpy() for v in model.non_trainable_variables]
+    logs = model.fit(x, {"a": y, "b": y}, batch_size=16, verbose=0).history
+    for name in ("a", "b"):
+        want = float(loss(y, with_batch_stats[name]))
+        np.testing.assert_allclose(logs[f"{name}_loss"][0], want, rtol=1e-5)
+    np.testing.assert_allclose(logs["a_loss"][0] + logs["b_loss"][0], logs["data_loss"][0], 1e-5)
+    # The moving statistics moved once, with the clean batch (momentum 0.5).
+    features = model.layers[1](x).numpy()
+    mean_index = [i for i, v in enumerate(model.non_trainable_variables) if "moving_mean" in v.path]
+    moved_mean = model.non_trainable_variables[mean_index[0]].numpy()
+    want_mean = 0.5 * moving_before[mean_index[0]] + 0.5 * features.mean(axis=0)
+    np.testing.assert_allclose(moved_mean, want_mean, rtol=1e-5, atol=1e-6)
+
+
+def test_regularizer_can_change_during_fit():
+    """A callback may change the regularizer between epochs (a sigma warm-up)."""
+    x, y = data(16)
+
+    class WarmUp(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.model.regularizer = kgr.GradientRegularizer(p=2, sigma=0.5 * epoch)
+
+    model = compile_sgd(mlp(kgr.GradientRegularizer(sigma=0.0)), lr=0.0)
+    history = model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[WarmUp()]).history
+    exact = fit(compile_sgd(mlp(kgr.GradientRegularizer(p=2, sigma=0.5)), lr=0.0), x, y, 16)
+    assert history["penalty"][0] == 0.0
+    np.testing.assert_allclose(history["penalty"][1], exact["penalty"], rtol=1e-5)
+
+
+def test_numpy_scalars_are_accepted():
+    reg = kgr.GradientRegularizer(p=np.int64(2), sigma=np.float32(0.25), fd_step=np.float64(0.1))
+    assert (reg.p, reg.sigma, reg.fd_step) == (2.0, 0.25, 0.1)
+    assert isinstance(reg.sigma, float)
+    assert kgr.layers.Maxout(np.int64(3)).num_units == 3
+
+
+def test_unknown_regularizer_key_is_a_value_error():
+    with pytest.raises(ValueError, match=r"unknown keys \['sigm'\].*Received: regularizer="):
+        mlp({"sigm": 0.1})

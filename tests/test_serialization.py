@@ -62,3 +62,22 @@ def test_regularizer_can_be_replaced():
     model = maxout_model(None)
     model.regularizer = {"p": 1, "sigma": 0.05}
     assert model.regularizer == kgr.GradientRegularizer(p=1, sigma=0.05)
+
+
+def test_weights_files_keep_the_dropout_seed_state(tmp_path):
+    """BackupAndRestore resumes from weights files: the masks must continue too."""
+    model = maxout_model(None)
+    compile_sgd(model)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, NUM_FEATURES)).astype("float32")
+    y = rng.integers(0, NUM_CLASSES, size=16)
+    model.fit(x, y, batch_size=8, verbose=0)
+    path = str(tmp_path / "w.weights.h5")
+    model.save_weights(path)
+    states = [g.state.numpy() for g in model.layers[3]._seed_generators]
+    fresh = maxout_model(None)
+    fresh.load_weights(path)
+    np.testing.assert_array_equal(
+        [g.state.numpy() for g in fresh.layers[3]._seed_generators], states
+    )
+    assert states[0][1] > 0  # The generator had advanced.

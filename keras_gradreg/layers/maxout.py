@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
 
@@ -24,13 +25,17 @@ class Maxout(keras.layers.Layer):
 
     def __init__(self, num_units: int, axis: int = -1, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(num_units, bool) or not isinstance(num_units, int) or num_units < 1:
+        if (
+            isinstance(num_units, bool)
+            or not isinstance(num_units, (int, np.integer))
+            or num_units < 1
+        ):
             raise ValueError(
                 f"`num_units` must be a positive integer. Received: num_units={num_units!r}"
             )
         if isinstance(axis, bool) or not isinstance(axis, int):
             raise ValueError(f"`axis` must be an integer. Received: axis={axis!r}")
-        self.num_units = num_units
+        self.num_units = int(num_units)
         self.axis = axis
         self.input_spec = None
 
