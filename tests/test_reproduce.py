@@ -20,6 +20,7 @@ def test_command_line_round_trips_through_the_binary_flags():
 
 def test_accuracy_lookup_and_table_row():
     metrics = {
+        "flags": {"steps_per_epoch": 0},
         "epochs": [{"seconds": 10.0}, {"seconds": 12.5}],
         "final": {"test/error_percent": 1.25},
         "robustness": {

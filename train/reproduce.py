@@ -44,6 +44,15 @@ flags.DEFINE_list("select_sigmas", ["0.03", "0.1", "0.3", "1.0"], "p=2 sigmas to
 flags.DEFINE_integer("select_epochs", 5, "Epochs of each selection run.", lower_bound=1)
 flags.DEFINE_integer("final_epochs", 5, "Epochs of each MLP final run.", lower_bound=1)
 flags.DEFINE_integer("conv_epochs", 1, "Epochs of the conv maxout final run.", lower_bound=1)
+flags.DEFINE_integer(
+    "conv_steps_per_epoch", 0, "Steps per conv epoch (0: the whole training set).", lower_bound=0
+)
+flags.DEFINE_integer(
+    "conv_eval_examples",
+    0,
+    "Test examples attacked for the conv row (0: --eval_examples).",
+    lower_bound=0,
+)
 flags.DEFINE_list("rows", [], "Final rows to run (empty: all). Names: see ROWS.")
 
 VALIDATION_SPLIT = 10_000 / 60_000
@@ -202,6 +211,7 @@ def table_row(row: Row, result: dict[str, Any], sigma: float) -> dict[str, Any]:
         "label": row.label,
         "sigma": sigma,
         "epochs": len(epochs),
+        "steps_per_epoch": metrics["flags"].get("steps_per_epoch", 0),
         "test_error_percent": metrics["final"]["test/error_percent"],
         "train_seconds": sum(r.get("seconds", 0.0) for r in epochs),
         "command": result["command"],
@@ -236,7 +246,8 @@ def markdown(results: dict[str, Any]) -> str:
             "/".join(percent(r[f"pgd_inf_{e:g}"]) for e in EPSILONS["inf"]),
             "/".join(percent(r[f"fgsm_2_{e:g}"]) for e in EPSILONS["2"]),
             "/".join(percent(r[f"pgd_2_{e:g}"]) for e in EPSILONS["2"]),
-            str(r["epochs"]),
+            f"{r['epochs']}"
+            + (f" x {r['steps_per_epoch']} steps" if r.get("steps_per_epoch") else ""),
             f"{r['train_seconds'] / 60:.1f} min",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -297,6 +308,10 @@ def main(argv: list[str]) -> None:
             overrides["sigma"] = selection["chosen_sigma"]
         overrides["epochs"] = FLAGS.conv_epochs if row.conv else FLAGS.final_epochs
         overrides["eval_examples"] = FLAGS.eval_examples
+        if row.conv and FLAGS.conv_steps_per_epoch:
+            overrides["steps_per_epoch"] = FLAGS.conv_steps_per_epoch
+        if row.conv and FLAGS.conv_eval_examples:
+            overrides["eval_examples"] = FLAGS.conv_eval_examples
         result = run(f"final/{row.name}", row.preset, overrides)
         records.append(table_row(row, result, overrides["sigma"]))
 
