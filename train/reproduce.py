@@ -238,8 +238,11 @@ def markdown(results: dict[str, Any]) -> str:
     )
     lines = []
     for r in results["rows"]:
+        label = r["label"]
+        if r.get("robustness_examples") not in (None, results["eval_examples"]):
+            label += f" (attacks on {r['robustness_examples']} images)"
         cells = [
-            r["label"],
+            label,
             f"{r['sigma']:g}",
             f"{r['test_error_percent']:.2f}",
             "/".join(percent(r[f"fgsm_inf_{e:g}"]) for e in EPSILONS["inf"]),
@@ -251,6 +254,12 @@ def markdown(results: dict[str, Any]) -> str:
             f"{r['train_seconds'] / 60:.1f} min",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    flagged = "\n".join(
+        f"- {r['label']}: " + "; ".join(f"{name}: {text}" for name, text in r["flags"].items())
+        for r in results["rows"]
+        if r.get("flags")
+    )
+    flag_text = f"\n\nSanity flags raised by the robustness report:\n\n{flagged}" if flagged else ""
     selection = results["selection"]
     curves = ", ".join(
         f"sigma={s}: {'/'.join(f'{e:.2f}' for e in c)}" for s, c in selection["curves"].items()
@@ -261,6 +270,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"images (PGD: {results['pgd_steps']} steps). Hardware: {results['hardware']}.\n\n"
         + header
         + "\n".join(lines)
+        + flag_text
+        + "\n\nTrain time is wall time on 2 cores shared with other jobs during these "
+        "runs, not a cost comparison (see the step-cost table)."
         + f"\n\nsigma for p=2 chosen on validation (50k/10k split of the training set, "
         f"{selection['epochs']} epochs, validation error % per epoch): {curves}; "
         f"chosen sigma = {selection['chosen_sigma']:g}.\n\nCommands (with "
