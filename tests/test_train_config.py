@@ -103,30 +103,16 @@ def test_bad_flag_values_name_the_flag(parse, arg, message):
 def test_bad_flag_fails_before_any_work(tmp_path):
     """The binary exits with the flag's message and creates no workdir."""
     workdir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "train.main", f"--workdir={workdir}", "--clean_weight=2"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+    def run_binary(*flags):
+        command = [sys.executable, "-m", "train.main", f"--workdir={workdir}", *flags]
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    result = run_binary("--clean_weight=2")
     assert result.returncode != 0
     assert "flag --clean_weight=2.0: `clean_weight` must be a number in [0, 1]" in result.stderr
     assert not workdir.exists()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "train.main",
-            f"--workdir={workdir}",
-            "--preset=mnist_conv_maxout",
-            "--hidden_units=10",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_binary("--preset=mnist_conv_maxout", "--hidden_units=10")
     assert result.returncode != 0
     assert "hidden_units=(10,)" in result.stderr
     assert not workdir.exists()
