@@ -7,11 +7,9 @@ from typing import Any, NamedTuple
 
 import keras
 import tensorflow as tf
-from keras.src.backend.common import global_state
 from keras.src.losses.loss import unscale_loss_for_distribution
 from keras.src.models.functional import Functional
 from keras.src.models.model import functional_init_arguments
-from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
 from keras.src.saving import object_registration
 from keras.src.trainers.trainer import Trainer
 
@@ -400,20 +398,16 @@ class RegularizedModel(keras.Model):
         weights (they are the same layers).
         """
         super().save_own_variables(store)
-        for index, generator in enumerate(self._owned_seed_generators()):
+        for index, generator in enumerate(randomness.seed_generators(self, include_global=False)):
             store[f"{_SEED_STATE_KEY}{index}"] = generator.state
 
     def load_own_variables(self, store) -> None:
         own = {key: store[key] for key in store.keys() if not key.startswith(_SEED_STATE_KEY)}
         super().load_own_variables(own)
-        for index, generator in enumerate(self._owned_seed_generators()):
+        for index, generator in enumerate(randomness.seed_generators(self, include_global=False)):
             key = f"{_SEED_STATE_KEY}{index}"
             if key in store.keys():
                 generator.state.assign(store[key])
-
-    def _owned_seed_generators(self) -> list:
-        global_generator = global_state.get_global_attribute(GLOBAL_SEED_GENERATOR)
-        return [g for g in randomness.seed_generators(self) if g is not global_generator]
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()

@@ -15,12 +15,13 @@ from keras.src.backend.common import global_state
 from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
 
 
-def seed_generators(model: keras.layers.Layer) -> list:
+def seed_generators(model: keras.layers.Layer, include_global: bool = True) -> list:
     """The seed generators `model`'s layers draw from, each once.
 
-    Those owned by the model and its sublayers, and Keras's global generator
-    (what `keras.random.*(seed=None)` uses) if it exists. Randomness drawn
-    from TensorFlow's own stateful RNG (`tf.random.uniform`) is not covered.
+    Those owned by the model and its sublayers, and (with `include_global`)
+    Keras's global generator (what `keras.random.*(seed=None)` uses) if it
+    exists. Randomness drawn from TensorFlow's own stateful RNG
+    (`tf.random.uniform`) is not covered.
     """
     found, seen = [], set()
     owned = (
@@ -29,7 +30,8 @@ def seed_generators(model: keras.layers.Layer) -> list:
         for generator in getattr(layer, "_seed_generators", ())
     )
     global_generator = global_state.get_global_attribute(GLOBAL_SEED_GENERATOR)
-    for generator in (*owned, *([global_generator] if global_generator else [])):
+    extra = [global_generator] if include_global and global_generator else []
+    for generator in (*owned, *extra):
         if id(generator) not in seen:
             seen.add(id(generator))
             found.append(generator)

@@ -98,14 +98,19 @@ def _p(name: str, value: Any) -> float:
         _fail(name, 'a number >= 1 or "inf"', value)
 
 
+def _converted_list(name: str, value: Any, convert: Callable, requirement: str) -> tuple:
+    """`value` (a non-string sequence) with `convert` applied to each item."""
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        _fail(name, requirement, value)
+    try:
+        return tuple(convert(v) for v in value)
+    except (TypeError, ValueError):
+        _fail(name, requirement, value)
+
+
 def _number_list(low: float, requirement: str) -> Callable[[str, Any], tuple]:
     def check(name: str, value: Any) -> tuple[float, ...]:
-        if isinstance(value, str) or not isinstance(value, Sequence):
-            _fail(name, requirement, value)
-        try:
-            numbers = tuple(float(v) for v in value)
-        except (TypeError, ValueError):
-            _fail(name, requirement, value)
+        numbers = _converted_list(name, value, float, requirement)
         if any(math.isnan(v) or math.isinf(v) or v < low for v in numbers):
             _fail(name, requirement, value)
         return numbers
@@ -115,12 +120,7 @@ def _number_list(low: float, requirement: str) -> Callable[[str, Any], tuple]:
 
 def _int_list(name: str, value: Any) -> tuple[int, ...]:
     requirement = "a list of positive integers"
-    if isinstance(value, str) or not isinstance(value, Sequence):
-        _fail(name, requirement, value)
-    try:
-        numbers = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        _fail(name, requirement, value)
+    numbers = _converted_list(name, value, int, requirement)
     if any(v < 1 for v in numbers) or any(isinstance(v, float) and v != int(v) for v in value):
         _fail(name, requirement, value)
     return numbers
