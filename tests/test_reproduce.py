@@ -62,3 +62,33 @@ def test_update_readme_replaces_only_between_markers(tmp_path):
     path.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         reproduce.update_readme(str(path), "x")
+
+
+def test_long_selection_text_shows_spaced_epochs_and_the_lowest():
+    curve = [3.0 - 0.01 * i for i in range(20)]
+    curve[12] = 1.0
+    text = reproduce.selection_text(
+        "Long stage: sigma",
+        {"epochs": 20, "curves": {"0.3": curve}, "chosen_sigma": 0.3},
+        shown=5,
+    )
+    assert "after epochs 4, 8, 12, 16, 20" in text
+    assert "sigma=0.3: 2.97/2.93/2.89/2.85/2.81 (lowest 1.00 after epoch 13)" in text
+    assert "chosen sigma = 0.3." in text
+    assert reproduce.selection_text("x", None) == ""
+
+
+def test_a_finished_run_with_other_settings_is_not_reused():
+    recorded = {"sigma": 0.1, "epochs": 40, "p": math.inf, "hidden_units": [240, 240]}
+    same = {"sigma": 0.1, "epochs": 40, "p": math.inf, "hidden_units": (240, 240)}
+    reproduce._check_same_settings("runs/x", recorded, same)
+    with pytest.raises(ValueError, match=r"runs/x .*epochs=40 \(wanted 200\)"):
+        reproduce._check_same_settings("runs/x", recorded, {**same, "epochs": 200})
+
+
+def test_validation_plot_is_written_smoke(tmp_path):
+    """Smoke test: the plot is a PNG file (its content is not checked)."""
+    stage = {"epochs": 3, "curves": {"0.1": [3.0, 2.0, 1.5]}, "chosen_sigma": 0.1}
+    path = tmp_path / "validation.png"
+    reproduce.plot_validation({"selection": stage, "long_selection": stage}, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -10,6 +10,9 @@ r"""Reproduces the paper's MNIST table: sigma chosen on validation, then 60k run
    not looked at.
 2. Final runs: every row of the table is trained on all 60k examples and
    evaluated on the test set (error and the robustness report).
+3. Long stage (with `--long_sigmas`): selection again at `--long_epochs`
+   among `--long_sigmas`, then the `--long_rows` trained on 60k for
+   `--long_epochs` with the sigma chosen there, added to the table.
 
 Every run is a `train.train_lib.train_and_evaluate` run in its own workdir, so
 an interrupted reproduction started again resumes where it stopped and
@@ -54,6 +57,16 @@ flags.DEFINE_integer(
     lower_bound=0,
 )
 flags.DEFINE_list("rows", [], "Final rows to run (empty: all). Names: see ROWS.")
+flags.DEFINE_list(
+    "long_sigmas",
+    [],
+    "p=2 sigmas of the long stage (empty: no long stage): selection and --long_rows "
+    "at --long_epochs.",
+)
+flags.DEFINE_integer("long_epochs", 200, "Epochs of the long stage's runs.", lower_bound=1)
+flags.DEFINE_list(
+    "long_rows", ["maxout_plain", "maxout_p2_penalty"], "Rows trained again in the long stage."
+)
 
 VALIDATION_SPLIT = 10_000 / 60_000
 README_START = "<!-- mnist-table:start -->"
@@ -146,6 +159,25 @@ def command_line(preset: str, overrides: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _check_same_settings(workdir: str, recorded: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """Raises if a run directory holds a run with other settings than `wanted`."""
+
+    def same(a, b):
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            return math.isclose(a, b) or (math.isinf(a) and math.isinf(b) and a == b)
+        return a == b
+
+    differing = sorted(k for k in wanted if k in recorded and not same(recorded[k], wanted[k]))
+    if differing:
+        raise ValueError(
+            f"{workdir} holds a run with other settings; move it away or choose another "
+            "--workdir. Differing: "
+            + ", ".join(f"{k}={recorded[k]!r} (wanted {wanted[k]!r})" for k in differing)
+        )
+
+
 def run(name: str, preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """Trains (or resumes, or reads a finished) run; returns its metrics and command."""
     workdir = os.path.join(FLAGS.workdir, name)
@@ -155,6 +187,7 @@ def run(name: str, preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
     if os.path.exists(path):
         with open(path) as f:
             done = json.load(f)
+        _check_same_settings(workdir, done.get("flags", {}), dataclasses.asdict(config))
         if done.get("status") == "done":
             logging.info("%s: finished earlier, reading %s", name, path)
             return {"metrics": done, "command": command_line(preset, overrides)}
@@ -165,31 +198,41 @@ def run(name: str, preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
     return {"metrics": metrics, "command": command_line(preset, overrides)}
 
 
-def select_sigma() -> dict[str, Any]:
-    """Trains the p=2 penalty maxout MLP on 50k for each sigma; picks by validation."""
+def select_sigma(stage: str, sigmas: list[str], epochs: int) -> dict[str, Any]:
+    """Trains the p=2 penalty maxout MLP on 50k for each sigma; picks by validation.
+
+    Args:
+        stage: Subdirectory of `--workdir` for the runs (`select`, `long_select`).
+        sigmas: Candidate sigmas (flag strings).
+        epochs: Epochs of each run.
+
+    Returns:
+        The validation curves, the chosen sigma (lowest final validation
+        error; ties go to the smaller sigma) and each run's command.
+    """
     curves, runs = {}, {}
-    for value in FLAGS.select_sigmas:
+    for value in sigmas:
         sigma = float(value)
         result = run(
-            f"select/sigma_{sigma:g}",
+            f"{stage}/sigma_{sigma:g}",
             "mnist_maxout_mlp",
             {
                 "p": 2.0,
                 "method": "penalty",
                 "sigma": sigma,
                 "validation_split": VALIDATION_SPLIT,
-                "epochs": FLAGS.select_epochs,
+                "epochs": epochs,
                 "eval_examples": 0,
                 "pictures": False,
             },
         )
-        epochs = result["metrics"]["epochs"]
-        curves[f"{sigma:g}"] = [100.0 * (1.0 - r["validation/accuracy"]) for r in epochs]
+        records = result["metrics"]["epochs"]
+        curves[f"{sigma:g}"] = [100.0 * (1.0 - r["validation/accuracy"]) for r in records]
         runs[f"{sigma:g}"] = result["command"]
     chosen = min(curves, key=lambda s: (curves[s][-1], float(s)))
     return {
         "metric": "validation error (%) after each epoch, 50k train / 10k validation",
-        "epochs": FLAGS.select_epochs,
+        "epochs": epochs,
         "curves": curves,
         "chosen_sigma": float(chosen),
         "commands": runs,
@@ -260,10 +303,6 @@ def markdown(results: dict[str, Any]) -> str:
         if r.get("flags")
     )
     flag_text = f"\n\nSanity flags raised by the robustness report:\n\n{flagged}" if flagged else ""
-    selection = results["selection"]
-    curves = ", ".join(
-        f"sigma={s}: {'/'.join(f'{e:.2f}' for e in c)}" for s, c in selection["curves"].items()
-    )
     commands = "\n".join(f"- {r['label']}: `{r['command']}`" for r in results["rows"])
     return (
         f"Attack columns are accuracy (%) on the first {results['eval_examples']} test "
@@ -273,11 +312,55 @@ def markdown(results: dict[str, Any]) -> str:
         + flag_text
         + "\n\nTrain time is wall time on 2 cores shared with other jobs during these "
         "runs, not a cost comparison (see the step-cost table)."
-        + f"\n\nsigma for p=2 chosen on validation (50k/10k split of the training set, "
-        f"{selection['epochs']} epochs, validation error % per epoch): {curves}; "
-        f"chosen sigma = {selection['chosen_sigma']:g}.\n\nCommands (with "
-        f"`--data_npz=...`, `--workdir=...`):\n\n{commands}\n"
+        + selection_text("sigma for p=2", results["selection"])
+        + selection_text("Long stage: sigma", results.get("long_selection"))
+        + f"\n\nCommands (with `--data_npz=...`, `--workdir=...`):\n\n{commands}\n"
     )
+
+
+def selection_text(title: str, selection: dict[str, Any] | None, shown: int = 10) -> str:
+    """One paragraph on a selection stage; long curves show `shown` evenly spaced epochs."""
+    if not selection:
+        return ""
+    epochs = selection["epochs"]
+    every = max(1, math.ceil(epochs / shown))
+    picked = sorted({*range(every - 1, epochs, every), epochs - 1})
+    parts = []
+    for sigma, curve in selection["curves"].items():
+        values = "/".join(f"{curve[i]:.2f}" for i in picked)
+        best = min(range(len(curve)), key=lambda i: (curve[i], i))
+        parts.append(f"sigma={sigma}: {values} (lowest {curve[best]:.2f} after epoch {best + 1})")
+    which = "each epoch" if every == 1 else f"after epochs {', '.join(str(i + 1) for i in picked)}"
+    return (
+        f"\n\n{title} chosen on validation (50k/10k split of the training set, {epochs} "
+        f"epochs, validation error % {which}): {'; '.join(parts)}; chosen sigma = "
+        f"{selection['chosen_sigma']:g}."
+    )
+
+
+def plot_validation(results: dict[str, Any], path: str) -> None:
+    """Writes the validation curves of every selection stage as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    stages = [s for s in (results["selection"], results.get("long_selection")) if s]
+    figure, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
+    for axis, selection in zip(axes[0], stages):
+        for sigma, curve in selection["curves"].items():
+            axis.plot(range(1, len(curve) + 1), curve, label=f"sigma={sigma}")
+        axis.set(
+            xlabel="epoch",
+            ylabel="validation error (%)",
+            title=f"{selection['epochs']}-epoch runs, chosen sigma={selection['chosen_sigma']:g}",
+            ylim=(0, min(4.0, max(max(c) for c in selection["curves"].values()))),
+        )
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
 
 
 def update_readme(path: str, text: str) -> None:
@@ -289,6 +372,35 @@ def update_readme(path: str, text: str) -> None:
     _, after = rest.split(README_END, 1)
     with open(path, "w") as f:
         f.write(f"{before}{README_START}\n{text}{README_END}{after}")
+
+
+def final_run(row: Row, chosen_sigma: float, long_stage: bool = False) -> dict[str, Any]:
+    """Trains (or reads) one row on all 60k; returns its table record.
+
+    Args:
+        row: The table row.
+        chosen_sigma: sigma for rows that use the selected one.
+        long_stage: Train for `--long_epochs` in `final_long/` instead of the
+            first stage's epochs in `final/`.
+    """
+    overrides = dict(row.overrides)
+    if row.uses_chosen_sigma:
+        overrides["sigma"] = chosen_sigma
+    if long_stage:
+        overrides["epochs"] = FLAGS.long_epochs
+    else:
+        overrides["epochs"] = FLAGS.conv_epochs if row.conv else FLAGS.final_epochs
+    overrides["eval_examples"] = FLAGS.eval_examples
+    if row.conv and FLAGS.conv_steps_per_epoch:
+        overrides["steps_per_epoch"] = FLAGS.conv_steps_per_epoch
+    if row.conv and FLAGS.conv_eval_examples:
+        overrides["eval_examples"] = FLAGS.conv_eval_examples
+    result = run(f"{'final_long' if long_stage else 'final'}/{row.name}", row.preset, overrides)
+    record = table_row(row, result, overrides["sigma"])
+    if long_stage:
+        record["name"] += "_long"
+        record["label"] += " (long stage)"
+    return record
 
 
 def main(argv: list[str]) -> None:
@@ -306,26 +418,24 @@ def main(argv: list[str]) -> None:
     unknown = sorted(set(FLAGS.rows) - set(ROWS_BY_NAME))
     if unknown:
         raise app.UsageError(f"Unknown --rows {unknown}. Known: {sorted(ROWS_BY_NAME)}")
-    for value in FLAGS.select_sigmas:
+    unknown = sorted(set(FLAGS.long_rows) - set(ROWS_BY_NAME))
+    if unknown:
+        raise app.UsageError(f"Unknown --long_rows {unknown}. Known: {sorted(ROWS_BY_NAME)}")
+    for value in FLAGS.select_sigmas + FLAGS.long_sigmas:
         config_lib.make_config("mnist_maxout_mlp", sigma=float(value))  # Validates each.
     if FLAGS.data_npz is None or not os.path.isfile(FLAGS.data_npz):
         raise app.UsageError(f"--data_npz must name the MNIST .npz. Received: {FLAGS.data_npz}")
 
-    selection = select_sigma()
+    selection = select_sigma("select", FLAGS.select_sigmas, FLAGS.select_epochs)
     rows = [ROWS_BY_NAME[name] for name in FLAGS.rows] if FLAGS.rows else list(ROWS)
-    records = []
-    for row in rows:
-        overrides = dict(row.overrides)
-        if row.uses_chosen_sigma:
-            overrides["sigma"] = selection["chosen_sigma"]
-        overrides["epochs"] = FLAGS.conv_epochs if row.conv else FLAGS.final_epochs
-        overrides["eval_examples"] = FLAGS.eval_examples
-        if row.conv and FLAGS.conv_steps_per_epoch:
-            overrides["steps_per_epoch"] = FLAGS.conv_steps_per_epoch
-        if row.conv and FLAGS.conv_eval_examples:
-            overrides["eval_examples"] = FLAGS.conv_eval_examples
-        result = run(f"final/{row.name}", row.preset, overrides)
-        records.append(table_row(row, result, overrides["sigma"]))
+    records = [final_run(row, selection["chosen_sigma"]) for row in rows]
+    long_selection = None
+    if FLAGS.long_sigmas:
+        long_selection = select_sigma("long_select", FLAGS.long_sigmas, FLAGS.long_epochs)
+        for name in FLAGS.long_rows:
+            records.append(
+                final_run(ROWS_BY_NAME[name], long_selection["chosen_sigma"], long_stage=True)
+            )
 
     results = {
         "table": FLAGS.table,
@@ -333,11 +443,13 @@ def main(argv: list[str]) -> None:
         "eval_examples": FLAGS.eval_examples,
         "pgd_steps": config_lib.make_config("mnist_maxout_mlp").eval_pgd_steps,
         "selection": selection,
+        "long_selection": long_selection,
         "rows": records,
     }
     os.makedirs(FLAGS.results_dir, exist_ok=True)
     with open(os.path.join(FLAGS.results_dir, "mnist.json"), "w") as f:
         json.dump(results, f, indent=2)
+    plot_validation(results, os.path.join(FLAGS.results_dir, "mnist_validation.png"))
     text = markdown(results)
     with open(os.path.join(FLAGS.results_dir, "mnist.md"), "w") as f:
         f.write(text)
