@@ -79,7 +79,7 @@ def test_long_selection_text_shows_spaced_epochs_and_the_lowest():
 
 
 def test_a_finished_run_with_other_settings_is_not_reused():
-    recorded = {"sigma": 0.1, "epochs": 40, "p": math.inf, "hidden_units": [240, 240]}
+    recorded = {"sigma": 0.1, "epochs": 40, "p": "inf", "hidden_units": [240, 240]}
     same = {"sigma": 0.1, "epochs": 40, "p": math.inf, "hidden_units": (240, 240)}
     reproduce._check_same_settings("runs/x", recorded, same)
     with pytest.raises(ValueError, match=r"runs/x .*epochs=40 \(wanted 200\)"):

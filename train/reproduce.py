@@ -163,6 +163,7 @@ def _check_same_settings(workdir: str, recorded: dict[str, Any], wanted: dict[st
     """Raises if a run directory holds a run with other settings than `wanted`."""
 
     def same(a, b):
+        a, b = (float(v) if v in ("inf", "-inf") else v for v in (a, b))  # JSON has no inf.
         if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
             return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
         if isinstance(a, (int, float)) and isinstance(b, (int, float)):
