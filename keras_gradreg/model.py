@@ -186,13 +186,24 @@ class RegularizedModel(keras.Model):
         return self.train_function
 
     def make_test_function(self, force: bool = False):
-        """Builds `evaluate`'s step; under a strategy, see `make_train_function`."""
+        """Builds `evaluate`'s step; under a strategy, XLA compiles each replica's forward pass.
+
+        The loss and metrics are then computed outside XLA, as in `fit`.
+        """
         if self.test_function is not None and not force:
             return self.test_function
+        self._replica_forward = None
         if _is_default_strategy(self.distribute_strategy):
             return super().make_test_function(force=force)
+        if self.jit_compile and not self.run_eagerly:
+            self._replica_forward = tf.function(
+                self._inference_forward, jit_compile=True, reduce_retracing=True
+            )
         self.test_function = make_distributed_function(self, self.test_step)
         return self.test_function
+
+    def _inference_forward(self, x):
+        return self(x, training=False) if self._call_has_training_arg else self(x)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Builds the model from one batch's shapes before distributed `fit`.
@@ -246,7 +257,21 @@ class RegularizedModel(keras.Model):
         return self.compute_metrics(x, y, result.y_pred, sample_weight=sample_weight)
 
     def test_step(self, data):
-        logs = super().test_step(data)
+        forward = getattr(self, "_replica_forward", None)
+        if forward is None:
+            logs = super().test_step(data)
+        else:
+            # Keras's TensorFlowTrainer.test_step with the forward pass compiled.
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+            y_pred = forward(x)
+            loss = self._compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
+            )
+            batch_size = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+            self._loss_tracker.update_state(
+                unscale_loss_for_distribution(loss), sample_weight=batch_size
+            )
+            logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         return {k: v for k, v in logs.items() if k not in _EVAL_ONLY_EXCLUDED}
 
     def regularized_step(self, x, y, sample_weight=None) -> StepResult:

@@ -49,6 +49,7 @@ def build(method: str, steps_per_execution: int = 1) -> kgr.RegularizedModel:
     model.compile(
         optimizer=keras.optimizers.SGD(0.1, momentum=0.5),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
         jit_compile=True,
         steps_per_execution=steps_per_execution,
     )
@@ -74,7 +75,12 @@ def mirrored(out_path: str) -> None:
             ("two_replicas_spe3", mirrored_strategy, 3),
         ):
             model, logs = train(strategy, method, spe)
+            x, y = problem()
+            evaluation = model.evaluate(
+                x, y, batch_size=GLOBAL_BATCH, verbose=0, return_dict=True
+            )
             results[f"{method}/{name}"] = {
+                "evaluation": {k: float(v) for k, v in evaluation.items()},
                 "weights": [w.tolist() for w in model.get_weights()],
                 "logs": logs,
                 "jit_compile": model.jit_compile,

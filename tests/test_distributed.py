@@ -72,10 +72,22 @@ def test_steps_per_execution_under_a_strategy(mirrored, method):
     )
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_evaluate_on_two_replicas_matches_one_device(mirrored, method):
+    results, _ = mirrored
+    one = results[f"{method}/one_device"]["evaluation"]
+    for name in ("two_replicas", "two_replicas_spe3"):
+        two = results[f"{method}/{name}"]["evaluation"]
+        assert set(two) == {"loss", "accuracy"}
+        np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
+        assert two["accuracy"] == one["accuracy"]
+
+
 def test_each_replica_step_is_compiled_by_xla(mirrored):
-    """XLA's own dump names the per-replica step; the distributed loop is not compiled."""
+    """XLA's own dump names the per-replica steps; the distributed loop is not compiled."""
     _, modules = mirrored
     assert any("regularized_step" in name for name in modules), sorted(modules)
+    assert any("inference_forward" in name for name in modules), sorted(modules)
     assert not any("multi_step_on_iterator" in name for name in modules), sorted(modules)
 
 
