@@ -92,3 +92,17 @@ def test_validation_plot_is_written_smoke(tmp_path):
     path = tmp_path / "validation.png"
     reproduce.plot_validation({"selection": stage, "long_selection": stage}, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pictures_come_from_the_long_stage_when_it_ran(tmp_path):
+    runs = {}
+    for name in ("maxout_plain", "maxout_plain_long", "maxout_p2_penalty"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / reproduce.PICTURE).write_bytes(name.encode())
+        runs[name] = {"name": name, "workdir": str(tmp_path / name)}
+    out = tmp_path / "results"
+    out.mkdir()
+    written = reproduce.publish_pictures(list(runs.values()), str(out))
+    assert len(written) == 2
+    assert (out / "mnist_perturbations_plain.png").read_bytes() == b"maxout_plain_long"
+    assert (out / "mnist_perturbations_p2_penalty.png").read_bytes() == b"maxout_p2_penalty"

@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import time
 from typing import Any
 
@@ -72,6 +73,11 @@ VALIDATION_SPLIT = 10_000 / 60_000
 README_START = "<!-- mnist-table:start -->"
 README_END = "<!-- mnist-table:end -->"
 EPSILONS = {"inf": (0.1, 0.2, 0.3), "2": (1.0, 2.0)}
+PICTURE = "perturbations.png"  # Written by train_lib into each run's workdir.
+PICTURES = {
+    "maxout_plain": "mnist_perturbations_plain.png",
+    "maxout_p2_penalty": "mnist_perturbations_p2_penalty.png",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,12 +197,12 @@ def run(name: str, preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
         _check_same_settings(workdir, done.get("flags", {}), dataclasses.asdict(config))
         if done.get("status") == "done":
             logging.info("%s: finished earlier, reading %s", name, path)
-            return {"metrics": done, "command": command_line(preset, overrides)}
+            return {"metrics": done, "command": command_line(preset, overrides), "workdir": workdir}
     logging.info("%s: training (%s)", name, command_line(preset, overrides))
     start = time.time()
     metrics = train_lib.train_and_evaluate(config, workdir)
     metrics["wall_seconds_this_process"] = time.time() - start
-    return {"metrics": metrics, "command": command_line(preset, overrides)}
+    return {"metrics": metrics, "command": command_line(preset, overrides), "workdir": workdir}
 
 
 def select_sigma(stage: str, sigmas: list[str], epochs: int) -> dict[str, Any]:
@@ -259,6 +265,7 @@ def table_row(row: Row, result: dict[str, Any], sigma: float) -> dict[str, Any]:
         "test_error_percent": metrics["final"]["test/error_percent"],
         "train_seconds": sum(r.get("seconds", 0.0) for r in epochs),
         "command": result["command"],
+        "workdir": result.get("workdir"),
         "robustness_examples": (metrics.get("robustness") or {}).get("num_examples"),
         "flags": (metrics.get("robustness") or {}).get("flags"),
     }
@@ -364,6 +371,26 @@ def plot_validation(results: dict[str, Any], path: str) -> None:
     plt.close(figure)
 
 
+def publish_pictures(records: list[dict[str, Any]], results_dir: str) -> list[str]:
+    """Copies the r* pictures of the plain and p=2 penalty maxout MLPs to `results_dir`.
+
+    The long stage's runs are preferred when there are any.
+
+    Returns:
+        The files written.
+    """
+    by_name = {r["name"]: r for r in records}
+    written = []
+    for name, target in PICTURES.items():
+        record = by_name.get(f"{name}_long") or by_name.get(name)
+        source = record and record.get("workdir") and os.path.join(record["workdir"], PICTURE)
+        if source and os.path.exists(source):
+            destination = os.path.join(results_dir, target)
+            shutil.copyfile(source, destination)
+            written.append(destination)
+    return written
+
+
 def update_readme(path: str, text: str) -> None:
     with open(path) as f:
         readme = f.read()
@@ -451,6 +478,7 @@ def main(argv: list[str]) -> None:
     with open(os.path.join(FLAGS.results_dir, "mnist.json"), "w") as f:
         json.dump(results, f, indent=2)
     plot_validation(results, os.path.join(FLAGS.results_dir, "mnist_validation.png"))
+    publish_pictures(records, FLAGS.results_dir)
     text = markdown(results)
     with open(os.path.join(FLAGS.results_dir, "mnist.md"), "w") as f:
         f.write(text)
