@@ -248,12 +248,22 @@ class RegularizedModel(keras.Model):
         result = step(x, y, sample_weight)
         self.optimizer.apply_gradients(zip(result.gradients, self.trainable_weights))
         batch_size = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+        loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
         for tracker, value in (
             (self._loss_tracker, result.total_loss),
             (self._data_loss_tracker, result.data_loss),
             (self._penalty_tracker, result.penalty),
         ):
-            tracker.update_state(unscale_loss_for_distribution(value), sample_weight=batch_size)
+            value = unscale_loss_for_distribution(value)
+            weight = tf.cast(batch_size, value.dtype)
+            if loss_scaled:
+                # A loss-scaled input gradient that overflowed (the dynamic loss
+                # scale's normal search) makes the penalty NaN (see norms.py);
+                # the optimizer skips that step and the means leave it out.
+                finite = tf.math.is_finite(value)
+                value = tf.where(finite, value, tf.zeros_like(value))
+                weight = weight * tf.cast(finite, weight.dtype)
+            tracker.update_state(value, sample_weight=weight)
         return self.compute_metrics(x, y, result.y_pred, sample_weight=sample_weight)
 
     def test_step(self, data):

@@ -69,6 +69,18 @@ def _abs_max(flat: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return nonzero, tf.where(nonzero, largest, tf.ones_like(largest))
 
 
+def _nan_where_not_finite(values: tf.Tensor, flat: tf.Tensor) -> tf.Tensor:
+    """NaN in the rows of `values` whose row of `flat` holds an inf or a NaN.
+
+    Keeps an overflowed gradient visible (a loss-scale optimizer then skips
+    the step): the safe-at-zero arithmetic would otherwise turn NaN rows into
+    0, and XLA's max does not propagate NaN.
+    """
+    finite = tf.reduce_all(tf.math.is_finite(flat), axis=1)
+    finite = tf.reshape(finite, [-1] + [1] * (values.shape.rank - 1))
+    return tf.where(finite, values, tf.constant(math.nan, values.dtype))
+
+
 def _lp_norm(flat: tf.Tensor, q: float) -> tf.Tensor:
     """||flat||_q per row for 1 < q < inf, safe at zero and against underflow.
 
@@ -96,15 +108,18 @@ def dual_norm(g: tf.Tensor, p: PValue) -> tf.Tensor:
 
     Returns:
         A tensor of shape `(batch,)` in the dtype of `g`. Its gradient is
-        finite everywhere, including at g = 0.
+        finite wherever g is, including at g = 0; a row of g holding an inf
+        or a NaN gives NaN.
     """
     q = dual_exponent(p)
     flat = _flatten(g)
     if math.isinf(q):
-        return tf.reduce_max(tf.abs(flat), axis=1)
-    if q == 1.0:
-        return tf.reduce_sum(tf.abs(flat), axis=1)
-    return _lp_norm(flat, q)
+        norm = tf.reduce_max(tf.abs(flat), axis=1)
+    elif q == 1.0:
+        norm = tf.reduce_sum(tf.abs(flat), axis=1)
+    else:
+        norm = _lp_norm(flat, q)
+    return _nan_where_not_finite(norm, flat)
 
 
 def worst_case_perturbation(g: tf.Tensor, p: PValue, sigma) -> tf.Tensor:
@@ -117,7 +132,8 @@ def worst_case_perturbation(g: tf.Tensor, p: PValue, sigma) -> tf.Tensor:
 
     Returns:
         r* with the shape and dtype of `g`: ||r*||_p = sigma and
-        g . r* = sigma * ||g||_q per example, and r* = 0 where g = 0.
+        g . r* = sigma * ||g||_q per example, and r* = 0 where g = 0; NaN
+        in the rows of g that hold an inf or a NaN.
     """
     p = canonical_p(p)
     g = tf.convert_to_tensor(g)
@@ -139,6 +155,7 @@ def worst_case_perturbation(g: tf.Tensor, p: PValue, sigma) -> tf.Tensor:
         else:
             direction = tf.sign(scaled) * tf.pow(tf.abs(scaled) / safe_norm, q - 1.0)
         direction = tf.where(nonzero, direction, tf.zeros_like(direction))
+    direction = _nan_where_not_finite(direction, flat)
     sigma = tf.cast(sigma, g.dtype) if tf.is_tensor(sigma) else tf.constant(sigma, g.dtype)
     if sigma.shape.rank == 1:
         sigma = tf.reshape(sigma, [-1] + [1] * (g.shape.rank - 1))

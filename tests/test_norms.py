@@ -53,6 +53,21 @@ def test_norm_does_not_underflow(p):
     np.testing.assert_allclose(got, ref.dual_norm(g.astype("float64"), p), rtol=1e-6)
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("p", P_VALUES)
+def test_non_finite_rows_give_nan_and_leave_other_rows_exact(p, jit_compile):
+    """An overflowed gradient row is not hidden as 0 (in eager and under XLA)."""
+    g = np.random.default_rng(3).normal(size=(4, 5)).astype("float32")
+    g[1, 2], g[2, 0] = np.nan, np.inf
+    g[3] = 0.0
+    norm = tf.function(lambda t: kgr.dual_norm(t, p), jit_compile=jit_compile)
+    perturb = tf.function(lambda t: kgr.worst_case_perturbation(t, p, 0.5), jit_compile=jit_compile)
+    got, r = norm(tf.constant(g)).numpy(), perturb(tf.constant(g)).numpy()
+    assert np.isnan(got[1]) and np.isnan(got[2]) and got[3] == 0.0
+    np.testing.assert_allclose(got[0], ref.dual_norm(g[:1].astype("float64"), p)[0], rtol=1e-6)
+    assert np.isnan(r[1]).all() and np.isnan(r[2]).all() and not np.isnan(r[[0, 3]]).any()
+
+
 def test_per_example_sigma():
     g = np.random.default_rng(2).normal(size=(3, 5))
     sigma = np.array([0.1, 1.0, 2.0])
