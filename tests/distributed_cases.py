@@ -76,9 +76,7 @@ def mirrored(out_path: str) -> None:
         ):
             model, logs = train(strategy, method, spe)
             x, y = problem()
-            evaluation = model.evaluate(
-                x, y, batch_size=GLOBAL_BATCH, verbose=0, return_dict=True
-            )
+            evaluation = model.evaluate(x, y, batch_size=GLOBAL_BATCH, verbose=0, return_dict=True)
             results[f"{method}/{name}"] = {
                 "evaluation": {k: float(v) for k, v in evaluation.items()},
                 "weights": [w.tolist() for w in model.get_weights()],

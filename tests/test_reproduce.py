@@ -94,15 +94,31 @@ def test_validation_plot_is_written_smoke(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_pictures_come_from_the_long_stage_when_it_ran(tmp_path):
-    runs = {}
-    for name in ("maxout_plain", "maxout_plain_long", "maxout_p2_penalty"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / reproduce.PICTURE).write_bytes(name.encode())
-        runs[name] = {"name": name, "workdir": str(tmp_path / name)}
-    out = tmp_path / "results"
-    out.mkdir()
-    written = reproduce.publish_pictures(list(runs.values()), str(out))
-    assert len(written) == 2
-    assert (out / "mnist_perturbations_plain.png").read_bytes() == b"maxout_plain_long"
-    assert (out / "mnist_perturbations_p2_penalty.png").read_bytes() == b"maxout_p2_penalty"
+def test_both_pictures_come_from_the_same_stage(tmp_path):
+    def publish(names):
+        records = []
+        for name in names:
+            (tmp_path / name).mkdir(exist_ok=True)
+            (tmp_path / name / reproduce.PICTURE).write_bytes(name.encode())
+            records.append({"name": name, "workdir": str(tmp_path / name)})
+        out = tmp_path / "results"
+        out.mkdir(exist_ok=True)
+        assert len(reproduce.publish_pictures(records, str(out))) == 2
+        return (
+            (out / "mnist_perturbations_plain.png").read_bytes(),
+            (out / "mnist_perturbations_p2_penalty.png").read_bytes(),
+        )
+
+    short = ["maxout_plain", "maxout_p2_penalty"]
+    # Only one row of the long stage: both pictures from the first stage.
+    assert publish([*short, "maxout_plain_long"]) == (b"maxout_plain", b"maxout_p2_penalty")
+    assert publish([*short, "maxout_plain_long", "maxout_p2_penalty_long"]) == (
+        b"maxout_plain_long",
+        b"maxout_p2_penalty_long",
+    )
+
+
+def test_where_the_data_is_does_not_make_a_run_different():
+    recorded = {"sigma": 0.1, "data_npz": "../shared/data/mnist.npz", "jit_compile": True}
+    wanted = {"sigma": 0.1, "data_npz": "/abs/mnist.npz", "jit_compile": False}
+    reproduce._check_same_settings("runs/x", recorded, wanted)

@@ -73,6 +73,11 @@ VALIDATION_SPLIT = 10_000 / 60_000
 README_START = "<!-- mnist-table:start -->"
 README_END = "<!-- mnist-table:end -->"
 EPSILONS = {"inf": (0.1, 0.2, 0.3), "2": (1.0, 2.0)}
+# Where the data is and how the run executes: a finished run may be reused
+# across them (train_lib resumes across them too).
+RUN_LOCATION_FIELDS = frozenset(
+    {"data_npz", "tfds_data_dir", "strategy", "jit_compile", "deterministic"}
+)
 PICTURE = "perturbations.png"  # Written by train_lib into each run's workdir.
 PICTURES = {
     "maxout_plain": "mnist_perturbations_plain.png",
@@ -176,7 +181,11 @@ def _check_same_settings(workdir: str, recorded: dict[str, Any], wanted: dict[st
             return math.isclose(a, b) or (math.isinf(a) and math.isinf(b) and a == b)
         return a == b
 
-    differing = sorted(k for k in wanted if k in recorded and not same(recorded[k], wanted[k]))
+    differing = sorted(
+        k
+        for k in wanted
+        if k not in RUN_LOCATION_FIELDS and k in recorded and not same(recorded[k], wanted[k])
+    )
     if differing:
         raise ValueError(
             f"{workdir} holds a run with other settings; move it away or choose another "
@@ -374,20 +383,24 @@ def plot_validation(results: dict[str, Any], path: str) -> None:
 def publish_pictures(records: list[dict[str, Any]], results_dir: str) -> list[str]:
     """Copies the r* pictures of the plain and p=2 penalty maxout MLPs to `results_dir`.
 
-    The long stage's runs are preferred when there are any.
+    Both come from the long stage when it trained both rows, else both from
+    the first stage, so the two pictures compare models trained alike.
 
     Returns:
         The files written.
     """
     by_name = {r["name"]: r for r in records}
+    suffix = "_long" if all(f"{name}_long" in by_name for name in PICTURES) else ""
     written = []
     for name, target in PICTURES.items():
-        record = by_name.get(f"{name}_long") or by_name.get(name)
+        record = by_name.get(name + suffix)
         source = record and record.get("workdir") and os.path.join(record["workdir"], PICTURE)
-        if source and os.path.exists(source):
-            destination = os.path.join(results_dir, target)
-            shutil.copyfile(source, destination)
-            written.append(destination)
+        if not source or not os.path.exists(source):
+            logging.warning("No %s for %s: %s not updated.", PICTURE, name + suffix, target)
+            continue
+        destination = os.path.join(results_dir, target)
+        shutil.copyfile(source, destination)
+        written.append(destination)
     return written
 
 
