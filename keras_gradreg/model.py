@@ -248,21 +248,26 @@ class RegularizedModel(keras.Model):
         result = step(x, y, sample_weight)
         self.optimizer.apply_gradients(zip(result.gradients, self.trainable_weights))
         batch_size = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
-        loss_scaled = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
-        for tracker, value in (
-            (self._loss_tracker, result.total_loss),
-            (self._data_loss_tracker, result.data_loss),
-            (self._penalty_tracker, result.penalty),
+        overflowed = None
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            # A loss-scaled input gradient that overflowed (the dynamic loss
+            # scale's normal search) makes the penalty NaN while the clean loss
+            # is finite; the optimizer skips the step and the loss and penalty
+            # means leave it out. A non-finite clean loss is always shown.
+            overflowed = tf.logical_and(
+                tf.logical_not(tf.math.is_finite(result.penalty)),
+                tf.math.is_finite(result.data_loss),
+            )
+        for tracker, value, maskable in (
+            (self._loss_tracker, result.total_loss, True),
+            (self._data_loss_tracker, result.data_loss, False),
+            (self._penalty_tracker, result.penalty, True),
         ):
             value = unscale_loss_for_distribution(value)
             weight = tf.cast(batch_size, value.dtype)
-            if loss_scaled:
-                # A loss-scaled input gradient that overflowed (the dynamic loss
-                # scale's normal search) makes the penalty NaN (see norms.py);
-                # the optimizer skips that step and the means leave it out.
-                finite = tf.math.is_finite(value)
-                value = tf.where(finite, value, tf.zeros_like(value))
-                weight = weight * tf.cast(finite, weight.dtype)
+            if overflowed is not None and maskable:
+                value = tf.where(overflowed, tf.zeros_like(value), value)
+                weight = tf.where(overflowed, tf.zeros_like(weight), weight)
             tracker.update_state(value, sample_weight=weight)
         return self.compute_metrics(x, y, result.y_pred, sample_weight=sample_weight)
 
@@ -354,8 +359,15 @@ class RegularizedModel(keras.Model):
             penalty = reg.sigma * tf.reduce_sum(dual_norm(flat_gradient, reg.p))
             penalty = tf.cast(penalty, loss.dtype)
             total = loss + penalty
-            scaled_total = self._scale(total)
-        gradients = outer.gradient(scaled_total, self.trainable_weights)
+            # For p = 1 and p = inf the gradient of a NaN norm row (an
+            # overflowed input gradient) is 0, not NaN. The term below is
+            # exactly 0 otherwise; with a NaN penalty it makes the parameter
+            # gradients NaN, so a LossScaleOptimizer skips the step and lowers
+            # its scale. It costs a scalar: backprop meets `loss` once.
+            overflow = tf.where(tf.math.is_finite(penalty), 0.0, float("nan"))
+            objective = total + tf.cast(overflow, loss.dtype) * loss
+            scaled_objective = self._scale(objective)
+        gradients = outer.gradient(scaled_objective, self.trainable_weights)
         return StepResult(gradients, y_pred, total, loss, penalty)
 
     def _perturbed_step(self, x, y, sample_weight) -> StepResult:
@@ -397,6 +409,11 @@ class RegularizedModel(keras.Model):
                 total = loss + penalty
             scaled_total = self._scale(total)
         gradients = outer.gradient(scaled_total, self.trainable_weights)
+        # For p = 1 and p = inf the gradient of a NaN norm row (an overflowed
+        # input gradient) is 0, not NaN: make the parameter gradients show it,
+        # so that a LossScaleOptimizer skips the step and lowers its scale.
+        poison = tf.where(tf.math.is_finite(penalty), 0.0, float("nan"))
+        gradients = [None if g is None else g + tf.cast(poison, g.dtype) for g in gradients]
         return StepResult(gradients, y_pred, total, loss, penalty)
 
     def _state_outside_seeds(self, seed_states: list) -> list:
