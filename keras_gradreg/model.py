@@ -43,6 +43,11 @@ class StepResult(NamedTuple):
     penalty: tf.Tensor
 
 
+def _batch_size(x) -> tf.Tensor:
+    """Examples in a batch: the leading dimension of its first input tensor."""
+    return tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+
+
 def _as_regularizer(regularizer: Any) -> GradientRegularizer:
     if regularizer is None:
         return GradientRegularizer()
@@ -247,7 +252,7 @@ class RegularizedModel(keras.Model):
         step = getattr(self, "_replica_step", None) or self.regularized_step
         result = step(x, y, sample_weight)
         self.optimizer.apply_gradients(zip(result.gradients, self.trainable_weights))
-        batch_size = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+        batch_size = _batch_size(x)
         overflowed = None
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             # A loss-scaled input gradient that overflowed (the dynamic loss
@@ -282,9 +287,8 @@ class RegularizedModel(keras.Model):
             loss = self._compute_loss(
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
             )
-            batch_size = tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
             self._loss_tracker.update_state(
-                unscale_loss_for_distribution(loss), sample_weight=batch_size
+                unscale_loss_for_distribution(loss), sample_weight=_batch_size(x)
             )
             logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         return {k: v for k, v in logs.items() if k not in _EVAL_ONLY_EXCLUDED}
@@ -408,12 +412,9 @@ class RegularizedModel(keras.Model):
                 penalty = reg.sigma * (moved_loss - loss) / reg.fd_step
                 total = loss + penalty
             scaled_total = self._scale(total)
+        # A NaN r* (overflowed input gradient) makes the moved loss, hence
+        # these gradients, NaN: no extra term is needed as in _penalty_step.
         gradients = outer.gradient(scaled_total, self.trainable_weights)
-        # For p = 1 and p = inf the gradient of a NaN norm row (an overflowed
-        # input gradient) is 0, not NaN: make the parameter gradients show it,
-        # so that a LossScaleOptimizer skips the step and lowers its scale.
-        poison = tf.where(tf.math.is_finite(penalty), 0.0, float("nan"))
-        gradients = [None if g is None else g + tf.cast(poison, g.dtype) for g in gradients]
         return StepResult(gradients, y_pred, total, loss, penalty)
 
     def _state_outside_seeds(self, seed_states: list) -> list:
