@@ -16,7 +16,7 @@ from keras_gradreg.norms import PValue, canonical_p
 BALL_NORMS = (1.0, 2.0, math.inf)
 # One fixed generator ("auto_select" may differ between devices). XLA's Philox
 # stream still differs from the graph kernel's: a seed reproduces per mode.
-_ALG = "philox"
+ALG = "philox"
 
 
 def ball_norm(p: PValue) -> float:
@@ -118,17 +118,17 @@ def random_in_ball(shape, p: PValue, radius, seed, dtype=tf.float32) -> tf.Tenso
     flat_shape = tf.stack([shape[0], size])
     radius = tf.cast(radius, dtype)
     if math.isinf(p):
-        return radius * tf.random.stateless_uniform(shape, seed, -1.0, 1.0, dtype=dtype, alg=_ALG)
-    seeds = tf.random.experimental.stateless_split(seed, 3, alg=_ALG)
+        return radius * tf.random.stateless_uniform(shape, seed, -1.0, 1.0, dtype=dtype, alg=ALG)
+    seeds = tf.random.experimental.stateless_split(seed, 3, alg=ALG)
     if p == 2.0:
-        direction = tf.random.stateless_normal(flat_shape, seeds[0], dtype=dtype, alg=_ALG)
+        direction = tf.random.stateless_normal(flat_shape, seeds[0], dtype=dtype, alg=ALG)
         direction /= tf.maximum(tf.norm(direction, axis=1, keepdims=True), 1e-12)
-        u = tf.random.stateless_uniform([shape[0], 1], seeds[1], dtype=dtype, alg=_ALG)
+        u = tf.random.stateless_uniform([shape[0], 1], seeds[1], dtype=dtype, alg=ALG)
         scale = tf.pow(u, 1.0 / tf.cast(size, dtype))
         return tf.reshape(radius * scale * direction, shape)
     # Uniform on the L1 ball: d + 1 exponentials normalised, the last dropped.
     u = tf.random.stateless_uniform(
-        tf.stack([shape[0], size + 1]), seeds[0], 1e-12, 1.0, dtype=dtype, alg=_ALG
+        tf.stack([shape[0], size + 1]), seeds[0], 1e-12, 1.0, dtype=dtype, alg=ALG
     )
     exponential = -tf.math.log(u)
     point = exponential[:, :-1] / tf.reduce_sum(exponential, axis=1, keepdims=True)
@@ -147,15 +147,15 @@ def random_on_sphere(shape, p: PValue, radius, seed, dtype=tf.float32) -> tf.Ten
     shape = tf.convert_to_tensor(shape)
     flat_shape = tf.stack([shape[0], tf.reduce_prod(shape[1:])])
     radius = tf.cast(radius, dtype)
-    seeds = tf.random.experimental.stateless_split(seed, 2, alg=_ALG)
+    seeds = tf.random.experimental.stateless_split(seed, 2, alg=ALG)
     signs = random_signs(flat_shape, seeds[0], dtype)
     if math.isinf(p):
         return tf.reshape(radius * signs, shape)
     if p == 2.0:
-        direction = tf.random.stateless_normal(flat_shape, seeds[1], dtype=dtype, alg=_ALG)
+        direction = tf.random.stateless_normal(flat_shape, seeds[1], dtype=dtype, alg=ALG)
         norm = tf.norm(direction, axis=1, keepdims=True)
     else:
-        u = tf.random.stateless_uniform(flat_shape, seeds[1], 1e-12, 1.0, dtype=dtype, alg=_ALG)
+        u = tf.random.stateless_uniform(flat_shape, seeds[1], 1e-12, 1.0, dtype=dtype, alg=ALG)
         direction = -tf.math.log(u) * signs
         norm = tf.reduce_sum(tf.abs(direction), axis=1, keepdims=True)
     return tf.reshape(radius * direction / tf.maximum(norm, 1e-12), shape)
@@ -163,5 +163,5 @@ def random_on_sphere(shape, p: PValue, radius, seed, dtype=tf.float32) -> tf.Ten
 
 def random_signs(shape, seed, dtype=tf.float32) -> tf.Tensor:
     """Independent +-1 entries (stateless)."""
-    bits = tf.random.stateless_uniform(shape, seed, 0, 2, dtype=tf.int32, alg=_ALG)
+    bits = tf.random.stateless_uniform(shape, seed, 0, 2, dtype=tf.int32, alg=ALG)
     return tf.cast(2 * bits - 1, dtype)

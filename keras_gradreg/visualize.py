@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import keras
 import numpy as np
@@ -18,9 +18,6 @@ from matplotlib.figure import Figure
 from keras_gradreg.attacks import check_clip, check_epsilon, loss_from_logits
 from keras_gradreg.gradients import LossLike, input_gradients
 from keras_gradreg.norms import PValue, canonical_p, worst_case_perturbation
-
-if TYPE_CHECKING:
-    from keras_gradreg.robustness import RobustnessReport
 
 DEFAULT_SIGMA = {1.0: 1.0, 2.0: 1.5, math.inf: 0.1}
 
@@ -165,31 +162,3 @@ def perturbations(
     figure.tight_layout()
     _save(figure, path)
     return steps
-
-
-def plot_report(report: RobustnessReport, path: str) -> None:
-    """Accuracy against epsilon per norm (clean accuracy at 0), as a PNG."""
-    norms = list(dict.fromkeys(row["p"] for row in report.rows))
-    figure = Figure(figsize=(4.2 * len(norms), 3.4))
-    axes = figure.subplots(1, len(norms), squeeze=False)[0]
-    styles = {"fgsm": "o-", "pgd": "s-", "noise": "x--"}
-    for axis, p in zip(axes, norms):
-        for attack, style in styles.items():
-            points = sorted(
-                (row["epsilon"], row["accuracy"])
-                for row in report.rows
-                if row["p"] == p and row["attack"] == attack
-            )
-            if points:
-                eps, acc = zip(*[(0.0, report.clean_accuracy), *points])
-                axis.plot(eps, np.asarray(acc) * 100, style, label=attack)
-        axis.set_title(f"p = {p}")
-        axis.set_xlabel("epsilon")
-        axis.set_ylabel("accuracy (%)")
-        axis.set_ylim(-2, 102)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    if report.flags:
-        figure.suptitle("flags: " + ", ".join(report.flags), color="red", fontsize=9)
-    figure.tight_layout()
-    _save(figure, path)

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from keras_gradreg import attacks
+from keras_gradreg.attacks import projected
 
 NORMS = [math.inf, 2.0, 1.0]
 
@@ -279,6 +280,21 @@ def test_pgd_never_worse_than_clean_and_stronger_than_fgsm(small_net):
     )
 
 
+def test_more_pgd_restarts_never_raise_correctness_per_example(small_net):
+    """Restart r draws from the seed folded with r whatever the total, and the best
+    point is kept across restarts: a mutant keeping only the last restart's best
+    point fails this (one restart breaks examples that the last of three does not)."""
+    model, x, y = small_net
+    correct = {
+        restarts: attacks.pgd_with_correct(
+            model, x, y, 0.12, steps=1, restarts=restarts, seed=0, step_size=0.0
+        )[1].numpy()
+        for restarts in (1, 2, 5)
+    }
+    assert np.all(correct[2] <= correct[1]) and np.all(correct[5] <= correct[2])
+    assert np.sum(correct[5]) < np.sum(correct[1])
+
+
 def test_pgd_with_epsilon_zero_returns_the_input(small_net):
     model, x, y = small_net
     for p in NORMS:
@@ -423,7 +439,7 @@ def test_recompiled_model_gets_a_kernel_for_its_new_loss():
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    first = attacks.compiled_kernel(model, None, attacks._fgsm_fn, p=math.inf)
-    assert attacks.compiled_kernel(model, None, attacks._fgsm_fn, p=math.inf) is first
+    first = attacks.compiled_kernel(model, None, projected._fgsm_fn, p=math.inf)
+    assert attacks.compiled_kernel(model, None, projected._fgsm_fn, p=math.inf) is first
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=False))
-    assert attacks.compiled_kernel(model, None, attacks._fgsm_fn, p=math.inf) is not first
+    assert attacks.compiled_kernel(model, None, projected._fgsm_fn, p=math.inf) is not first

@@ -1,4 +1,4 @@
-"""Tests for kgr.visualize: perturbation grids and report plots."""
+"""Tests for kgr.visualize: perturbation grids."""
 
 import math
 import struct
@@ -10,7 +10,6 @@ import pytest
 
 from keras_gradreg import visualize
 from keras_gradreg.gradients import input_gradients
-from keras_gradreg.robustness import RobustnessReport
 
 
 def _png_size(path):
@@ -107,16 +106,3 @@ def test_non_square_flat_input_needs_image_shape(tmp_path):
         model, x, np.array([0, 1]), image_shape=(2, 5), path=str(tmp_path / "y.png")
     )
     assert steps[math.inf].shape == (2, 10)
-
-
-def test_plot_report_writes_one_panel_per_norm(tmp_path):
-    rows = [
-        {"attack": a, "p": p, "epsilon": e, "accuracy": acc}
-        for p in ("inf", 2)
-        for a, acc in (("fgsm", 0.5), ("pgd", 0.4), ("noise", 0.9))
-        for e in (0.1, 0.2)
-    ]
-    report = RobustnessReport(10, 0.95, rows, {"inf": 1.0, "2": 0.1}, 0.0, {}, {})
-    path = str(tmp_path / "curves.png")
-    report.plot(path)
-    assert _png_size(path) == (int(4.2 * 2 * 100), 340)

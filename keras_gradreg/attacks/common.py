@@ -1,0 +1,279 @@
+"""What every attack shares: argument checks, labels, the box, seeds and compiled kernels.
+
+A kernel is an attack's inner loop written as one Python function of tensors
+and traced once per model, loss and static setting (`compiled_kernel`);
+numbers that vary between calls (epsilon, the box, seeds) are tensor
+arguments, so they never retrace.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import math
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_gradreg.gradients import LossLike, resolve_loss
+
+Clip = tuple[Any, Any] | None
+
+# ---------------------------------------------------------------------- #
+# Argument checks.
+# ---------------------------------------------------------------------- #
+
+
+def is_number(value: Any) -> bool:
+    """True for ints and floats (NumPy's too), False for bools and the rest."""
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+
+
+def check_epsilon(epsilon: Any, name: str = "epsilon") -> float:
+    """Validates a radius: a finite number >= 0."""
+    if not is_number(epsilon) or not math.isfinite(float(epsilon)) or float(epsilon) < 0:
+        raise ValueError(f"`{name}` must be a finite number >= 0. Received: {name}={epsilon!r}")
+    return float(epsilon)
+
+
+def check_count(value: Any, name: str) -> int:
+    """Validates a count: an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
+    return int(value)
+
+
+def check_fraction(value: Any, name: str, *, low_open: bool = True) -> float:
+    """Validates a number in (0, 1] (or [0, 1] with `low_open=False`)."""
+    if not is_number(value) or not (
+        (0.0 < float(value) if low_open else 0.0 <= float(value)) and float(value) <= 1.0
+    ):
+        interval = "(0, 1]" if low_open else "[0, 1]"
+        raise ValueError(f"`{name}` must be a number in {interval}. Received: {name}={value!r}")
+    return float(value)
+
+
+def check_clip(clip: Clip) -> Clip:
+    """Validates `clip`: None or a pair (low, high) with low < high."""
+    if clip is None:
+        return None
+    if not isinstance(clip, (tuple, list)) or len(clip) != 2:
+        raise ValueError(f"`clip` must be None or a pair (low, high). Received: clip={clip!r}")
+    try:
+        low, high = (np.asarray(bound, dtype=np.float64) for bound in clip)
+        ordered = bool(np.all(low < high))
+    except (TypeError, ValueError):
+        ordered = False
+    if not ordered:
+        raise ValueError(
+            f"`clip` must be a pair (low, high) with low < high. Received: clip={clip!r}"
+        )
+    return (clip[0], clip[1])
+
+
+def check_inputs(x: Any, y: Any) -> tuple[tf.Tensor, Any]:
+    """`x` as a floating tensor batch and `y` as tensors; raises on missing labels."""
+    if y is None:
+        raise ValueError("The attacks need labels: `y` must not be None. Received: y=None")
+    x = tf.convert_to_tensor(x)
+    if not x.dtype.is_floating:
+        x = tf.cast(x, tf.float32)
+    if x.shape.rank is not None and x.shape.rank < 2:
+        raise ValueError(
+            f"`x` must be a batch (rank >= 2). Received: x with shape {tuple(x.shape)}"
+        )
+    return x, tf.nest.map_structure(tf.convert_to_tensor, y)
+
+
+def seed_tensor(seed: Any) -> tf.Tensor:
+    """A stateless seed of shape (2,): from an int, a tensor, or fresh if None."""
+    if tf.is_tensor(seed):
+        return tf.cast(seed, tf.int64)
+    if seed is None:
+        return tf.random.uniform([2], 0, 2**31 - 1, dtype=tf.int64)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"`seed` must be an integer or None. Received: seed={seed!r}")
+    return tf.constant([int(seed), 0], dtype=tf.int64)
+
+
+def bounds(clip: Clip, x: tf.Tensor):
+    """The box as tensors in the dtype of `x`, or (None, None)."""
+    if clip is None:
+        return None, None
+    return tuple(tf.cast(tf.convert_to_tensor(bound), x.dtype) for bound in clip)
+
+
+def box(x: tf.Tensor, low, high) -> tf.Tensor:
+    """`x` clipped to the box (unchanged without one)."""
+    return x if low is None else tf.clip_by_value(x, low, high)
+
+
+# ---------------------------------------------------------------------- #
+# How to read a classifier's outputs.
+# ---------------------------------------------------------------------- #
+
+
+def loss_from_logits(model: keras.Model, loss: LossLike = None) -> bool | None:
+    """Whether `loss` (the compiled loss if None) expects logits.
+
+    Returns:
+        True or False as read from the loss's `from_logits` (a Keras loss
+        object, a loss name, a Keras loss function or a `functools.partial`
+        of one), or None when the loss has no such setting.
+    """
+    if loss is None:
+        loss = getattr(model, "loss", None)
+    if isinstance(loss, str):
+        try:
+            loss = keras.losses.get(loss)
+        except ValueError:
+            return None
+    if isinstance(loss, keras.losses.Loss):
+        config = loss.get_config()
+        return bool(config["from_logits"]) if "from_logits" in config else None
+    if isinstance(loss, functools.partial):
+        if "from_logits" in loss.keywords:
+            return bool(loss.keywords["from_logits"])
+        loss = loss.func
+    if callable(loss):
+        try:
+            parameter = inspect.signature(loss).parameters.get("from_logits")
+        except (TypeError, ValueError):
+            return None
+        if parameter is not None and parameter.default is not inspect.Parameter.empty:
+            return bool(parameter.default)
+    return None
+
+
+def correct_predictions(y: Any, y_pred: tf.Tensor, from_logits: bool | None) -> tf.Tensor:
+    """Per-example correctness of a classifier's outputs, shape (batch,) bool.
+
+    Args:
+        y: Integer labels (shape (batch,) or (batch, 1)) or one-hot /
+            probability targets shaped like `y_pred`.
+        y_pred: Scores of shape (batch, classes), or (batch,) / (batch, 1)
+            for a binary classifier.
+        from_logits: For a binary classifier, the decision threshold is 0 if
+            True and 0.5 otherwise.
+    """
+    y_pred = tf.convert_to_tensor(y_pred)
+    y = tf.convert_to_tensor(y)
+    classes = y_pred.shape[-1] if y_pred.shape.rank >= 2 else 1
+    if classes is not None and classes > 1:
+        predicted = tf.argmax(y_pred, axis=-1, output_type=tf.int32)
+        if y.shape.rank == y_pred.shape.rank and y.shape[-1] == classes:
+            label = tf.argmax(y, axis=-1, output_type=tf.int32)
+        else:
+            label = tf.reshape(tf.cast(y, tf.int32), tf.shape(predicted))
+        hit = tf.equal(predicted, label)
+    else:
+        threshold = 0.0 if from_logits else 0.5
+        predicted = tf.cast(y_pred, tf.float32) > threshold
+        label = tf.reshape(tf.cast(y, tf.float32), tf.shape(predicted)) > 0.5
+        hit = tf.equal(predicted, label)
+    hit = tf.reshape(hit, [tf.shape(hit)[0], -1])
+    return tf.reduce_all(hit, axis=1)
+
+
+# ---------------------------------------------------------------------- #
+# Compiled kernels, cached per model.
+# ---------------------------------------------------------------------- #
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _loss_key(loss: LossLike) -> Any:
+    if isinstance(loss, keras.losses.Loss):
+        return (type(loss), json.dumps(loss.get_config(), sort_keys=True, default=str))
+    return loss
+
+
+class Kernel:
+    """A Python attack function traced as a graph, with XLA where it helps.
+
+    By default XLA is used only when a GPU is visible and the call is eager:
+    on CPU it made the attack loops slower (bench/README.md). If the model
+    does not compile with XLA, the kernel falls back to the plain graph once
+    and for all, with a warning.
+    """
+
+    def __init__(self, fn: Callable):
+        self._graph = tf.function(fn, reduce_retracing=True)
+        self._xla = tf.function(fn, jit_compile=True, reduce_retracing=True)
+        self._xla_works: bool | None = None
+
+    def __call__(self, *args, jit_compile: bool | None = None):
+        if jit_compile is None:
+            jit_compile = (
+                self._xla_works is not False
+                and tf.executing_eagerly()
+                and bool(tf.config.list_logical_devices("GPU"))
+            )
+            if not jit_compile:
+                return self._graph(*args)
+            try:
+                result = self._xla(*args)
+            except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as error:
+                if self._xla_works:
+                    raise
+                self._xla_works = False
+                warnings.warn(
+                    f"The attack could not be compiled with XLA; running it without. ({error})",
+                    stacklevel=3,
+                )
+                return self._graph(*args)
+            self._xla_works = True
+            return result
+        return self._xla(*args) if jit_compile else self._graph(*args)
+
+
+_FROM_LOSS = "from the loss"
+
+
+def compiled_kernel(
+    model: keras.Model,
+    loss: LossLike,
+    builder: Callable,
+    *,
+    resolve: bool = True,
+    from_logits: bool | None | str = _FROM_LOSS,
+    **static,
+) -> Kernel:
+    """The cached `Kernel` of `builder(model_ref, loss_fn, from_logits, **static)`.
+
+    One kernel per model, loss and static setting; numbers that vary between
+    calls (epsilon, bounds, seeds) are tensor arguments and do not retrace.
+    With `loss=None` the key is the model's current compiled loss, so a
+    recompiled model gets a new kernel.
+
+    Args:
+        model: The attacked model (held by a weak reference).
+        loss: A Keras loss, a callable, or None for the compiled loss.
+        builder: Makes the Python function to trace.
+        resolve: Whether the kernel needs a loss function; if False,
+            `loss_fn` is None.
+        from_logits: How to read the outputs; by default the loss's
+            `from_logits` (`loss_from_logits`).
+        **static: Settings fixed at trace time (part of the cache key).
+    """
+    effective_loss = loss if loss is not None else getattr(model, "loss", None)
+    key = (
+        builder,
+        loss is None,
+        _loss_key(effective_loss),
+        from_logits,
+        tuple(sorted(static.items())),
+    )
+    per_model = _CACHE.setdefault(model, {})
+    if key not in per_model:
+        loss_fn = resolve_loss(model, loss) if resolve else None
+        if from_logits == _FROM_LOSS:
+            from_logits = loss_from_logits(model, loss)
+        per_model[key] = Kernel(builder(weakref.ref(model), loss_fn, from_logits, **static))
+    return per_model[key]

@@ -1,0 +1,265 @@
+"""FGSM and PGD in the family's p-norms (ball geometry in `keras_gradreg.balls`).
+
+FGSM takes one step of the closed-form worst-case perturbation r* (PAPER.md,
+section 1), which is optimal for a linear model. PGD repeats steepest-ascent
+steps of the same form and projects back onto the ball (exactly, the L1 ball
+by the sort-based algorithm of Duchi et al. 2008) and then into the box.
+
+Both attack each example through the gradient of its own loss, so results do
+not depend on the batch or on the number of replicas. They are compiled with
+`tf.function` (with XLA when called eagerly with a GPU) and work on a batch
+inside `tf.data.Dataset.map` or `strategy.run` too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from keras_gradreg.attacks.common import (
+    Clip,
+    bounds,
+    box,
+    check_clip,
+    check_count,
+    check_epsilon,
+    check_inputs,
+    compiled_kernel,
+    correct_predictions,
+    seed_tensor,
+)
+from keras_gradreg.balls import ALG, ball_norm, project_ball, random_in_ball
+from keras_gradreg.gradients import LossLike, per_example_loss
+from keras_gradreg.norms import PValue, canonical_p, worst_case_perturbation
+
+
+def loss_and_gradient(model, loss_fn, from_logits, x, y):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y_pred = model(x, training=False)
+        losses = per_example_loss(loss_fn, y, y_pred)
+        total = tf.reduce_sum(losses)
+    gradient = tape.gradient(total, x)
+    if gradient is None:
+        gradient = tf.zeros_like(x)
+    return losses, correct_predictions(y, y_pred, from_logits), gradient
+
+
+def _fgsm_fn(model_ref, loss_fn, from_logits, p):
+    def run(x, y, epsilon, low, high):
+        model = model_ref()
+        _, _, gradient = loss_and_gradient(model, loss_fn, from_logits, x, y)
+        x_adv = box(x + worst_case_perturbation(gradient, p, epsilon), low, high)
+        y_pred = model(x_adv, training=False)
+        return x_adv, correct_predictions(y, y_pred, from_logits)
+
+    return run
+
+
+def _pgd_fn(model_ref, loss_fn, from_logits, p, steps, restarts, random_start):
+    def keep_best(best, x_adv, losses, correct):
+        best_x, best_loss, best_correct = best
+        wrong, best_wrong = ~correct, ~best_correct
+        better = (wrong & best_correct) | ((wrong == best_wrong) & (losses > best_loss))
+        mask = tf.reshape(better, [-1] + [1] * (x_adv.shape.rank - 1))
+        return (
+            tf.where(mask, x_adv, best_x),
+            tf.where(better, losses, best_loss),
+            tf.where(better, correct, best_correct),
+        )
+
+    def run(x, y, epsilon, step_size, low, high, seed):
+        model = model_ref()
+        epsilon = tf.cast(epsilon, x.dtype)
+        step_size = tf.cast(step_size, x.dtype)
+        y_pred = model(x, training=False)
+        best = (
+            x,
+            per_example_loss(loss_fn, y, y_pred),
+            correct_predictions(y, y_pred, from_logits),
+        )
+        for restart in tf.range(restarts):
+            if random_start:
+                restart_seed = tf.random.experimental.stateless_fold_in(seed, restart, alg=ALG)
+                start = random_in_ball(tf.shape(x), p, epsilon, restart_seed, x.dtype)
+                x_adv = box(x + start, low, high)
+            else:
+                x_adv = x
+            for _ in tf.range(steps):
+                losses, correct, gradient = loss_and_gradient(model, loss_fn, from_logits, x_adv, y)
+                best = keep_best(best, x_adv, losses, correct)
+                if low is not None and not math.isinf(p):
+                    # Only move along coordinates that can still move inside the box.
+                    blocked = ((x_adv >= high) & (gradient > 0)) | ((x_adv <= low) & (gradient < 0))
+                    gradient = tf.where(blocked, tf.zeros_like(gradient), gradient)
+                x_adv = x_adv + worst_case_perturbation(gradient, p, step_size)
+                x_adv = box(x + project_ball(x_adv - x, p, epsilon), low, high)
+            y_pred = model(x_adv, training=False)
+            losses = per_example_loss(loss_fn, y, y_pred)
+            best = keep_best(best, x_adv, losses, correct_predictions(y, y_pred, from_logits))
+        return best[0], best[2]
+
+    return run
+
+
+# ---------------------------------------------------------------------- #
+# Public attacks.
+# ---------------------------------------------------------------------- #
+
+
+def fgsm_with_correct(model, x, y, epsilon, p=math.inf, loss=None, clip=(0.0, 1.0), **kw):
+    """`fgsm` that also returns the per-example correctness at the result."""
+    epsilon = check_epsilon(epsilon)
+    p = canonical_p(p)
+    clip = check_clip(clip)
+    x, y = check_inputs(x, y)
+    low, high = bounds(clip, x)
+    kernel = compiled_kernel(model, loss, _fgsm_fn, p=p)
+    return kernel(x, y, tf.constant(epsilon, x.dtype), low, high, **kw)
+
+
+def fgsm(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    epsilon: float,
+    p: PValue = math.inf,
+    loss: LossLike = None,
+    clip: Clip = (0.0, 1.0),
+    *,
+    jit_compile: bool | None = None,
+) -> tf.Tensor:
+    """One step of the family's worst-case perturbation, clipped to the box.
+
+    x_adv = clip(x + r*) with r* = argmax over ||r||_p <= epsilon of g . r and
+    g the gradient of each example's loss (sign step for p = inf).
+
+    Args:
+        model: A Keras classifier (logits or probabilities).
+        x: A batch of inputs (a single floating tensor).
+        y: Labels for `loss`.
+        epsilon: Radius of the p-ball, >= 0.
+        p: Any p >= 1, `math.inf` or "inf".
+        loss: A Keras loss or callable `(y_true, y_pred)`; None for the
+            model's compiled loss. Its `from_logits` says how to read outputs.
+        clip: The box (low, high) inputs live in, or None for no box.
+        jit_compile: True/False to force XLA on or off; None uses XLA only
+            for eager calls with a GPU visible (on CPU it was slower).
+
+    Returns:
+        The adversarial batch, shaped like `x`.
+    """
+    return fgsm_with_correct(model, x, y, epsilon, p, loss, clip, jit_compile=jit_compile)[0]
+
+
+def pgd_with_correct(
+    model,
+    x,
+    y,
+    epsilon,
+    p=math.inf,
+    steps=40,
+    step_size=None,
+    random_start=True,
+    restarts=1,
+    loss=None,
+    clip=(0.0, 1.0),
+    seed=None,
+    **kw,
+):
+    """`pgd` that also returns the per-example correctness at the result."""
+    epsilon = check_epsilon(epsilon)
+    p = ball_norm(p)
+    steps = check_count(steps, "steps")
+    restarts = check_count(restarts, "restarts")
+    if step_size is None:
+        step_size = 2.5 * epsilon / steps
+    else:
+        step_size = check_epsilon(step_size, "step_size")
+    if restarts > 1 and not random_start:
+        raise ValueError(
+            "Restarts without a random start repeat the same attack: set "
+            f"`random_start=True` or `restarts=1`. Received: restarts={restarts}"
+        )
+    clip = check_clip(clip)
+    seed = seed_tensor(seed)
+    x, y = check_inputs(x, y)
+    low, high = bounds(clip, x)
+    kernel = compiled_kernel(
+        model, loss, _pgd_fn, p=p, steps=steps, restarts=restarts, random_start=bool(random_start)
+    )
+    return kernel(
+        x,
+        y,
+        tf.constant(epsilon, x.dtype),
+        tf.constant(step_size, x.dtype),
+        low,
+        high,
+        seed,
+        **kw,
+    )
+
+
+def pgd(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    epsilon: float,
+    p: PValue = math.inf,
+    steps: int = 40,
+    step_size: float | None = None,
+    random_start: bool = True,
+    restarts: int = 1,
+    loss: LossLike = None,
+    clip: Clip = (0.0, 1.0),
+    seed: int | None = None,
+    *,
+    jit_compile: bool | None = None,
+) -> tf.Tensor:
+    """Projected steepest ascent on each example's loss in a p-ball and a box.
+
+    Each step moves by `step_size` along the steepest-ascent direction of the
+    p-norm (sign for inf, normalised gradient for 2, the largest coordinate
+    for 1; coordinates pushing against the box are skipped for p = 1, 2),
+    then projects exactly onto the p-ball around `x` and clips to the box.
+    Per example, the strongest point over all steps and restarts is returned:
+    misclassified if any was (the clean input counts), else the highest loss.
+
+    Args:
+        model: A Keras classifier (logits or probabilities).
+        x: A batch of inputs (a single floating tensor).
+        y: Labels for `loss`.
+        epsilon: Radius of the p-ball, >= 0.
+        p: 1, 2, `math.inf` or "inf".
+        steps: Ascent steps per restart, >= 1.
+        step_size: Length of each step in the p-norm; None for
+            2.5 * epsilon / steps (Madry et al. 2018).
+        random_start: Start each restart at a uniform point of the ball.
+        restarts: Number of random starts, >= 1.
+        loss: A Keras loss or callable; None for the model's compiled loss.
+        clip: The box (low, high) inputs live in, or None for no box.
+        seed: Integer for reproducible random starts; None draws a fresh seed.
+        jit_compile: True/False to force XLA on or off; None uses XLA only
+            for eager calls with a GPU visible (on CPU it was slower).
+
+    Returns:
+        The adversarial batch, shaped like `x`.
+    """
+    return pgd_with_correct(
+        model,
+        x,
+        y,
+        epsilon,
+        p,
+        steps,
+        step_size,
+        random_start,
+        restarts,
+        loss,
+        clip,
+        seed,
+        jit_compile=jit_compile,
+    )[0]

@@ -1,0 +1,490 @@
+"""The Square attack (Andriushchenko et al., ECCV 2020): random search that only queries outputs.
+
+It minimises the margin z_y - max_{i != y} z_i by random square updates and
+keeps a change only if the margin went down (or the example became
+misclassified). It never asks the model for a gradient, so gradient masking
+cannot stop it: when it breaks examples that gradient attacks missed, the
+gradients were masked.
+
+- L-inf: start from vertical stripes (each column of each channel +-eps);
+  then, at each query, set a random s x s window of each channel to x +-eps.
+- L2: start from a grid of (h // 5)-sized tiles of the paper's "squares"
+  pattern; then move the perturbation's mass from a random second window
+  into a random first one and add a new pattern there, keeping the L2 norm at
+  eps (the authors' update).
+
+The window side s = round(sqrt(p_i * h * w)) follows the published schedule:
+p_i = p_init, halved at iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000
+and 8000 of a 10000-query budget, rescaled to the budget used. Inputs are
+images (batch, h, w, c) channels-last, (batch, h, w), or vectors (batch, d),
+which are treated as one row: windows are then runs of round(p_i * d)
+features.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_gradreg.attacks import scores
+from keras_gradreg.attacks.auto_pgd import clean_scores, count_classes
+from keras_gradreg.attacks.common import (
+    Clip,
+    bounds,
+    box,
+    check_clip,
+    check_count,
+    check_epsilon,
+    check_fraction,
+    check_inputs,
+    compiled_kernel,
+    loss_from_logits,
+    seed_tensor,
+)
+from keras_gradreg.balls import ALG, ball_norm
+from keras_gradreg.norms import PValue
+
+SQUARE_NORMS = (2.0, math.inf)
+# Iterations of one compiled call; examples broken by then leave the batch.
+CHUNK = 250
+_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+def square_fraction(iteration: int, queries: int, p_init: float, rescale: bool = True) -> float:
+    """The published schedule: the share p_i of the image a window covers at `iteration`.
+
+    p_init, halved after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000
+    and 8000 of a 10000-query budget; with `rescale`, those iterations are
+    scaled to `queries` (as both reference implementations do).
+    """
+    it = int(iteration / queries * 10000) if rescale else iteration
+    return p_init / 2 ** sum(it > threshold for threshold in _HALVINGS)
+
+
+def image_layout(shape: tuple) -> tuple[int, int, int]:
+    """(h, w, c) of one example of shape `shape`; vectors become one row (1, d, 1)."""
+    if any(size is None for size in shape):
+        raise ValueError(f"The Square attack needs a static input shape. Received: {shape}")
+    if len(shape) == 1:
+        return 1, shape[0], 1
+    if len(shape) == 2:
+        return shape[0], shape[1], 1
+    if len(shape) == 3:
+        return tuple(shape)
+    raise ValueError(
+        "The Square attack takes vectors, (h, w) or (h, w, c) images. "
+        f"Received: an input of shape {tuple(shape)} per example"
+    )
+
+
+def window_sides(
+    queries: int, p_init: float, layout: tuple[int, int, int], p: float, rescale: bool
+) -> np.ndarray:
+    """Window height and width at each iteration 0 .. queries - 2, shape (iterations, 2)."""
+    h, w, _ = layout
+    sides = []
+    for iteration in range(queries - 1):
+        fraction = square_fraction(iteration, queries, p_init, rescale)
+        side = fraction * w if h == 1 else math.sqrt(fraction * h * w)
+        side = int(round(side))
+        if p == 2.0:
+            side = max(side, 3)
+            side += 1 - side % 2
+        side = min(max(side, 1), w if h == 1 else min(h, w))
+        sides.append((1 if h == 1 else side, side))
+    return np.asarray(sides, np.int32).reshape(-1, 2)
+
+
+def _rectangles(height: int, width: int) -> np.ndarray:
+    """Concentric rectangles weighted 1 / (k + 1)^2, unit L2 norm (the paper's eta)."""
+    delta = np.zeros((height, width))
+    row, col = height // 2, width // 2
+    for k in range(max(height // 2 + 1, width // 2 + 1)):
+        rows = slice(max(row, 0), min(row + 2 * k + 1, height))
+        cols = slice(max(col, 0), min(col + 2 * k + 1, width))
+        delta[rows, cols] += 1.0 / (k + 1) ** 2
+        row, col = row - 1, col - 1
+    return delta / np.sqrt(np.sum(delta**2))
+
+
+def square_pattern(height: int, width: int) -> np.ndarray:
+    """The L2 update's pattern: +rectangles on the first half, -rectangles on the second.
+
+    Halves split the rows of a square window, the columns of a one-row window.
+    """
+    if height == 1:
+        half = width // 2
+        delta = np.concatenate([_rectangles(1, half), -_rectangles(1, width - half)], axis=1)
+    else:
+        half = height // 2
+        delta = np.concatenate([_rectangles(half, width), -_rectangles(height - half, width)])
+    return delta / np.sqrt(np.sum(delta**2))
+
+
+def _pattern_table(sides: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The patterns of each distinct side (and transposed), padded; index per iteration."""
+    distinct = sorted({tuple(s) for s in sides.tolist()})
+    if not distinct:
+        return np.zeros((1, 2, 1, 1), np.float32), np.zeros(0, np.int32)
+    height = max(s[0] for s in distinct)
+    width = max(s[1] for s in distinct)
+    size = max(height, width)
+    table = np.zeros((len(distinct), 2, size, size), np.float32)
+    for index, (h, w) in enumerate(distinct):
+        pattern = square_pattern(h, w)
+        table[index, 0, :h, :w] = pattern
+        if h > 1:
+            table[index, 1, :w, :h] = pattern.T
+        else:
+            table[index, 1, :h, :w] = pattern
+    lookup = {s: i for i, s in enumerate(distinct)}
+    return table, np.asarray([lookup[tuple(s)] for s in sides.tolist()], np.int32)
+
+
+class SquareState(NamedTuple):
+    """Per example: the best point, its margin, and whether it is still classified correctly."""
+
+    x_best: tf.Tensor
+    margin: tf.Tensor
+    correct: tf.Tensor
+
+
+def _window_mask(corner, side, size):
+    """(batch, size) bool: positions corner .. corner + side - 1."""
+    position = tf.range(size)[None, :]
+    return (position >= corner[:, None]) & (position < corner[:, None] + side)
+
+
+def _square_fn(model_ref, loss_fn, from_logits, p, queries, p_init, rescale, shape):
+    """The init and step loops of the Square attack for one batch (images as (n, h, w, c))."""
+    del loss_fn
+    layout = image_layout(shape)
+    h, w, c = layout
+    sides_np = window_sides(queries, p_init, layout, p, rescale)
+    table_np, pattern_index_np = _pattern_table(sides_np if p == 2.0 else sides_np[:0])
+    sides = tf.constant(sides_np if len(sides_np) else np.zeros((1, 2), np.int32))
+    table = tf.constant(table_np)
+    pattern_index = tf.constant(np.pad(pattern_index_np, (0, 1)))
+
+    def query(model, images, label):
+        outputs = model(tf.reshape(images, [-1, *shape]), training=False)
+        z = scores.class_scores(outputs, from_logits)
+        correct = tf.equal(tf.argmax(z, axis=1, output_type=tf.int32), label)
+        return scores.margin(z, label), correct
+
+    def uniform_int(seed, n, high):
+        """Integers uniform in [0, high] per example, (n,)."""
+        return tf.random.stateless_uniform([n], seed, 0, high + 1, dtype=tf.int32, alg=ALG)
+
+    def signs(seed, shape_):
+        bits = tf.random.stateless_uniform(shape_, seed, 0, 2, dtype=tf.int32, alg=ALG)
+        return tf.cast(2 * bits - 1, tf.float32)
+
+    def l2_norm(delta, axis=(1, 2, 3)):
+        return tf.sqrt(tf.reduce_sum(tf.square(delta), axis=axis, keepdims=True))
+
+    def init(x, label, epsilon, low, high, seed):
+        model = model_ref()
+        images = tf.reshape(x, [-1, h, w, c])
+        n = tf.shape(images)[0]
+        if p == math.inf:
+            delta = epsilon * signs(seed, [n, 1, w, c])
+        elif h == 1:
+            delta = signs(seed, [n, 1, w, c])
+        else:
+            delta = _l2_tiles(seed, n)
+        if p == 2.0:
+            delta = epsilon * delta / (l2_norm(delta) + 1e-12)
+        x_best = box(images + delta, low, high)
+        margin, correct = query(model, x_best, label)
+        return SquareState(tf.reshape(x_best, tf.shape(x)), margin, correct)
+
+    def _l2_tiles(seed, n):
+        side = max(h // 5, 1)
+        first = max((h - 5 * side) // 2, 0)
+        starts_h = [first + i * side for i in range(h // side) if first + (i + 1) * side <= h]
+        starts_w = [first + j * side for j in range(w // side) if first + (j + 1) * side <= w]
+        pattern = tf.constant(square_pattern(side, side), tf.float32)
+        delta = tf.zeros([n, h, w, c])
+        seeds = tf.random.experimental.stateless_split(seed, len(starts_h) * len(starts_w) + 1)
+        index = 0
+        for top in starts_h:
+            for left in starts_w:
+                tile_seed = tf.random.experimental.stateless_split(seeds[index], 2)
+                flip = signs(tile_seed[0], [n, 1, 1, 1]) > 0
+                upright, turned = pattern[None, :, :, None], tf.transpose(pattern)[None, :, :, None]
+                tile = tf.where(flip, upright, turned)
+                tile = tile * signs(tile_seed[1], [n, 1, 1, c])
+                paddings = [[0, 0], [top, h - top - side], [left, w - left - side], [0, 0]]
+                delta += tf.pad(tile, paddings)
+                index += 1
+        return delta
+
+    def propose_linf(images, x_best, epsilon, low, high, iteration_seed, side):
+        n = tf.shape(images)[0]
+        seeds = tf.random.experimental.stateless_split(iteration_seed, 3)
+        rows = _window_mask(uniform_int(seeds[0], n, h - side[0]), side[0], h)
+        cols = _window_mask(uniform_int(seeds[1], n, w - side[1]), side[1], w)
+        window = rows[:, :, None, None] & cols[:, None, :, None]
+        moved = images + epsilon * signs(seeds[2], [n, 1, 1, c])
+        return box(tf.where(window, moved, x_best), low, high)
+
+    def placed_pattern(top, left, flip, iteration):
+        """(n, h, w, 1): this iteration's pattern with its corner at (top, left)."""
+        patterns = tf.gather(table[pattern_index[iteration]], tf.cast(flip, tf.int32))
+        size = table.shape[-1]
+        rows = tf.range(h)[None, :] - top[:, None]
+        cols = tf.range(w)[None, :] - left[:, None]
+        placed = tf.gather(patterns, tf.clip_by_value(rows, 0, size - 1), batch_dims=1)
+        placed = tf.gather(placed, tf.clip_by_value(cols, 0, size - 1), axis=2, batch_dims=1)
+        return placed[..., None]
+
+    def propose_l2(images, x_best, epsilon, low, high, iteration_seed, side, iteration):
+        n = tf.shape(images)[0]
+        seeds = tf.random.experimental.stateless_split(iteration_seed, 7)
+        top1 = uniform_int(seeds[0], n, h - side[0])
+        left1 = uniform_int(seeds[1], n, w - side[1])
+        top2 = uniform_int(seeds[2], n, h - side[0])
+        left2 = uniform_int(seeds[3], n, w - side[1])
+        window1 = _window_mask(top1, side[0], h)[:, :, None, None] & _window_mask(
+            left1, side[1], w
+        )[:, None, :, None]
+        window2 = _window_mask(top2, side[0], h)[:, :, None, None] & _window_mask(
+            left2, side[1], w
+        )[:, None, :, None]
+        mask1 = tf.cast(window1, tf.float32)
+        both = tf.cast(window1 | window2, tf.float32)
+        delta = x_best - images
+        norm_window1 = l2_norm(delta * mask1, axis=(1, 2))
+        norm_image = l2_norm(delta)
+        norm_windows = l2_norm(delta * both)
+        flip = signs(seeds[4], [n]) > 0
+        fresh = placed_pattern(top1, left1, flip, iteration) * signs(seeds[5], [n, 1, 1, c])
+        update = fresh + delta * mask1 / (1e-12 + norm_window1)
+        budget = tf.maximum(epsilon**2 - norm_image**2, 0.0) / c + norm_windows**2
+        update = update / (1e-12 + l2_norm(update, axis=(1, 2))) * tf.sqrt(budget)
+        delta = delta * (1.0 - both) + update * mask1
+        return box(images + epsilon * delta / (l2_norm(delta) + 1e-12), low, high)
+
+    def steps(x, label, state, epsilon, low, high, seed, start, stop):
+        model = model_ref()
+        images = tf.reshape(x, [-1, h, w, c])
+        state = SquareState(tf.reshape(state.x_best, tf.shape(images)), state.margin, state.correct)
+
+        def body(i, state):
+            iteration_seed = tf.random.experimental.stateless_fold_in(seed, i, alg=ALG)
+            side = sides[i]
+            if p == math.inf:
+                x_new = propose_linf(images, state.x_best, epsilon, low, high, iteration_seed, side)
+            else:
+                x_new = propose_l2(
+                    images, state.x_best, epsilon, low, high, iteration_seed, side, i
+                )
+            margin, correct = query(model, x_new, label)
+            accept = state.correct & ((margin < state.margin) | ~correct)
+            column = tf.reshape(accept, [-1, 1, 1, 1])
+            return i + 1, SquareState(
+                tf.where(column, x_new, state.x_best),
+                tf.where(accept, margin, state.margin),
+                tf.where(accept, correct, state.correct),
+            )
+
+        def cond(i, state):
+            return (i < stop) & tf.reduce_any(state.correct)
+
+        _, state = tf.while_loop(cond, body, (start, state))
+        return SquareState(tf.reshape(state.x_best, tf.shape(x)), state.margin, state.correct)
+
+    return init, steps
+
+
+class _SquareKernels(NamedTuple):
+    init: Any
+    steps: Any
+
+
+def _square_init_builder(model_ref, loss_fn, from_logits, **static):
+    return _square_fn(model_ref, loss_fn, from_logits, **static)[0]
+
+
+def _square_steps_builder(model_ref, loss_fn, from_logits, **static):
+    return _square_fn(model_ref, loss_fn, from_logits, **static)[1]
+
+
+def _kernels(model, from_logits, **static) -> _SquareKernels:
+    return _SquareKernels(
+        *(
+            compiled_kernel(model, None, builder, resolve=False, from_logits=from_logits, **static)
+            for builder in (_square_init_builder, _square_steps_builder)
+        )
+    )
+
+
+def _check_square(epsilon, p, queries, p_init, restarts, clip):
+    epsilon = check_epsilon(epsilon)
+    p = ball_norm(p)
+    if p not in SQUARE_NORMS:
+        raise ValueError(f"`p` must be 2 or inf for the Square attack. Received: p={p!r}")
+    queries = check_count(queries, "queries")
+    p_init = check_fraction(p_init, "p_init")
+    restarts = check_count(restarts, "restarts")
+    return epsilon, p, queries, p_init, restarts, check_clip(clip)
+
+
+def square_with_correct(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    epsilon: float,
+    p: PValue = math.inf,
+    queries: int = 5000,
+    p_init: float = 0.8,
+    restarts: int = 1,
+    seed: Any = None,
+    clip: Clip = (0.0, 1.0),
+    *,
+    rescale_schedule: bool = True,
+    from_logits: bool | None = None,
+    jit_compile: bool | None = None,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """`square` that also returns the per-example correctness at the result."""
+    epsilon, p, queries, p_init, restarts, clip = _check_square(
+        epsilon, p, queries, p_init, restarts, clip
+    )
+    seed = seed_tensor(seed)
+    x, y = check_inputs(x, y)
+    shape = tuple(x.shape[1:])
+    image_layout(shape)
+    if from_logits is None:
+        from_logits = loss_from_logits(model, None)
+    classes = count_classes(model, x)
+    clean = clean_scores(model, x, y, from_logits, classes, 0, jit_compile)
+    kernels = _kernels(
+        model,
+        from_logits,
+        p=p,
+        queries=queries,
+        p_init=p_init,
+        rescale=bool(rescale_schedule),
+        shape=shape,
+    )
+    low, high = bounds(clip, x)
+    epsilon = tf.constant(epsilon, x.dtype)
+    x_adv = x.numpy().copy()
+    correct = clean.correct.numpy().copy()
+    best_margin = np.full(len(correct), np.inf, np.float32)
+    for restart in range(restarts):
+        active = np.flatnonzero(correct)
+        if not len(active):
+            break
+        run_seed = tf.random.experimental.stateless_fold_in(seed, restart, alg=ALG)
+        result = _one_run(
+            kernels, x, clean.labels, active, epsilon, low, high, run_seed, queries, jit_compile
+        )
+        update = ~result.correct | (result.margin < best_margin[active])
+        x_adv[active[update]] = result.x_best[update]
+        best_margin[active[update]] = result.margin[update]
+        correct[active] = result.correct
+    return tf.constant(x_adv), tf.constant(correct)
+
+
+def _one_run(kernels, x, labels, active, epsilon, low, high, seed, queries, jit_compile):
+    """One restart on the examples `active`, in chunks of `CHUNK` iterations."""
+    x_run = tf.gather(x, active)
+    labels_run = tf.gather(labels, active)
+    state = kernels.init(x_run, labels_run, epsilon, low, high, seed, jit_compile=jit_compile)
+    x_best, margin, correct = (np.array(t) for t in state)
+    for start in range(0, queries - 1, CHUNK):
+        still = np.flatnonzero(correct)
+        if not len(still):
+            break
+        chunk = SquareState(*(tf.constant(a[still]) for a in (x_best, margin, correct)))
+        stop = tf.constant(min(start + CHUNK, queries - 1))
+        state = kernels.steps(
+            tf.gather(x_run, still),
+            tf.gather(labels_run, still),
+            chunk,
+            epsilon,
+            low,
+            high,
+            seed,
+            tf.constant(start),
+            stop,
+            jit_compile=jit_compile,
+        )
+        x_best[still], margin[still], correct[still] = (t.numpy() for t in state)
+    return SquareState(x_best, margin, correct)
+
+
+def square(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    epsilon: float,
+    p: PValue = math.inf,
+    queries: int = 5000,
+    p_init: float = 0.8,
+    restarts: int = 1,
+    seed: Any = None,
+    clip: Clip = (0.0, 1.0),
+    *,
+    rescale_schedule: bool = True,
+    from_logits: bool | None = None,
+    jit_compile: bool | None = None,
+) -> tf.Tensor:
+    """The Square attack (Andriushchenko et al. 2020): score-based random search.
+
+    Minimises the margin loss with at most `queries` forward passes per
+    example and restart (the first one at the initial stripes or tiles),
+    stopping for each example as soon as it is misclassified (module
+    docstring). Only the model's outputs are used, never its gradients.
+    Examples misclassified at x are not attacked; each restart attacks only
+    the examples no earlier restart broke.
+
+    Args:
+        model: A Keras classifier; outputs read as logits, or as probabilities
+            (attacked through their logarithm) when `from_logits` is False.
+        x: A batch of images (batch, h, w, c) channels-last or (batch, h, w),
+            or of vectors (batch, d).
+        y: Integer labels (batch,) or (batch, 1), or one-hot targets.
+        epsilon: Radius of the p-ball, >= 0.
+        p: 2 or `math.inf` ("inf").
+        queries: Queries per example and restart, >= 1 (AutoAttack: 5000).
+        p_init: The share of the image the first windows cover, in (0, 1].
+        restarts: Runs from new random starts, >= 1.
+        seed: Integer for reproducible runs; None draws a fresh seed.
+        clip: The box (low, high) inputs live in, or None for no box.
+        rescale_schedule: Scale the schedule's iterations to `queries` (the
+            published attack). With False they are absolute, so a larger
+            budget repeats a smaller one's queries and then goes on.
+        from_logits: Whether the outputs are logits; None reads the compiled
+            loss's `from_logits` (logits when there is none).
+        jit_compile: True/False to force XLA on or off; None uses XLA only
+            for eager calls with a GPU visible.
+
+    Returns:
+        The adversarial batch, shaped like `x`: a misclassified point where
+        one was found, else the point of lowest margin.
+
+    Raises:
+        ValueError: On an invalid argument, before any work.
+    """
+    return square_with_correct(
+        model,
+        x,
+        y,
+        epsilon,
+        p,
+        queries,
+        p_init,
+        restarts,
+        seed,
+        clip,
+        rescale_schedule=rescale_schedule,
+        from_logits=from_logits,
+        jit_compile=jit_compile,
+    )[0]
