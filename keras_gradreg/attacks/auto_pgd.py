@@ -47,7 +47,7 @@ from keras_gradreg.attacks.common import (
     seed_tensor,
 )
 from keras_gradreg.balls import ALG, ball_norm, project_ball, random_on_sphere
-from keras_gradreg.norms import PValue, worst_case_perturbation
+from keras_gradreg.norms import PValue
 
 APGD_NORMS = (2.0, math.inf)
 MOMENTUM = 0.75
@@ -106,6 +106,14 @@ def random_start_point(shape, p: float, epsilon, seed, dtype=tf.float32) -> tf.T
     return tf.reshape(flat, shape)
 
 
+def _unit_l2(gradient: tf.Tensor) -> tf.Tensor:
+    """g / ||g||_2 per example (0 where g = 0)."""
+    flat = tf.reshape(gradient, [tf.shape(gradient)[0], -1])
+    norm = tf.norm(flat, axis=1, keepdims=True)
+    unit = flat / tf.where(norm > 0, norm, tf.ones_like(norm))
+    return tf.reshape(unit, tf.shape(gradient))
+
+
 def _apgd_fn(
     model_ref, loss_fn, from_logits, p, steps, objective_name, targeted, rho, random_start
 ):
@@ -128,20 +136,61 @@ def _apgd_fn(
         correct = tf.equal(tf.argmax(z, axis=1, output_type=tf.int32), label)
         return losses, correct, gradient
 
+    def where(mask, a, b):
+        return tf.where(tf.reshape(mask, [-1] + [1] * (a.shape.rank - 1)), a, b)
+
+    def move(x, feasible, point, previous, gradient, step, alpha, epsilon, low, high):
+        """x_{k+1} from x_k = `point`: a steepest-ascent step, then momentum, projected.
+
+        x_k + alpha (z - x_k) + (1 - alpha)(x_k - x_{k-1}) is computed as
+        alpha z + (1 - alpha)(2 x_k - x_{k-1}): fewer passes over the batch.
+        """
+        step = tf.reshape(step, [-1] + [1] * (x.shape.rank - 1))
+        if p == math.inf:
+            low_inf, high_inf = feasible
+            z = tf.clip_by_value(point + step * tf.sign(gradient), low_inf, high_inf)
+            moved = alpha * z + (1.0 - alpha) * (2.0 * point - previous)
+            return tf.clip_by_value(moved, low_inf, high_inf)
+
+        def project(candidate):
+            return box(x + project_ball(candidate - x, p, epsilon), low, high)
+
+        z = project(point + step * _unit_l2(gradient))
+        return project(alpha * z + (1.0 - alpha) * (2.0 * point - previous))
+
+    def record(s, x_new, loss_new, correct_new, grad_new):
+        """The state after evaluating x_new: adversarial and best points, rises of the loss."""
+        s = dict(s)
+        s["x_adv"] = where(s["correct"] & ~correct_new, x_new, s["x_adv"])
+        s["correct"] = s["correct"] & correct_new
+        s["increases"] += tf.cast(loss_new > s["loss"], tf.int32)
+        better = loss_new > s["loss_best"]
+        s["x_best"] = where(better, x_new, s["x_best"])
+        s["grad_best"] = where(better, grad_new, s["grad_best"])
+        s["loss_best"] = tf.where(better, loss_new, s["loss_best"])
+        s["x_prev"], s["x"], s["grad"], s["loss"] = s["x"], x_new, grad_new, loss_new
+        return s
+
+    def at_checkpoint(s, k):
+        """Halve the step and restart from the best point where either condition holds."""
+        s = dict(s)
+        interval = tf.cast(k + 1 - s["last_checkpoint"], tf.float32)
+        few_increases = tf.cast(s["increases"], tf.float32) < rho * interval
+        stalled = ~s["halved_last"] & (s["loss_best"] <= s["loss_best_checked"])
+        halve = few_increases | stalled
+        s["step"] = tf.where(halve, 0.5 * s["step"], s["step"])
+        s["x"] = where(halve, s["x_best"], s["x"])
+        s["grad"] = where(halve, s["grad_best"], s["grad"])
+        s["loss"] = tf.where(halve, s["loss_best"], s["loss"])
+        s["halved_last"] = halve
+        s["loss_best_checked"] = s["loss_best"]
+        s["increases"] = tf.zeros_like(s["increases"])
+        s["last_checkpoint"] = k + 1
+        return s
+
     def run(x, label, target, epsilon, low, high, seed):
         model = model_ref()
         epsilon = tf.cast(epsilon, x.dtype)
-        column = [-1] + [1] * (x.shape.rank - 1)
-
-        def project(point):
-            return box(x + project_ball(point - x, p, epsilon), low, high)
-
-        def ascent(point, gradient, step):
-            return point + worst_case_perturbation(gradient, p, step)
-
-        def where(mask, a, b):
-            return tf.where(tf.reshape(mask, column), a, b)
-
         start = x
         if random_start:
             start = box(x + random_start_point(tf.shape(x), p, epsilon, seed, x.dtype), low, high)
@@ -163,40 +212,22 @@ def _apgd_fn(
             halved_last=tf.ones([n], tf.bool),
             last_checkpoint=tf.constant(0),
         )
+        momentum = tf.constant(MOMENTUM, x.dtype)
+        # For L-inf the ball and the box intersect in a box: one clip projects onto both.
+        feasible = None
+        if p == math.inf:
+            feasible = (x - epsilon, x + epsilon)
+            if low is not None:
+                feasible = (tf.maximum(feasible[0], low), tf.minimum(feasible[1], high))
 
-        def body(k, state):
-            s = dict(state)
-            z = project(ascent(s["x"], s["grad"], s["step"]))
-            alpha = tf.where(k > 0, tf.constant(MOMENTUM, x.dtype), tf.constant(1.0, x.dtype))
-            x_new = project(s["x"] + alpha * (z - s["x"]) + (1.0 - alpha) * (s["x"] - s["x_prev"]))
+        def body(k, s):
+            alpha = tf.where(k > 0, momentum, tf.ones_like(momentum))
+            x_new = move(
+                x, feasible, s["x"], s["x_prev"], s["grad"], s["step"], alpha, epsilon, low, high
+            )
             loss_new, correct_new, grad_new = objective(model, x_new, label, target)
-            newly_broken = s["correct"] & ~correct_new
-            s["x_adv"] = where(newly_broken, x_new, s["x_adv"])
-            s["correct"] = s["correct"] & correct_new
-            s["increases"] += tf.cast(loss_new > s["loss"], tf.int32)
-            better = loss_new > s["loss_best"]
-            s["x_best"] = where(better, x_new, s["x_best"])
-            s["grad_best"] = where(better, grad_new, s["grad_best"])
-            s["loss_best"] = tf.where(better, loss_new, s["loss_best"])
-            s["x_prev"], s["x"], s["grad"], s["loss"] = s["x"], x_new, grad_new, loss_new
-
-            def at_checkpoint(s):
-                s = dict(s)
-                interval = tf.cast(k + 1 - s["last_checkpoint"], tf.float32)
-                few_increases = tf.cast(s["increases"], tf.float32) < rho * interval
-                stalled = ~s["halved_last"] & (s["loss_best"] <= s["loss_best_checked"])
-                halve = few_increases | stalled
-                s["step"] = tf.where(halve, 0.5 * s["step"], s["step"])
-                s["x"] = where(halve, s["x_best"], s["x"])
-                s["grad"] = where(halve, s["grad_best"], s["grad"])
-                s["loss"] = tf.where(halve, s["loss_best"], s["loss"])
-                s["halved_last"] = halve
-                s["loss_best_checked"] = s["loss_best"]
-                s["increases"] = tf.zeros_like(s["increases"])
-                s["last_checkpoint"] = k + 1
-                return s
-
-            s = tf.cond(is_checkpoint[k + 1], lambda: at_checkpoint(s), lambda: s)
+            s = record(s, x_new, loss_new, correct_new, grad_new)
+            s = tf.cond(is_checkpoint[k + 1], lambda: at_checkpoint(s, k), lambda: s)
             return k + 1, s
 
         def cond(k, state):

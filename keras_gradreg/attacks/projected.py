@@ -61,6 +61,7 @@ def _fgsm_fn(model_ref, loss_fn, from_logits, p):
 
 def _pgd_fn(model_ref, loss_fn, from_logits, p, steps, restarts, random_start):
     def keep_best(best, x_adv, losses, correct):
+        """Per example: a misclassified point beats a correct one, then the higher loss."""
         best_x, best_loss, best_correct = best
         wrong, best_wrong = ~correct, ~best_correct
         better = (wrong & best_correct) | ((wrong == best_wrong) & (losses > best_loss))
@@ -70,6 +71,15 @@ def _pgd_fn(model_ref, loss_fn, from_logits, p, steps, restarts, random_start):
             tf.where(better, losses, best_loss),
             tf.where(better, correct, best_correct),
         )
+
+    def move(x, x_adv, gradient, step_size, epsilon, low, high):
+        """One steepest-ascent step of length `step_size`, projected onto the ball and box."""
+        if low is not None and not math.isinf(p):
+            # Only move along coordinates that can still move inside the box.
+            blocked = ((x_adv >= high) & (gradient > 0)) | ((x_adv <= low) & (gradient < 0))
+            gradient = tf.where(blocked, tf.zeros_like(gradient), gradient)
+        x_adv = x_adv + worst_case_perturbation(gradient, p, step_size)
+        return box(x + project_ball(x_adv - x, p, epsilon), low, high)
 
     def run(x, y, epsilon, step_size, low, high, seed):
         model = model_ref()
@@ -91,12 +101,7 @@ def _pgd_fn(model_ref, loss_fn, from_logits, p, steps, restarts, random_start):
             for _ in tf.range(steps):
                 losses, correct, gradient = loss_and_gradient(model, loss_fn, from_logits, x_adv, y)
                 best = keep_best(best, x_adv, losses, correct)
-                if low is not None and not math.isinf(p):
-                    # Only move along coordinates that can still move inside the box.
-                    blocked = ((x_adv >= high) & (gradient > 0)) | ((x_adv <= low) & (gradient < 0))
-                    gradient = tf.where(blocked, tf.zeros_like(gradient), gradient)
-                x_adv = x_adv + worst_case_perturbation(gradient, p, step_size)
-                x_adv = box(x + project_ball(x_adv - x, p, epsilon), low, high)
+                x_adv = move(x, x_adv, gradient, step_size, epsilon, low, high)
             y_pred = model(x_adv, training=False)
             losses = per_example_loss(loss_fn, y, y_pred)
             best = keep_best(best, x_adv, losses, correct_predictions(y, y_pred, from_logits))

@@ -270,6 +270,15 @@ def _square_fn(model_ref, loss_fn, from_logits, p, queries, p_init, rescale, sha
         delta = delta * (1.0 - both) + update * mask1
         return box(images + epsilon * delta / (l2_norm(delta) + 1e-12), low, high)
 
+    def accept(state, x_new, margin, correct):
+        """Keep x_new where the margin went down or the example became misclassified."""
+        better = state.correct & ((margin < state.margin) | ~correct)
+        return SquareState(
+            tf.where(tf.reshape(better, [-1, 1, 1, 1]), x_new, state.x_best),
+            tf.where(better, margin, state.margin),
+            tf.where(better, correct, state.correct),
+        )
+
     def steps(x, label, state, epsilon, low, high, seed, start, stop):
         model = model_ref()
         images = tf.reshape(x, [-1, h, w, c])
@@ -285,13 +294,7 @@ def _square_fn(model_ref, loss_fn, from_logits, p, queries, p_init, rescale, sha
                     images, state.x_best, epsilon, low, high, iteration_seed, side, i
                 )
             margin, correct = query(model, x_new, label)
-            accept = state.correct & ((margin < state.margin) | ~correct)
-            column = tf.reshape(accept, [-1, 1, 1, 1])
-            return i + 1, SquareState(
-                tf.where(column, x_new, state.x_best),
-                tf.where(accept, margin, state.margin),
-                tf.where(accept, correct, state.correct),
-            )
+            return i + 1, accept(state, x_new, margin, correct)
 
         def cond(i, state):
             return (i < stop) & tf.reduce_any(state.correct)
