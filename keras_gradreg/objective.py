@@ -305,10 +305,21 @@ def _reduced_loss(loss_fn: Any) -> keras.losses.Loss:
             )
         return loss_fn
     if callable(loss_fn):
-        return keras.losses.LossFunctionWrapper(loss_fn)
+        return _PerExampleLoss(loss_fn)
     raise ValueError(
         f"`loss_fn` must be a Keras loss, a loss name or a callable. Received: loss_fn={loss_fn!r}"
     )
+
+
+class _PerExampleLoss(keras.losses.Loss):
+    """A function `(y_true, y_pred) -> per-example losses` with Keras's default reduction."""
+
+    def __init__(self, fn: Callable):
+        super().__init__(name="loss_fn")
+        self.fn = fn
+
+    def call(self, y_true, y_pred):
+        return self.fn(y_true, y_pred)
 
 
 def _scale_for_replicas(value: tf.Tensor) -> tf.Tensor:
