@@ -243,8 +243,7 @@ def global_seed_generator() -> keras.random.SeedGenerator | None:
 
 @_guarded(
     "tensorflow.python.ops.control_flow_util.GraphOrParentsInXlaContext",
-    "TensorFlow has no public way to ask whether the op being built will be "
-    "compiled by XLA",
+    "TensorFlow has no public way to ask whether the op being built will be compiled by XLA",
 )
 def in_xla_context() -> bool:
     """Whether the graph being built (or a parent) is compiled by XLA."""
