@@ -80,38 +80,31 @@ def regularized_loss(
 ) -> RegularizedLoss:
     """The regularised loss of one batch, for a custom training loop.
 
-    Computes what `kgr.RegularizedModel.fit` minimises for a plain
-    `keras.Model` (or any Keras layer): call it inside a `tf.GradientTape`
-    and differentiate `total`. Every forward pass of the call shares the
-    model's dropout masks (and any noise drawn from Keras seed generators);
-    a second pass, at x + r*, leaves no trace in the model's state (BatchNorm
-    statistics). Works eagerly, in `tf.function` and with XLA, and per replica
-    under `strategy.run`.
+    What `kgr.RegularizedModel.fit` minimises, for any Keras model: call it
+    inside a `tf.GradientTape` and differentiate `total`. All forward passes
+    share the step's dropout masks; the pass at x + r* leaves no trace in
+    the model's state. Eager, `tf.function`, XLA, and under `strategy.run`.
 
     Args:
         model: The Keras model; called as `model(x, training=training)`.
-        x: A batch of inputs: a tensor, array, or nested structure; every
-            floating-point tensor is differentiated and the norm runs over
-            their concatenation per example.
+        x: A batch: a tensor, array or nested structure. Every floating-point
+            tensor is differentiated; the norm runs over all of them.
         y: Targets for `loss_fn`.
-        loss_fn: A `keras.losses.Loss`, reduced by its own `reduction`
-            ("sum_over_batch_size", the default, is the batch mean and also
-            divides by the number of replicas; "none" is refused); or a loss
-            name or a function `(y_true, y_pred) -> per-example losses`,
-            reduced like the Keras default. The model's own losses
-            (`model.losses`: weight and activity regularisers) are added, as
-            `Model.compute_loss` adds them.
+        loss_fn: A `keras.losses.Loss`, reduced by its own `reduction` (the
+            default is the batch mean, divided by the number of replicas;
+            "none" is refused); or a loss name or a function `(y_true,
+            y_pred) -> per-example losses`, given the default reduction.
+            `model.losses` are added, as `Model.compute_loss` adds them.
         regularizer: A `kgr.GradientRegularizer`, a dict of its arguments,
             or None for the defaults.
-        sample_weight: Optional per-example weights, passed to the loss; the
-            penalty of each example is weighted the same way.
+        sample_weight: Optional per-example weights for the loss; each
+            example's penalty is weighted the same way.
         training: Whether the forward passes run in training mode.
-        loss_scale: Under mixed precision, the loss-scale factor: the input
-            gradient is taken of `loss_scale * loss` and divided by it, so
-            float16 input gradients do not underflow. With a
-            `keras.optimizers.LossScaleOptimizer`, pass
-            `optimizer.scale_loss(1.0)` and differentiate
-            `optimizer.scale_loss(result.total)`. None: no scaling.
+        loss_scale: Under mixed precision, the input gradient is taken of
+            `loss_scale * loss` and divided by it, so that float16 does not
+            underflow. With a `keras.optimizers.LossScaleOptimizer`, pass
+            `optimizer.scale_loss(1.0)` (and differentiate
+            `optimizer.scale_loss(result.total)`). None: no scaling.
 
     Returns:
         A `RegularizedLoss(total, data_loss, penalty, y_pred)`.
@@ -120,12 +113,9 @@ def regularized_loss(
         ValueError: On a bad argument, before any work; or if `x` has no
             floating-point tensor while sigma > 0.
     """
-    if not isinstance(model, keras.layers.Layer):
-        raise ValueError(f"`model` must be a Keras model or layer. Received: model={model!r}")
+    _check_layer_and_training(model, training)
     regularizer = as_regularizer(regularizer)
     reduced_loss = _reduced_loss(loss_fn)
-    if isinstance(training, bool) is False:
-        raise ValueError(f"`training` must be True or False. Received: training={training!r}")
     if loss_scale is not None and not tf.is_tensor(loss_scale):
         loss_scale = _checks.check_positive(loss_scale, "loss_scale")
     x = tf.nest.map_structure(_as_tensor, x)
@@ -284,6 +274,13 @@ def _state_outside(model: keras.layers.Layer, seed_states: list, extra_state) ->
     seeds = {id(state) for state in seed_states}
     variables = [*model.non_trainable_variables, *extra_state]
     return [variable for variable in variables if id(variable) not in seeds]
+
+
+def _check_layer_and_training(model: Any, training: Any) -> None:
+    if not isinstance(model, keras.layers.Layer):
+        raise ValueError(f"`model` must be a Keras model or layer. Received: model={model!r}")
+    if not isinstance(training, bool):
+        raise ValueError(f"`training` must be True or False. Received: training={training!r}")
 
 
 def _as_tensor(value: Any) -> Any:
