@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from collections.abc import Callable
 from typing import Any
 
 import keras
 import tensorflow as tf
 
-SUPPORTED = "TensorFlow 2.16 to 2.21 with Keras 3.3.3 to 3.15 (setup.cfg)"
+SUPPORTED = "TensorFlow >= 2.16.2 with Keras >= 3.10.0 (tested up to TensorFlow 2.21, Keras 3.15)"
+MINIMUM_VERSIONS = {"tensorflow": (2, 16, 2), "keras": (3, 10, 0)}
 
 
 class InternalsChangedError(RuntimeError):
@@ -32,6 +34,28 @@ class InternalsChangedError(RuntimeError):
 def versions() -> str:
     """The installed TensorFlow and Keras versions, for messages."""
     return f"TensorFlow {tf.__version__}, Keras {keras.__version__}"
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """(2, 16, 2) for "2.16.2" or "2.16.2rc0"."""
+    return tuple(int(re.match(r"\d*", part).group() or 0) for part in version.split(".")[:3])
+
+
+def check_versions() -> None:
+    """Raises ImportError below the supported TensorFlow and Keras versions.
+
+    Under a tf.distribute strategy, Keras < 3.8 does not divide losses by
+    the number of replicas and Keras < 3.10 does not synchronise metric
+    variables on read: two replicas then do not train or log like one device
+    (.ci/constraints-lowest.txt has what was measured).
+    """
+    found = {"tensorflow": tf.__version__, "keras": keras.__version__}
+    for name, minimum in MINIMUM_VERSIONS.items():
+        if _version_tuple(found[name]) < minimum:
+            raise ImportError(
+                f"keras_gradreg needs {name} >= {'.'.join(map(str, minimum))}. "
+                f"Received: {name}=={found[name]} ({versions()}). Supported: {SUPPORTED}."
+            )
 
 
 def _changed(what: str, why: str, error: Exception) -> InternalsChangedError:
@@ -228,17 +252,18 @@ def layer_seed_generators(layer: keras.layers.Layer) -> list:
 
 
 @_guarded(
-    "keras.src.backend.common.global_state and "
-    "keras.src.random.seed_generator.GLOBAL_SEED_GENERATOR",
+    "keras.src.backend.common.global_state and the 'global_seed_generator' key",
     "keras.random.* with seed=None draws from a global SeedGenerator that has "
     "no public accessor (the private one would create it)",
 )
 def global_seed_generator() -> keras.random.SeedGenerator | None:
     """Keras's global seed generator if it exists yet, else None."""
     from keras.src.backend.common import global_state
-    from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
+    from keras.src.random import seed_generator
 
-    return global_state.get_global_attribute(GLOBAL_SEED_GENERATOR)
+    # Keras < 3.11 spells the key out instead of naming the constant.
+    key = getattr(seed_generator, "GLOBAL_SEED_GENERATOR", "global_seed_generator")
+    return global_state.get_global_attribute(key)
 
 
 @_guarded(
@@ -284,6 +309,19 @@ def check_overridden_hooks() -> None:
                 "overridden by RegularizedModel",
                 TypeError(f"its parameters are now {found}"),
             )
+
+
+@_guarded(
+    "iteration over Keras's TFEpochIterator",
+    "no public way to peek at one batch of the data fit() is given",
+)
+def first_batch(epoch_iterator: Any) -> Any:
+    """The first batch (per-replica values under a strategy) of `fit`'s epoch iterator."""
+    # It yields (step, iterator) up to Keras 3.10, (first step, last step,
+    # iterator) in later releases: tuples ending with a tf iterator over batches.
+    for item in epoch_iterator:
+        return next(item[-1])
+    return None
 
 
 def first_replica_value(strategy: tf.distribute.Strategy, value: Any) -> Any:

@@ -180,12 +180,10 @@ class RegularizedModel(keras.Model):
         """
         strategy = self.distribute_strategy
         if iterator is not None and not _internals.is_default_strategy(strategy):
-            for _, _, it in iterator:
-                batch = next(it)
-                data_batch = tf.nest.map_structure(
-                    lambda t: _internals.first_replica_value(strategy, t), batch
-                )
-                break
+            data_batch = tf.nest.map_structure(
+                lambda t: _internals.first_replica_value(strategy, t),
+                _internals.first_batch(iterator),
+            )
             iterator = None
         return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 

@@ -150,3 +150,14 @@ def test_a_renamed_hook_is_reported(monkeypatch):
     monkeypatch.setitem(_internals.OVERRIDDEN_HOOKS, "_no_such_hook", ("iterator",))
     with pytest.raises(_internals.InternalsChangedError, match=r"keras.Model._no_such_hook"):
         _internals.check_overridden_hooks()
+
+
+def test_versions_below_the_supported_range_are_refused(monkeypatch):
+    _internals.check_versions()  # The installed pair is supported.
+    monkeypatch.setattr(keras, "__version__", "3.9.2")
+    with pytest.raises(ImportError, match=r"needs keras >= 3\.10\.0\. Received: keras==3\.9\.2"):
+        _internals.check_versions()
+    monkeypatch.setattr(keras, "__version__", "3.16.0rc1")
+    monkeypatch.setattr(tf, "__version__", "2.15.1")
+    with pytest.raises(ImportError, match=r"needs tensorflow >= 2\.16\.2"):
+        _internals.check_versions()
