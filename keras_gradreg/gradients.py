@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import tensorflow as tf
@@ -87,6 +87,105 @@ def per_example_loss(loss_fn: Callable, y: Any, y_pred: Any) -> tf.Tensor:
     return values
 
 
+class LossAndGradient(NamedTuple):
+    """Per-example losses, predictions and input gradient of one batch.
+
+    Attributes:
+        losses: Each example's loss, shape (batch,), float32.
+        y_pred: The model's output on the batch.
+        gradient: d losses[i] / d x[i]: a tensor shaped like `x`, or for a
+            structure `x` a structure like it with a gradient per
+            floating-point input and None elsewhere.
+    """
+
+    losses: tf.Tensor
+    y_pred: Any
+    gradient: Any
+
+
+def differentiate_inputs(
+    compute: Callable[[Any], tuple[tf.Tensor, Any]], x: Any
+) -> tuple[list[tf.Tensor], Any]:
+    """Gradient of `compute(x)`'s target with respect to x's floating inputs.
+
+    The library's one input-gradient tape: attacks, the robustness report,
+    `input_gradients` and the regularised objective all differentiate through
+    it. `compute(x)` returns `(target, aux)` and runs inside the tape, so the
+    reduction to the scalar `target` is recorded. Called inside an outer
+    `tf.GradientTape`, the gradient is itself recorded by that tape, which can
+    then differentiate it again (double backpropagation).
+
+    Args:
+        compute: `x -> (target, aux)`: `target` a scalar (a tensor of any
+            shape is summed by the tape), `aux` anything to hand back.
+        x: A tensor or a nested structure of tensors; its floating-point
+            tensors are watched.
+
+    Returns:
+        `(gradients, aux)`: one gradient per floating-point tensor of `x`
+        (in `tf.nest.flatten` order, zeros where `target` does not depend on
+        it) and `compute`'s `aux`.
+    """
+    inputs = floating_inputs(x)
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        target, aux = compute(x)
+    return zeros_for_missing(tape.gradient(target, inputs), inputs), aux
+
+
+def _like_x(x: Any, gradients: list[tf.Tensor]) -> Any:
+    """The gradients in the structure of `x` (None for non-floating tensors)."""
+    if tf.is_tensor(x):
+        return gradients[0]
+    replacements = iter(gradients)
+    flat = [
+        next(replacements) if t is not None and t.dtype.is_floating else None
+        for t in tf.nest.flatten(x)
+    ]
+    return tf.nest.pack_sequence_as(x, flat)
+
+
+def loss_and_input_gradient(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    loss: LossLike = None,
+    training: bool = False,
+) -> LossAndGradient:
+    """Per-example losses, predictions and input gradients from one forward pass.
+
+    The gradient is that of the sum of the per-example losses, so row i is
+    d loss(x_i, y_i) / d x_i whatever the batch (what attacks and the
+    robustness report need). Works eagerly and inside `tf.function` and XLA.
+
+    Args:
+        model: A Keras model (any callable `model(x, training=...)`).
+        x: Model input: a tensor, or a nested structure of tensors.
+        y: Targets matching `loss`.
+        loss: A Keras loss name or object, a callable `(y_true, y_pred)`
+            returning per-example losses, or None for the model's compiled loss.
+        training: Whether to run the model in training mode.
+
+    Returns:
+        A `LossAndGradient(losses, y_pred, gradient)`.
+
+    Raises:
+        ValueError: If `x` has no floating-point tensor, or `loss` cannot be used.
+    """
+    loss_fn = resolve_loss(model, loss)
+    x = tf.nest.map_structure(lambda t: t if t is None else tf.convert_to_tensor(t), x)
+    if not floating_inputs(x):
+        raise ValueError(f"`x` has no floating-point input to differentiate. Received: x={x!r}")
+
+    def summed_losses(inputs):
+        y_pred = model(inputs, training=training)
+        losses = per_example_loss(loss_fn, y, y_pred)
+        return tf.reduce_sum(losses), (losses, y_pred)
+
+    gradients, (losses, y_pred) = differentiate_inputs(summed_losses, x)
+    return LossAndGradient(losses, y_pred, _like_x(x, gradients))
+
+
 def input_gradients(
     model: keras.Model,
     x: Any,
@@ -111,21 +210,4 @@ def input_gradients(
         structure like `x` with a gradient for every floating-point input and
         None for the others.
     """
-    loss_fn = resolve_loss(model, loss)
-    x = tf.nest.map_structure(lambda t: t if t is None else tf.convert_to_tensor(t), x)
-    inputs = floating_inputs(x)
-    if not inputs:
-        raise ValueError(f"`x` has no floating-point input to differentiate. Received: x={x!r}")
-    with tf.GradientTape() as tape:
-        tape.watch(inputs)
-        y_pred = model(x, training=training)
-        total = tf.reduce_sum(per_example_loss(loss_fn, y, y_pred))
-    gradients = zeros_for_missing(tape.gradient(total, inputs), inputs)
-    if tf.is_tensor(x):
-        return gradients[0]
-    replacements = iter(gradients)
-    flat = [
-        next(replacements) if t is not None and t.dtype.is_floating else None
-        for t in tf.nest.flatten(x)
-    ]
-    return tf.nest.pack_sequence_as(x, flat)
+    return loss_and_input_gradient(model, x, y, loss, training=training).gradient

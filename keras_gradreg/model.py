@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, NamedTuple
 
 import keras
 import tensorflow as tf
-from keras.src.losses.loss import unscale_loss_for_distribution
-from keras.src.models.functional import Functional
-from keras.src.models.model import functional_init_arguments
-from keras.src.saving import object_registration
-from keras.src.trainers.trainer import Trainer
 
-from keras_gradreg import randomness
-from keras_gradreg.gradients import (
-    concat_per_example,
-    floating_inputs,
-    replace_floating_inputs,
-    split_per_example,
-    zeros_for_missing,
-)
-from keras_gradreg.norms import dual_norm, worst_case_perturbation
-from keras_gradreg.regularizer import GradientRegularizer
+from keras_gradreg import _internals, randomness
+from keras_gradreg.objective import RegularizedLoss, regularized_objective, unscale_for_replicas
+from keras_gradreg.regularizer import GradientRegularizer, as_regularizer
 from keras_gradreg.train_function import make_distributed_function
 
 _EVAL_ONLY_EXCLUDED = ("data_loss", "penalty")
@@ -30,48 +17,22 @@ _SEED_STATE_KEY = "seed_generator_state_"
 
 
 class StepResult(NamedTuple):
-    """What one regularised forward/backward pass produces (per replica).
+    """One regularised forward/backward pass (per replica).
 
-    Losses are as Keras computes them: already divided by the number of
-    replicas under a `tf.distribute` strategy.
+    Attributes:
+        gradients: Parameter gradients of the loss-scaled `loss.total`, in
+            the order of `trainable_weights`.
+        loss: The `kgr.RegularizedLoss` of the batch, as Keras computes
+            losses: divided by the number of replicas under a strategy.
     """
 
     gradients: list
-    y_pred: Any
-    total_loss: tf.Tensor
-    data_loss: tf.Tensor
-    penalty: tf.Tensor
+    loss: RegularizedLoss
 
 
 def _batch_size(x) -> tf.Tensor:
     """Examples in a batch: the leading dimension of its first input tensor."""
     return tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
-
-
-def _as_regularizer(regularizer: Any) -> GradientRegularizer:
-    if regularizer is None:
-        return GradientRegularizer()
-    if isinstance(regularizer, GradientRegularizer):
-        return regularizer
-    if isinstance(regularizer, dict):
-        if "class_name" in regularizer:
-            return keras.saving.deserialize_keras_object(regularizer)
-        known = set(inspect.signature(GradientRegularizer).parameters)
-        unknown = sorted(set(regularizer) - known)
-        if unknown:
-            raise ValueError(
-                f"`regularizer` has unknown keys {unknown}; known: {sorted(known)}. "
-                f"Received: regularizer={regularizer!r}"
-            )
-        return GradientRegularizer(**regularizer)
-    raise ValueError(
-        "`regularizer` must be a kgr.GradientRegularizer, a dict of its "
-        f"arguments, or None. Received: regularizer={regularizer!r}"
-    )
-
-
-def _is_default_strategy(strategy) -> bool:
-    return type(strategy).__name__ == "_DefaultDistributionStrategy"
 
 
 _FUNCTIONAL_VARIANTS: dict[type, type] = {}
@@ -90,12 +51,10 @@ def _functional_variant(cls: type) -> type:
     if variant is None:
         variant = type(
             cls.__name__,
-            (cls, Functional),
+            (cls, _internals.functional_class()),
             {"__module__": cls.__module__, "__qualname__": cls.__qualname__},
         )
-        object_registration.GLOBAL_CUSTOM_NAMES[variant] = object_registration.get_registered_name(
-            cls
-        )
+        _internals.set_registered_name(variant, keras.saving.get_registered_name(cls))
         _FUNCTIONAL_VARIANTS[cls] = variant
     return variant
 
@@ -135,16 +94,16 @@ class RegularizedModel(keras.Model):
     """
 
     def __new__(cls, *args, **kwargs):
-        if functional_init_arguments(args, kwargs) and not issubclass(cls, Functional):
+        functional = _internals.functional_class()
+        if _internals.is_functional_call(args, kwargs) and not issubclass(cls, functional):
             variant = _functional_variant(cls)
             return variant.__new__(variant, *args, **kwargs)
         return super().__new__(cls, *args, **kwargs)
 
     def __init__(self, *args, regularizer: Any = None, **kwargs):
-        regularizer = _as_regularizer(regularizer)
-        if isinstance(self, Functional):
-            Trainer.__init__(self)
-            Functional.__init__(self, *args, **kwargs)
+        regularizer = as_regularizer(regularizer)
+        if isinstance(self, _internals.functional_class()):
+            _internals.init_functional(self, args, kwargs)
         else:
             keras.Model.__init__(self, *args, **kwargs)
         self._regularizer = regularizer
@@ -158,7 +117,7 @@ class RegularizedModel(keras.Model):
 
     @regularizer.setter
     def regularizer(self, value: Any) -> None:
-        self._regularizer = _as_regularizer(value)
+        self._regularizer = as_regularizer(value)
         if self.train_function is not None:
             # Rebuilt, not dropped: `fit` calls `self.train_function` each step,
             # so a callback may change the regularizer between epochs.
@@ -181,7 +140,7 @@ class RegularizedModel(keras.Model):
         if self.train_function is not None and not force:
             return self.train_function
         self._replica_step = None
-        if _is_default_strategy(self.distribute_strategy):
+        if _internals.is_default_strategy(self.distribute_strategy):
             return super().make_train_function(force=force)
         if self.jit_compile and not self.run_eagerly:
             self._replica_step = tf.function(
@@ -198,7 +157,7 @@ class RegularizedModel(keras.Model):
         if self.test_function is not None and not force:
             return self.test_function
         self._replica_forward = None
-        if _is_default_strategy(self.distribute_strategy):
+        if _internals.is_default_strategy(self.distribute_strategy):
             return super().make_test_function(force=force)
         if self.jit_compile and not self.run_eagerly:
             self._replica_forward = tf.function(
@@ -208,28 +167,23 @@ class RegularizedModel(keras.Model):
         return self.test_function
 
     def _inference_forward(self, x):
-        return self(x, training=False) if self._call_has_training_arg else self(x)
+        return _internals.call_model(self, x, training=False)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Builds the model from one batch's shapes before distributed `fit`.
 
+        Overrides a private Keras hook (see `_internals.OVERRIDDEN_HOOKS`):
         Keras 3.15 averages a distributed batch with `strategy.reduce` to get
         those shapes, which raises under `MultiWorkerMirroredStrategy` (even
         for a stock `keras.Model`). The first local replica's batch has the
         same structure and is all the build needs.
         """
-        if iterator is not None and self._distribute_strategy is not None:
-            for _, _, it in iterator:
-                batch = next(it)
-                data_batch = tf.nest.map_structure(
-                    lambda t: (
-                        self._distribute_strategy.experimental_local_results(t)[0]
-                        if isinstance(t, tf.distribute.DistributedValues)
-                        else t
-                    ),
-                    batch,
-                )
-                break
+        strategy = self.distribute_strategy
+        if iterator is not None and not _internals.is_default_strategy(strategy):
+            data_batch = tf.nest.map_structure(
+                lambda t: _internals.first_replica_value(strategy, t),
+                _internals.first_batch(iterator),
+            )
             iterator = None
         return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
@@ -238,8 +192,8 @@ class RegularizedModel(keras.Model):
         return super().fit(*args, **kwargs)
 
     def _check_has_loss(self) -> None:
-        overrides_loss = type(self).compute_loss is not Trainer.compute_loss
-        if getattr(self, "_compile_loss", None) is None and not overrides_loss:
+        overrides_loss = type(self).compute_loss is not keras.Model.compute_loss
+        if _internals.compiled_loss(self) is None and not overrides_loss:
             raise ValueError(
                 "RegularizedModel penalises the gradient of the training loss, so "
                 "it needs one: call `model.compile(loss=...)` with a loss before "
@@ -250,55 +204,19 @@ class RegularizedModel(keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         self._check_has_loss()
         step = getattr(self, "_replica_step", None) or self.regularized_step
-        result = step(x, y, sample_weight)
-        self.optimizer.apply_gradients(zip(result.gradients, self.trainable_weights))
-        batch_size = _batch_size(x)
-        overflowed = None
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            # A loss-scaled input gradient that overflowed (the dynamic loss
-            # scale's normal search) makes the penalty NaN while the clean loss
-            # is finite; the optimizer skips the step and the loss and penalty
-            # means leave it out. A non-finite clean loss is always shown.
-            overflowed = tf.logical_and(
-                tf.logical_not(tf.math.is_finite(result.penalty)),
-                tf.math.is_finite(result.data_loss),
-            )
-        for tracker, value, maskable in (
-            (self._loss_tracker, result.total_loss, True),
-            (self._data_loss_tracker, result.data_loss, False),
-            (self._penalty_tracker, result.penalty, True),
-        ):
-            value = unscale_loss_for_distribution(value)
-            weight = tf.cast(batch_size, value.dtype)
-            if overflowed is not None and maskable:
-                value = tf.where(overflowed, tf.zeros_like(value), value)
-                weight = tf.where(overflowed, tf.zeros_like(weight), weight)
-            tracker.update_state(value, sample_weight=weight)
-        return self.compute_metrics(x, y, result.y_pred, sample_weight=sample_weight)
-
-    def test_step(self, data):
-        forward = getattr(self, "_replica_forward", None)
-        if forward is None:
-            logs = super().test_step(data)
-        else:
-            # Keras's TensorFlowTrainer.test_step with the forward pass compiled.
-            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-            y_pred = forward(x)
-            loss = self._compute_loss(
-                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
-            )
-            self._loss_tracker.update_state(
-                unscale_loss_for_distribution(loss), sample_weight=_batch_size(x)
-            )
-            logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        return {k: v for k, v in logs.items() if k not in _EVAL_ONLY_EXCLUDED}
+        gradients, loss = step(x, y, sample_weight)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
+        self._log_losses(loss, _batch_size(x))
+        return self.compute_metrics(x, y, loss.y_pred, sample_weight=sample_weight)
 
     def regularized_step(self, x, y, sample_weight=None) -> StepResult:
         """Computes the regularised loss and its gradients for one batch.
 
-        Updates no weights (only the state a forward pass updates: seed
-        generators, BatchNorm statistics, loss trackers), so it can be
-        compiled on its own (per replica) and the optimizer applied outside.
+        The loss is `kgr.objective.regularized_objective` of the compiled
+        loss (`Model.compute_loss`, with sample and class weights). Updates no
+        weights (only the state a forward pass updates: seed generators,
+        BatchNorm statistics, loss trackers), so it can be compiled on its
+        own (per replica) and the optimizer applied outside.
 
         Args:
             x: Model input.
@@ -309,22 +227,62 @@ class RegularizedModel(keras.Model):
             A `StepResult`. Its gradients are scaled like the loss by the
             optimizer (loss scaling under mixed precision).
         """
-        reg = self._regularizer
-        if reg.sigma == 0.0:
-            return self._plain_step(x, y, sample_weight)
-        if reg.method == "penalty":
-            return self._penalty_step(x, y, sample_weight)
-        return self._perturbed_step(x, y, sample_weight)
 
-    def _forward_loss(self, x, y, sample_weight):
-        if self._call_has_training_arg:
-            y_pred = self(x, training=True)
+        def forward(inputs):
+            y_pred = _internals.call_model(self, inputs, training=True)
+            loss = _internals.compute_loss(self, inputs, y, y_pred, sample_weight, training=True)
+            return y_pred, loss
+
+        with tf.GradientTape() as tape:
+            loss = regularized_objective(
+                self,
+                forward,
+                x,
+                self._regularizer,
+                loss_scale=self._loss_scale(),
+                extra_state=_internals.compiled_loss_variables(self),
+            )
+            scaled = self._scale(loss.total)
+        return StepResult(tape.gradient(scaled, self.trainable_weights), loss)
+
+    def _log_losses(self, loss: RegularizedLoss, batch_size: tf.Tensor) -> None:
+        """Adds one step's losses to the epoch means, weighted by its batch size."""
+        overflowed = None
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            # A loss-scaled input gradient that overflowed (the dynamic loss
+            # scale's normal search) makes the penalty NaN while the clean loss
+            # is finite; the optimizer skips the step and the loss and penalty
+            # means leave it out. A non-finite clean loss is always shown.
+            overflowed = tf.logical_and(
+                tf.logical_not(tf.math.is_finite(loss.penalty)),
+                tf.math.is_finite(loss.data_loss),
+            )
+        for tracker, value, maskable in (
+            (_internals.loss_tracker(self), loss.total, True),
+            (self._data_loss_tracker, loss.data_loss, False),
+            (self._penalty_tracker, loss.penalty, True),
+        ):
+            value = unscale_for_replicas(value)
+            weight = tf.cast(batch_size, value.dtype)
+            if overflowed is not None and maskable:
+                value = tf.where(overflowed, tf.zeros_like(value), value)
+                weight = tf.where(overflowed, tf.zeros_like(weight), weight)
+            tracker.update_state(value, sample_weight=weight)
+
+    def test_step(self, data):
+        forward = getattr(self, "_replica_forward", None)
+        if forward is None:
+            logs = super().test_step(data)
         else:
-            y_pred = self(x)
-        loss = self._compute_loss(
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-        )
-        return y_pred, loss
+            # Keras's TensorFlowTrainer.test_step with the forward pass compiled.
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+            y_pred = forward(x)
+            loss = _internals.compute_loss(self, x, y, y_pred, sample_weight, training=False)
+            _internals.loss_tracker(self).update_state(
+                unscale_for_replicas(loss), sample_weight=_batch_size(x)
+            )
+            logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return {k: v for k, v in logs.items() if k not in _EVAL_ONLY_EXCLUDED}
 
     def _scale(self, loss):
         return loss if self.optimizer is None else self.optimizer.scale_loss(loss)
@@ -332,109 +290,6 @@ class RegularizedModel(keras.Model):
     def _loss_scale(self) -> tf.Tensor:
         """The optimizer's loss scale (1 without mixed precision), float32."""
         return tf.cast(self._scale(tf.constant(1.0)), tf.float32)
-
-    def _input_gradient(self, inner_tape, scaled_loss, inputs) -> tf.Tensor:
-        """Per-example gradient of the (reduced) loss, flattened, float32.
-
-        Row i is c * w_i * d l_i / d x_i, with c the loss's reduction factor
-        (1 / (batch * replicas) for Keras's default), so summing per-row norms
-        reduces the penalty exactly like the loss.
-        """
-        gradients = inner_tape.gradient(scaled_loss, inputs)
-        gradients = zeros_for_missing(gradients, inputs)
-        return concat_per_example(gradients) / self._loss_scale()
-
-    def _plain_step(self, x, y, sample_weight) -> StepResult:
-        with tf.GradientTape() as tape:
-            y_pred, loss = self._forward_loss(x, y, sample_weight)
-            scaled = self._scale(loss)
-        gradients = tape.gradient(scaled, self.trainable_weights)
-        return StepResult(gradients, y_pred, loss, loss, tf.zeros_like(loss))
-
-    def _penalty_step(self, x, y, sample_weight) -> StepResult:
-        reg = self._regularizer
-        inputs = self._differentiable_inputs(x)
-        with tf.GradientTape() as outer:
-            with tf.GradientTape() as inner:
-                inner.watch(inputs)
-                y_pred, loss = self._forward_loss(x, y, sample_weight)
-                scaled = self._scale(loss)
-            flat_gradient = self._input_gradient(inner, scaled, inputs)
-            penalty = reg.sigma * tf.reduce_sum(dual_norm(flat_gradient, reg.p))
-            penalty = tf.cast(penalty, loss.dtype)
-            total = loss + penalty
-            # For p = 1 and p = inf the gradient of a NaN norm row (an
-            # overflowed input gradient) is 0, not NaN. The term below is
-            # exactly 0 otherwise; with a NaN penalty it makes the parameter
-            # gradients NaN, so a LossScaleOptimizer skips the step and lowers
-            # its scale. It costs a scalar: backprop meets `loss` once.
-            overflow = tf.where(tf.math.is_finite(penalty), 0.0, float("nan"))
-            objective = total + tf.cast(overflow, loss.dtype) * loss
-            scaled_objective = self._scale(objective)
-        gradients = outer.gradient(scaled_objective, self.trainable_weights)
-        return StepResult(gradients, y_pred, total, loss, penalty)
-
-    def _perturbed_step(self, x, y, sample_weight) -> StepResult:
-        reg = self._regularizer
-        adversarial = reg.method == "adversarial"
-        inputs = self._differentiable_inputs(x)
-        seed_states = [generator.state for generator in randomness.seed_generators(self)]
-        step_randomness = randomness.snapshot(seed_states)
-        # The clean pass needs parameter gradients unless its weight is 0.
-        clean_in_objective = not adversarial or reg.clean_weight > 0.0
-        with tf.GradientTape() as outer:
-            with tf.GradientTape() as inner:
-                inner.watch(inputs)
-                if clean_in_objective:
-                    y_pred, loss = self._forward_loss(x, y, sample_weight)
-                else:
-                    with outer.stop_recording():
-                        y_pred, loss = self._forward_loss(x, y, sample_weight)
-                scaled = self._scale(loss)
-            with outer.stop_recording():
-                flat_gradient = self._input_gradient(inner, scaled, inputs)
-                radius = reg.sigma if adversarial else reg.fd_step
-                flat_step = tf.stop_gradient(worst_case_perturbation(flat_gradient, reg.p, radius))
-                steps = split_per_example(flat_step, inputs)
-            x_moved = replace_floating_inputs(x, [t + step for t, step in zip(inputs, steps)])
-            # The moved pass is a probe: it redraws the clean pass's masks and
-            # leaves no trace in the model's state (BatchNorm statistics) or in
-            # Keras's per-output loss trackers.
-            side_state = self._state_outside_seeds(seed_states)
-            kept_state = randomness.snapshot(side_state)
-            randomness.restore(seed_states, step_randomness)
-            _, moved_loss = self._forward_loss(x_moved, y, sample_weight)
-            randomness.restore(side_state, kept_state)
-            if adversarial:
-                penalty = moved_loss
-                total = reg.clean_weight * loss + (1.0 - reg.clean_weight) * moved_loss
-            else:
-                penalty = reg.sigma * (moved_loss - loss) / reg.fd_step
-                total = loss + penalty
-            scaled_total = self._scale(total)
-        # A NaN r* (overflowed input gradient) makes the moved loss, hence
-        # these gradients, NaN: no extra term is needed as in _penalty_step.
-        gradients = outer.gradient(scaled_total, self.trainable_weights)
-        return StepResult(gradients, y_pred, total, loss, penalty)
-
-    def _state_outside_seeds(self, seed_states: list) -> list:
-        """Non-trainable model variables and loss trackers, seed states excluded."""
-        seeds = {id(state) for state in seed_states}
-        compile_loss = getattr(self, "_compile_loss", None)
-        trackers = compile_loss.metrics if compile_loss is not None else []
-        variables = [*self.non_trainable_variables]
-        variables += [v for tracker in trackers for v in tracker.variables]
-        return [v for v in variables if id(v) not in seeds]
-
-    def _differentiable_inputs(self, x) -> list[tf.Tensor]:
-        inputs = floating_inputs(x)
-        if not inputs:
-            raise ValueError(
-                "RegularizedModel needs at least one floating-point input to "
-                "differentiate the loss by. Received: input dtypes="
-                f"{[t.dtype.name for t in tf.nest.flatten(x) if t is not None]}"
-            )
-        return inputs
 
     # ------------------------------------------------------------------ #
     # Serialization.
@@ -470,7 +325,7 @@ class RegularizedModel(keras.Model):
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects=None):
         config = dict(config)
-        regularizer = _as_regularizer(config.pop("regularizer", None))
+        regularizer = as_regularizer(config.pop("regularizer", None))
         model = super().from_config(config, custom_objects=custom_objects)
         model._regularizer = regularizer
         return model

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import tensorflow as tf
+
+from keras_gradreg._checks import is_number
 
 PValue = float | int | str
 
@@ -38,7 +39,7 @@ def canonical_p(p: PValue, name: str = "p") -> float:
             raise ValueError(
                 f"`{name}` must be a number >= 1 or 'inf'. Received: {name}={p!r}"
             ) from None
-    elif isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)):
+    elif not is_number(p):
         raise ValueError(f"`{name}` must be a number >= 1 or 'inf'. Received: {name}={p!r}")
     else:
         value = float(p)

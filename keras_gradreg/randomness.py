@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
-from keras.src.backend.common import global_state
-from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
+
+from keras_gradreg import _internals
 
 
 def seed_generators(model: keras.layers.Layer, include_global: bool = True) -> list:
@@ -26,10 +26,10 @@ def seed_generators(model: keras.layers.Layer, include_global: bool = True) -> l
     found, seen = [], set()
     owned = (
         generator
-        for layer in model._flatten_layers(include_self=True, recursive=True)
-        for generator in getattr(layer, "_seed_generators", ())
+        for layer in _internals.all_layers(model)
+        for generator in _internals.layer_seed_generators(layer)
     )
-    global_generator = global_state.get_global_attribute(GLOBAL_SEED_GENERATOR)
+    global_generator = _internals.global_seed_generator()
     extra = [global_generator] if include_global and global_generator else []
     for generator in (*owned, *extra):
         if id(generator) not in seen:

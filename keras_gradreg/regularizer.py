@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
 import keras
-import numpy as np
 
+from keras_gradreg import _checks
 from keras_gradreg.norms import PValue, canonical_p, dual_exponent
 
 METHODS = ("penalty", "adversarial", "finite_difference")
-
-
-def _check_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"`{name}` must be a number. Received: {name}={value!r}")
-    value = float(value)
-    if math.isnan(value):
-        raise ValueError(f"`{name}` must not be NaN. Received: {name}={value!r}")
-    return value
 
 
 @keras.saving.register_keras_serializable(package="keras_gradreg")
@@ -56,25 +48,10 @@ class GradientRegularizer:
         fd_step: float = 0.01,
     ):
         self._p = canonical_p(p)
-        sigma = _check_number("sigma", sigma)
-        if sigma < 0 or math.isinf(sigma):
-            raise ValueError(f"`sigma` must be a finite number >= 0. Received: sigma={sigma!r}")
-        if method not in METHODS:
-            raise ValueError(f"`method` must be one of {METHODS}. Received: method={method!r}")
-        clean_weight = _check_number("clean_weight", clean_weight)
-        if not 0.0 <= clean_weight <= 1.0:
-            raise ValueError(
-                f"`clean_weight` must be in [0, 1]. Received: clean_weight={clean_weight!r}"
-            )
-        fd_step = _check_number("fd_step", fd_step)
-        if not 0.0 < fd_step < math.inf:
-            raise ValueError(
-                f"`fd_step` must be a finite number > 0. Received: fd_step={fd_step!r}"
-            )
-        self._sigma = sigma
-        self._method = method
-        self._clean_weight = clean_weight
-        self._fd_step = fd_step
+        self._sigma = _checks.check_nonnegative(sigma, "sigma")
+        self._method = _checks.check_choice(method, "method", METHODS)
+        self._clean_weight = _checks.check_unit_interval(clean_weight, "clean_weight")
+        self._fd_step = _checks.check_positive(fd_step, "fd_step")
 
     p = property(lambda self: self._p, doc="Perturbation norm p (float, inf allowed).")
     sigma = property(lambda self: self._sigma, doc="Radius of the perturbation ball.")
@@ -109,3 +86,30 @@ class GradientRegularizer:
     def __repr__(self) -> str:
         args = ", ".join(f"{key}={value!r}" for key, value in self.get_config().items())
         return f"GradientRegularizer({args})"
+
+
+def as_regularizer(regularizer: Any) -> GradientRegularizer:
+    """A `GradientRegularizer` from itself, a dict of its arguments, a saved config, or None.
+
+    Raises:
+        ValueError: For anything else, or a dict with unknown keys.
+    """
+    if regularizer is None:
+        return GradientRegularizer()
+    if isinstance(regularizer, GradientRegularizer):
+        return regularizer
+    if isinstance(regularizer, dict):
+        if "class_name" in regularizer:
+            return keras.saving.deserialize_keras_object(regularizer)
+        known = set(inspect.signature(GradientRegularizer).parameters)
+        unknown = sorted(set(regularizer) - known)
+        if unknown:
+            raise ValueError(
+                f"`regularizer` has unknown keys {unknown}; known: {sorted(known)}. "
+                f"Received: regularizer={regularizer!r}"
+            )
+        return GradientRegularizer(**regularizer)
+    raise ValueError(
+        "`regularizer` must be a kgr.GradientRegularizer, a dict of its "
+        f"arguments, or None. Received: regularizer={regularizer!r}"
+    )

@@ -39,13 +39,19 @@ def problem():
     return x, y
 
 
-def build(method: str, steps_per_execution: int = 1) -> kgr.RegularizedModel:
+def regularizer(method: str) -> kgr.GradientRegularizer:
+    return kgr.GradientRegularizer(p=2, sigma=0.5, method=method, clean_weight=0.3)
+
+
+def plain_model() -> keras.Model:
     keras.utils.set_random_seed(0)
     inputs = keras.Input((6,))
     hidden = keras.layers.Dense(8, activation="tanh")(inputs)
-    outputs = keras.layers.Dense(3)(hidden)
-    reg = kgr.GradientRegularizer(p=2, sigma=0.5, method=method, clean_weight=0.3)
-    model = kgr.RegularizedModel(inputs, outputs, regularizer=reg)
+    return keras.Model(inputs, keras.layers.Dense(3)(hidden))
+
+
+def build(method: str, steps_per_execution: int = 1) -> kgr.RegularizedModel:
+    model = kgr.regularize(plain_model(), regularizer(method))
     model.compile(
         optimizer=keras.optimizers.SGD(0.1, momentum=0.5),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -63,6 +69,33 @@ def train(strategy, method: str, steps_per_execution: int = 1):
     history = model.fit(x, y, batch_size=GLOBAL_BATCH, shuffle=False, verbose=0)
     logs = {k: float(v[-1]) for k, v in history.history.items()}
     return model, logs
+
+
+def custom_loop(strategy, method: str) -> list:
+    """`kgr.regularized_loss` in a custom loop, each replica's step run by `strategy.run`."""
+    x, y = problem()
+    with strategy.scope():
+        model = plain_model()
+        optimizer = keras.optimizers.SGD(0.1, momentum=0.5)
+        optimizer.build(model.trainable_variables)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    reg = regularizer(method)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
+
+    def replica_step(x, y):
+        with tf.GradientTape() as tape:
+            result = kgr.regularized_loss(model, x, y, loss_fn, reg)
+        gradients = tape.gradient(result.total, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        return result.total
+
+    @tf.function
+    def step(batch):
+        return strategy.run(replica_step, args=batch)
+
+    for batch in strategy.experimental_distribute_dataset(dataset):
+        step(batch)
+    return [w.tolist() for w in model.get_weights()]
 
 
 def mirrored(out_path: str) -> None:
@@ -84,6 +117,9 @@ def mirrored(out_path: str) -> None:
                 "jit_compile": model.jit_compile,
                 "num_replicas": strategy.num_replicas_in_sync,
             }
+        results[f"{method}/custom_loop_two_replicas"] = {
+            "weights": custom_loop(mirrored_strategy, method)
+        }
     with open(out_path, "w") as f:
         json.dump(results, f)
 

@@ -19,12 +19,14 @@ import pytest
 CASES = Path(__file__).with_name("distributed_cases.py")
 ROOT = CASES.parent.parent
 METHODS = ("penalty", "adversarial", "finite_difference")
+# The subprocesses import this checkout's package, not another installed copy.
+PYTHONPATH = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 
 def run_case(*args: str, env: dict | None = None, timeout: int = 600) -> None:
     result = subprocess.run(
         [sys.executable, str(CASES), *args],
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": PYTHONPATH, **(env or {})},
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -83,6 +85,16 @@ def test_evaluate_on_two_replicas_matches_one_device(mirrored, method):
         assert two["accuracy"] == one["accuracy"]
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_custom_loop_on_two_replicas_matches_fit_on_one_device(mirrored, method):
+    """kgr.regularized_loss under strategy.run: the same weights as fit on one device."""
+    results, _ = mirrored
+    assert_same_weights(
+        results[f"{method}/one_device"]["weights"],
+        results[f"{method}/custom_loop_two_replicas"]["weights"],
+    )
+
+
 def test_each_replica_step_is_compiled_by_xla(mirrored):
     """XLA's own dump names the per-replica steps; the distributed loop is not compiled."""
     _, modules = mirrored
@@ -111,7 +123,12 @@ def test_multi_worker_matches_single_worker(tmp_path):
         workers.append(
             subprocess.Popen(
                 [sys.executable, str(CASES), "worker", str(tmp_path / f"worker{index}.npz")],
-                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": json.dumps(tf_config)},
+                env={
+                    **os.environ,
+                    "TF_CPP_MIN_LOG_LEVEL": "2",
+                    "PYTHONPATH": PYTHONPATH,
+                    "TF_CONFIG": json.dumps(tf_config),
+                },
                 cwd=ROOT,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,

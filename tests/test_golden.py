@@ -7,7 +7,7 @@ import math
 import linear_reference as ref
 import numpy as np
 import pytest
-from conftest import compile_sgd, linear_model
+from conftest import NUM_CLASSES, NUM_FEATURES, compile_sgd, linear_model
 
 import keras_gradreg as kgr
 
@@ -73,3 +73,36 @@ def test_sample_and_class_weights(linear_problem, method):
     per_class = np.array([class_weight[c] for c in y])
     want_w, _, _ = reference_step(x, y, w, b, weights=per_class, **settings)
     np.testing.assert_allclose(model.get_weights()[0], want_w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_logged_means_weight_each_batch_by_its_size(method):
+    """32 examples in batches of 5 (the last holds 2) log the mean over all 32.
+
+    lr=0 keeps the weights fixed, so each logged epoch mean must be the NumPy
+    value on the whole set, and equal to one batch of 32; weighting every
+    batch equally would give the mean of the 7 batch means instead.
+    """
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(32, NUM_FEATURES)).astype("float32")
+    y = rng.integers(0, NUM_CLASSES, size=32)
+    w = rng.normal(scale=0.5, size=(NUM_FEATURES, NUM_CLASSES)).astype("float32")
+    b = rng.normal(scale=0.1, size=(NUM_CLASSES,)).astype("float32")
+    settings = dict(p=2.0, sigma=0.3, method=method, clean_weight=0.25, fd_step=0.05)
+    logged = {}
+    for batch_size in (5, 32):
+        model = compile_sgd(
+            linear_model("functional", kgr.GradientRegularizer(**settings), w, b), lr=0.0
+        )
+        history = model.fit(x, y, batch_size=batch_size, shuffle=False, verbose=0).history
+        logged[batch_size] = {k: v[0] for k, v in history.items()}
+    _, _, want = reference_step(x, y, w, b, lr=0.0, **settings)
+    per_batch = [
+        reference_step(x[i : i + 5], y[i : i + 5], w, b, lr=0.0, **settings)[2]
+        for i in range(0, 32, 5)
+    ]
+    for key in ("loss", "data_loss", "penalty"):
+        equal_weights = np.mean([logs[key] for logs in per_batch])
+        assert abs(equal_weights - want[key]) > 1e-3 * abs(want[key]), key  # The test can tell.
+        np.testing.assert_allclose(logged[5][key], want[key], rtol=1e-5, err_msg=key)
+        np.testing.assert_allclose(logged[5][key], logged[32][key], rtol=1e-5, err_msg=key)

@@ -134,3 +134,37 @@ def test_overflowing_loss_scale_steps_are_left_out_of_the_logged_means(policy, p
     np.testing.assert_allclose(logs["penalty"][0], want_penalty, rtol=1e-2)
     np.testing.assert_allclose(logs["data_loss"][0], want_loss, rtol=1e-2)
     np.testing.assert_allclose(logs["loss"][0], want_loss + want_penalty, rtol=1e-2)
+
+
+@pytest.mark.parametrize("method", ["penalty", "adversarial"])
+@pytest.mark.parametrize("policy", ["mixed_float16"], indirect=True)
+def test_readme_custom_loop_scales_the_input_gradient_like_fit(policy, method):
+    """The README loop with a LossScaleOptimizer gives fit's weights on a gradient float16 loses.
+
+    One step on the problem whose unscaled float16 input gradient is exactly
+    0 (see above): the regularised weights differ from the unregularised ones
+    only if the input gradient was loss-scaled.
+    """
+    from test_objective import readme_custom_loop
+
+    namespace = {}
+    code = readme_custom_loop().split("\nmodel = keras.Sequential(")[0]  # The function only.
+    exec(code, namespace)  # noqa: S102
+    x, y, w, b = confident_linear_problem()
+    reg = kgr.GradientRegularizer(p=2, sigma=1.0, method=method)
+    plain = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+    plain.set_weights([w, b])
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(100.0))
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    namespace["train_custom"](plain, dataset, reg, optimizer, 1)
+
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    weights = {}
+    for name, regularizer in (("fit", reg), ("unregularized", {"sigma": 0.0})):
+        model = linear(regularizer, w, b)
+        model.compile(optimizer=keras.optimizers.SGD(100.0), loss=loss)
+        model.fit(x, y, batch_size=16, shuffle=False, verbose=0)
+        weights[name] = model.get_weights()
+    for got, want in zip(plain.get_weights(), weights["fit"]):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert np.abs(weights["fit"][0] - weights["unregularized"][0]).max() > 1e-4

@@ -8,6 +8,7 @@ import pytest
 from conftest import NUM_CLASSES, NUM_FEATURES, LinearNet, compile_sgd
 
 import keras_gradreg as kgr
+from keras_gradreg import _internals
 
 
 def maxout_model(regularizer):
@@ -74,10 +75,10 @@ def test_weights_files_keep_the_dropout_seed_state(tmp_path):
     model.fit(x, y, batch_size=8, verbose=0)
     path = str(tmp_path / "w.weights.h5")
     model.save_weights(path)
-    states = [g.state.numpy() for g in model.layers[3]._seed_generators]
+    states = [g.state.numpy() for g in _internals.layer_seed_generators(model.layers[3])]
     fresh = maxout_model(None)
     fresh.load_weights(path)
     np.testing.assert_array_equal(
-        [g.state.numpy() for g in fresh.layers[3]._seed_generators], states
+        [g.state.numpy() for g in _internals.layer_seed_generators(fresh.layers[3])], states
     )
     assert states[0][1] > 0  # The generator had advanced.

@@ -4,12 +4,11 @@ Keras's TensorFlow backend draws dropout masks with
 `tf.nn.experimental.stateless_dropout` and the default `rng_alg`
 ("auto_select"). Under XLA on CPU that compiles to one loop fusion that
 recomputes the seed scrambling of `StatelessRandomGetKeyCounter` for every
-element and is not vectorised: about 220 ns per element against 3-4 ns for
-an explicit "philox" or "threefry" (TF 2.21, on a 2-core AVX-512 machine;
-see bench/README.md). For the maxout MLP that is most of a training step.
-Naming the algorithm gives the same distribution much faster; inside a whole
-training step XLA's fusion of "philox" is still not vectorised, "threefry"
-is, so under XLA this layer uses "threefry". Seeds still come from the layer's
+element and is not vectorised, many times slower than an explicit "philox"
+or "threefry" (measurements: bench/README.md). Naming the algorithm gives the
+same distribution much faster; inside a whole training step XLA's fusion of
+"philox" is still not vectorised, "threefry" is, so under XLA this layer
+uses "threefry". Seeds still come from the layer's
 `keras.random.SeedGenerator`, so restoring its state reproduces the mask (what
 `kgr.RegularizedModel` does to share masks between the passes of a step).
 """
@@ -20,17 +19,9 @@ from typing import Any
 
 import keras
 
+from keras_gradreg import _checks, _internals
+
 RNG_ALGORITHMS = ("auto", "philox", "threefry")
-
-
-def _in_xla_context() -> bool:
-    """Whether the op being built will be compiled by XLA (TF private API)."""
-    try:
-        from tensorflow.python.framework import ops
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # pragma: no cover - TF internals moved.
-        return False
-    return control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph())
 
 
 @keras.saving.register_keras_serializable(package="keras_gradreg")
@@ -64,10 +55,7 @@ class FastDropout(keras.layers.Dropout):
         rng_alg: str = "auto",
         **kwargs,
     ):
-        if rng_alg not in RNG_ALGORITHMS:
-            raise ValueError(
-                f"`rng_alg` must be one of {RNG_ALGORITHMS}. Received: rng_alg={rng_alg!r}"
-            )
+        _checks.check_choice(rng_alg, "rng_alg", RNG_ALGORITHMS)
         super().__init__(rate, noise_shape=noise_shape, seed=seed, **kwargs)
         self.rng_alg = rng_alg
 
@@ -88,7 +76,7 @@ class FastDropout(keras.layers.Dropout):
             noise_shape = [shape[i] if d is None else d for i, d in enumerate(self.noise_shape)]
         rng_alg = self.rng_alg
         if rng_alg == "auto":
-            rng_alg = "threefry" if _in_xla_context() else "philox"
+            rng_alg = "threefry" if _internals.in_xla_context() else "philox"
         return tf.nn.experimental.stateless_dropout(
             inputs, rate=self.rate, seed=seed, rng_alg=rng_alg, noise_shape=noise_shape
         )

@@ -8,6 +8,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_gradreg import _checks
+
 
 @keras.saving.register_keras_serializable(package="keras_gradreg")
 class Maxout(keras.layers.Layer):
@@ -25,19 +27,10 @@ class Maxout(keras.layers.Layer):
 
     def __init__(self, num_units: int, axis: int = -1, **kwargs):
         super().__init__(**kwargs)
-        if (
-            isinstance(num_units, bool)
-            or not isinstance(num_units, (int, np.integer))
-            or num_units < 1
-        ):
-            raise ValueError(
-                f"`num_units` must be a positive integer. Received: num_units={num_units!r}"
-            )
-        if isinstance(axis, bool) or not isinstance(axis, int):
+        self.num_units = _checks.check_count(num_units, "num_units")
+        if not _checks.is_number(axis) or not isinstance(axis, (int, np.integer)):
             raise ValueError(f"`axis` must be an integer. Received: axis={axis!r}")
-        self.num_units = int(num_units)
-        self.axis = axis
-        self.input_spec = None
+        self.axis = int(axis)
 
     def _channel_axis(self, rank: int) -> int:
         axis = self.axis if self.axis >= 0 else rank + self.axis

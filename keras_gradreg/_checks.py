@@ -1,0 +1,101 @@
+"""Argument checks shared by the library: one wording for every bad value.
+
+Each check returns the value in canonical form (a Python float or int) or
+raises `ValueError` whose message names the argument and ends with
+`Received: name=value`, before any work starts. Booleans are never numbers
+here (`True` is an `int` to Python, never a sensible radius or count).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+Clip = tuple[Any, Any] | None
+
+
+def is_number(value: Any) -> bool:
+    """Whether `value` is a real Python or NumPy scalar and not a bool."""
+    return not isinstance(value, (bool, np.bool_)) and isinstance(
+        value, (int, float, np.integer, np.floating)
+    )
+
+
+def check_number(value: Any, name: str) -> float:
+    """A real number that is not NaN (infinities allowed), as a float."""
+    if not is_number(value):
+        raise ValueError(f"`{name}` must be a number. Received: {name}={value!r}")
+    if math.isnan(float(value)):
+        raise ValueError(f"`{name}` must not be NaN. Received: {name}={value!r}")
+    return float(value)
+
+
+def check_nonnegative(value: Any, name: str) -> float:
+    """A finite number >= 0 (a radius, a tolerance), as a float."""
+    if not is_number(value) or not math.isfinite(float(value)) or float(value) < 0:
+        raise ValueError(f"`{name}` must be a finite number >= 0. Received: {name}={value!r}")
+    return float(value)
+
+
+def check_positive(value: Any, name: str) -> float:
+    """A finite number > 0 (a step length), as a float."""
+    if not is_number(value) or not 0.0 < float(value) < math.inf:
+        raise ValueError(f"`{name}` must be a finite number > 0. Received: {name}={value!r}")
+    return float(value)
+
+
+def check_unit_interval(value: Any, name: str) -> float:
+    """A number in [0, 1] (a weight or a fraction), as a float."""
+    value = check_number(value, name)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1]. Received: {name}={value!r}")
+    return value
+
+
+def check_count(value: Any, name: str) -> int:
+    """An integer >= 1 (steps, restarts, a batch size), as an int."""
+    if not is_number(value) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
+    return int(value)
+
+
+def check_seed(value: Any, name: str = "seed") -> int | None:
+    """An integer seed or None."""
+    if value is None:
+        return None
+    if not is_number(value) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"`{name}` must be an integer or None. Received: {name}={value!r}")
+    return int(value)
+
+
+def check_choice(value: Any, name: str, choices: Iterable[Any]) -> Any:
+    """One of `choices` (compared with ==)."""
+    choices = tuple(choices)
+    try:
+        found = value in choices
+    except (TypeError, ValueError):  # An array compared with a choice.
+        found = False
+    if not found:
+        raise ValueError(f"`{name}` must be one of {choices}. Received: {name}={value!r}")
+    return value
+
+
+def check_clip(clip: Clip, name: str = "clip") -> Clip:
+    """None, or a pair (low, high) of numbers or arrays with low < high everywhere."""
+    if clip is None:
+        return None
+    if not isinstance(clip, (tuple, list)) or len(clip) != 2:
+        raise ValueError(f"`{name}` must be None or a pair (low, high). Received: {name}={clip!r}")
+    try:
+        low, high = (np.asarray(bound, dtype=np.float64) for bound in clip)
+        ordered = bool(np.all(low < high))
+    except (TypeError, ValueError):
+        ordered = False
+    if not ordered:
+        raise ValueError(
+            f"`{name}` must be a pair (low, high) with low < high. Received: {name}={clip!r}"
+        )
+    return (clip[0], clip[1])
