@@ -4,7 +4,7 @@ Lyu, Huang and Liang (2015): train on L + sigma * ||grad_x L||_q, the
 linearised worst case of the loss over a p-norm ball of radius sigma.
 """
 
-from keras_gradreg import attacks, layers, visualize
+from keras_gradreg import attacks, layers, networks, visualize
 from keras_gradreg.gradients import input_gradients
 from keras_gradreg.model import RegularizedModel, regularize
 from keras_gradreg.norms import dual_exponent, dual_norm, worst_case_perturbation
@@ -23,6 +23,7 @@ __all__ = [
     "evaluate_robustness",
     "input_gradients",
     "layers",
+    "networks",
     "regularize",
     "visualize",
     "worst_case_perturbation",
