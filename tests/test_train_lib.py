@@ -159,3 +159,47 @@ def test_binary_on_a_slice_of_real_mnist(tmp_path):
     pgd = {r["epsilon"]: r["accuracy"] for r in rows if r["attack"] == "pgd" and r["p"] == "inf"}
     assert pgd[0.1] >= pgd[0.3]
     assert not os.path.exists(workdir / "perturbations.png")
+
+
+def test_selection_on_validation_rounding_and_reevaluation(tmp_path, capsys):
+    """best.keras is chosen on validation; stored numbers are float32's; reevaluate."""
+    settings = {**TINY, "epochs": 2, "validation_split": 0.25, "pictures": False}
+    config = config_lib.make_config("mnist_maxout_mlp", **settings)
+    workdir = str(tmp_path)
+    with tfds.testing.mock_data(num_examples=16):
+        first = train_lib.train_and_evaluate(config, workdir)
+        records = first["epochs"]
+        assert all("validation/accuracy" in r for r in records)
+        best = max(records, key=lambda r: (r["validation/accuracy"], -r["epoch"]))
+        assert first["checkpoints"]["selected_by"] == "highest validation/accuracy"
+        assert first["checkpoints"]["best_epoch"] == best["epoch"]
+        assert first["checkpoints"]["best_validation/accuracy"] == best["validation/accuracy"]
+        assert os.path.exists(os.path.join(workdir, "checkpoints", "best.keras"))
+        assert first["data"]["validation_examples"] == 4 and first["data"]["train_examples"] == 12
+        # Stored metrics are the shortest decimals of float32 values.
+        for record in records:
+            for key, value in record.items():
+                if "/" in key:
+                    assert value == float(str(np.float32(value)))
+        final = first["final"]
+        assert final["test/error_percent"] == round(100 * (1 - final["test/accuracy"]), 5)
+        assert len(repr(final["test/error_percent"])) <= 8  # e.g. 56.25, not 56.25000238...
+
+        # A finished run is not evaluated again unless asked to.
+        again = train_lib.train_and_evaluate(config.replace(eval_examples=4), workdir)
+        assert again == first
+        assert "is complete (2 epochs" in capsys.readouterr().err
+        reevaluated = train_lib.train_and_evaluate(
+            config.replace(eval_examples=4), workdir, reevaluate=True
+        )
+    assert reevaluated["robustness"]["num_examples"] == 4
+    assert reevaluated["epochs"] == first["epochs"] and reevaluated["final"] == first["final"]
+
+
+def test_float32_rounding_of_stored_numbers():
+    from train.recording import error_percent, float32_value
+
+    accuracy = float(np.float32(0.9644))  # 0.9643999934196472 as a double.
+    assert float32_value(accuracy) == 0.9644
+    assert error_percent(accuracy) == 3.56
+    assert error_percent(np.float32(0.98909998)) == 1.09
