@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
@@ -16,6 +17,18 @@ def test_command_line_round_trips_through_the_binary_flags():
     assert command == (
         "python -m train.main --preset=mnist_maxout_mlp --p=inf --sigma=0.25 --nopictures"
     )
+
+
+def test_command_line_writes_paths_relative_to_the_checkout(monkeypatch):
+    data = os.path.join(os.path.dirname(reproduce.CHECKOUT), "shared", "data", "mnist.npz")
+    command = reproduce.command_line("mnist_maxout_mlp", {"data_npz": data, "sigma": 0.0})
+    assert command == (
+        "python -m train.main --preset=mnist_maxout_mlp "
+        "--data_npz=../shared/data/mnist.npz --sigma=0.0"
+    )
+    monkeypatch.chdir(os.path.join(reproduce.CHECKOUT, "train"))
+    relative = reproduce.command_line("mnist_maxout_mlp", {"data_npz": "../data/m.npz"})
+    assert relative.endswith("--data_npz=data/m.npz")
 
 
 def test_accuracy_lookup_and_table_row():
