@@ -118,7 +118,7 @@ def perturbations(
     """Draws each input, its worst-case perturbation r* per norm and x + r*.
 
     r* is the family's closed form for the gradient of each example's own
-    loss (PAPER.md), as in the paper's figures: for a regularised model it
+    loss (docs/method.md), as in the paper's figures: for a regularised model it
     looks like strokes, for a plain one like noise. Rows are examples;
     columns are the input (titled with its true label and the model's
     prediction), then for each p: r* (red up, blue down, with a colour bar
