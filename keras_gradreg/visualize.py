@@ -104,6 +104,20 @@ def _save(figure: Figure, path: str) -> None:
     figure.savefig(path, dpi=100)
 
 
+def _draw_norm(figure, axes, name, r_images, moved, moved_labels, grey) -> None:
+    """The r* and x + r* columns of one norm (`axes`: rows x 2)."""
+    for row in range(len(r_images)):
+        image, style, scale = _signed_image(r_images[row])
+        drawn = axes[row, 0].imshow(image, **style)
+        _colour_scale(figure, axes[row, 0], drawn, r_images.ndim == 4, scale)
+        axes[row, 0].set_title(f"r*, {name}", fontsize=8)
+        axes[row, 1].imshow(
+            np.clip(moved[row], 0, 1) if moved.ndim == 4 else moved[row],
+            **(grey if moved.ndim == 3 else {}),
+        )
+        axes[row, 1].set_title(f"x + r*: pred {moved_labels[row]}", fontsize=8)
+
+
 def perturbations(
     model: keras.Model,
     x: Any,
@@ -169,19 +183,15 @@ def perturbations(
         axes[row, 0].imshow(images[row], **(grey if images.ndim == 3 else {}))
         axes[row, 0].set_title(f"true {true[row]}, pred {labels[row]}", fontsize=8)
     for k, (p, r) in enumerate(steps.items()):
-        name = "inf" if math.isinf(p) else f"{p:g}"
-        r_images, moved = _as_images(r, image_shape), _as_images(shown[p], image_shape)
-        moved_labels = predicted(shown[p])
-        for row in range(len(x)):
-            image, style, scale = _signed_image(r_images[row])
-            drawn = axes[row, 1 + 2 * k].imshow(image, **style)
-            _colour_scale(figure, axes[row, 1 + 2 * k], drawn, r_images.ndim == 4, scale)
-            axes[row, 1 + 2 * k].set_title(f"r*, p={name}, σ={sigmas[p]:g}", fontsize=8)
-            axes[row, 2 + 2 * k].imshow(
-                np.clip(moved[row], 0, 1) if moved.ndim == 4 else moved[row],
-                **(grey if moved.ndim == 3 else {}),
-            )
-            axes[row, 2 + 2 * k].set_title(f"x + r*: pred {moved_labels[row]}", fontsize=8)
+        _draw_norm(
+            figure,
+            axes[:, 1 + 2 * k : 3 + 2 * k],
+            f"p={'inf' if math.isinf(p) else f'{p:g}'}, σ={sigmas[p]:g}",
+            _as_images(r, image_shape),
+            _as_images(shown[p], image_shape),
+            predicted(shown[p]),
+            grey,
+        )
     for axis in axes.flat:
         axis.set_xticks([])
         axis.set_yticks([])

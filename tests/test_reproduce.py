@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -135,3 +136,16 @@ def test_where_the_data_is_does_not_make_a_run_different():
     recorded = {"sigma": 0.1, "data_npz": "../shared/data/mnist.npz", "jit_compile": True}
     wanted = {"sigma": 0.1, "data_npz": "/abs/mnist.npz", "jit_compile": False}
     reproduce._check_same_settings("runs/x", recorded, wanted)
+
+
+def test_readme_and_results_hold_what_the_generator_writes():
+    """The published table and commands are markdown(results/mnist.json), paths relative."""
+    with open(os.path.join(reproduce.CHECKOUT, "results", "mnist.json")) as f:
+        text = reproduce.markdown(json.load(f))
+    with open(os.path.join(reproduce.CHECKOUT, "README.md")) as f:
+        readme = f.read()
+    block = readme.split(reproduce.README_START + "\n")[1].split(reproduce.README_END)[0]
+    assert block == text
+    with open(os.path.join(reproduce.CHECKOUT, "results", "mnist.md")) as f:
+        assert f.read() == text
+    assert "--data_npz=../shared/data/mnist.npz" in text and "/work/" not in text

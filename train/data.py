@@ -230,16 +230,7 @@ def load(
         x_train, y_train, x_test, y_test, version, directory = load_tfds(dataset, tfds_data_dir)
         source = f"tfds:{dataset}"
         record = {"source": "tfds", "name": dataset, "version": version, "data_dir": directory}
-    x_validation = y_validation = None
-    if validation_split > 0:
-        held_out = int(round(len(x_train) * validation_split))
-        if not 0 < held_out < len(x_train):
-            raise InputError(
-                f"--validation_split={validation_split!r} leaves no training or no validation "
-                f"examples of {len(x_train)}."
-            )
-        x_train, x_validation = x_train[:-held_out], x_train[-held_out:]
-        y_train, y_validation = y_train[:-held_out], y_train[-held_out:]
+    x_train, y_train, x_validation, y_validation = _split(x_train, y_train, validation_split)
     record.update(
         dataset=dataset,
         image_shape=list(x_train.shape[1:]),
@@ -260,6 +251,19 @@ def load(
         source=source,
         record=record,
     )
+
+
+def _split(x: np.ndarray, y: np.ndarray, validation_split: float) -> tuple:
+    """(x_train, y_train, x_validation, y_validation): the last examples held out."""
+    if validation_split <= 0:
+        return x, y, None, None
+    held_out = int(round(len(x) * validation_split))
+    if not 0 < held_out < len(x):
+        raise InputError(
+            f"--validation_split={validation_split!r} leaves no training or no validation "
+            f"examples of {len(x)}."
+        )
+    return x[:-held_out], y[:-held_out], x[-held_out:], y[-held_out:]
 
 
 def _check_shape(dataset: str, shape: tuple[int, ...], source: str) -> None:

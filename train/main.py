@@ -132,9 +132,7 @@ def main(argv: list[str]) -> None:
         print(json.dumps(config.to_dict(), indent=2))
         return
     try:
-        results = train_lib.train_and_evaluate(
-            config, FLAGS.workdir, reevaluate=FLAGS.reevaluate
-        )
+        results = train_lib.train_and_evaluate(config, FLAGS.workdir, reevaluate=FLAGS.reevaluate)
     except InputError as error:
         fail(str(error))
     logging.info("Final: %s", json.dumps(results["final"]))

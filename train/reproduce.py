@@ -342,8 +342,8 @@ def markdown(results: dict[str, Any]) -> str:
         + header
         + "\n".join(lines)
         + flag_text
-        + "\n\nTrain time is wall time on 2 cores shared with other jobs during these "
-        "runs, not a cost comparison (see the step-cost table)."
+        + "\n\nTrain time is wall time on the hardware above, shared with other jobs during "
+        "these runs, not a cost comparison (see the step-cost table)."
         + selection_text("sigma for p=2", results["selection"])
         + selection_text("Long stage: sigma", results.get("long_selection"))
         + f"\n\nCommands (with `--data_npz=...`, `--workdir=...`):\n\n{commands}\n"

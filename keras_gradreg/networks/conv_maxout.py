@@ -46,6 +46,31 @@ CIFAR10_LAYERS = (
 )
 
 
+def _conv_maxout_layer(x, layer: ConvMaxoutLayer, index: int, rate: float, max_norm):
+    """Dropout, zero padding, convolution, maxout and pooling of one layer."""
+    x = _parts.dropout(x, rate, f"dropout_{index}")
+    if layer.pad:
+        x = keras.layers.ZeroPadding2D(layer.pad, name=f"pad_{index}")(x)
+    x = keras.layers.Conv2D(
+        layer.channels * layer.pieces,
+        layer.kernel,
+        kernel_constraint=_parts.conv_constraint(max_norm),
+        name=f"conv_{index}",
+    )(x)
+    x = Maxout(layer.channels, name=f"maxout_{index}")(x)
+    return CeilMaxPooling2D(layer.pool, layer.pool_stride, name=f"pool_{index}")(x)
+
+
+def _check_layers(name: str, conv_layers, dense_layers) -> None:
+    if not conv_layers or not all(isinstance(layer, ConvMaxoutLayer) for layer in conv_layers):
+        raise ValueError(
+            "`conv_layers` must be a non-empty sequence of ConvMaxoutLayer. "
+            f"Received: conv_layers={conv_layers!r}"
+        )
+    for units, pieces in dense_layers:
+        _parts.check_positive_ints("dense_layers", (units, pieces))
+
+
 def conv_maxout(
     input_shape: Sequence[int],
     num_classes: int = 10,
@@ -96,27 +121,12 @@ def conv_maxout(
             f"{name!r} needs input_shape=(height, width, channels). "
             f"Received: input_shape={input_shape!r}"
         )
-    if not conv_layers or not all(isinstance(layer, ConvMaxoutLayer) for layer in conv_layers):
-        raise ValueError(
-            "`conv_layers` must be a non-empty sequence of ConvMaxoutLayer. "
-            f"Received: conv_layers={conv_layers!r}"
-        )
-    for units, pieces in dense_layers:
-        _parts.check_positive_ints("dense_layers", (units, pieces))
+    _check_layers(name, conv_layers, dense_layers)
     inputs = keras.Input(shape=input_shape, name="image")
     x = inputs if preprocessing is None else preprocessing(inputs)
     for i, layer in enumerate(conv_layers):
-        x = _parts.dropout(x, input_dropout if i == 0 else hidden_dropout, f"dropout_{i}")
-        if layer.pad:
-            x = keras.layers.ZeroPadding2D(layer.pad, name=f"pad_{i}")(x)
-        x = keras.layers.Conv2D(
-            layer.channels * layer.pieces,
-            layer.kernel,
-            kernel_constraint=_parts.conv_constraint(first_conv_max_norm if i == 0 else max_norm),
-            name=f"conv_{i}",
-        )(x)
-        x = Maxout(layer.channels, name=f"maxout_{i}")(x)
-        x = CeilMaxPooling2D(layer.pool, layer.pool_stride, name=f"pool_{i}")(x)
+        rate = input_dropout if i == 0 else hidden_dropout
+        x = _conv_maxout_layer(x, layer, i, rate, first_conv_max_norm if i == 0 else max_norm)
     x = keras.layers.Flatten(name="flatten")(x)
     depth = len(conv_layers)
     for units, pieces in dense_layers:

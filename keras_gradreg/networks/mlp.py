@@ -12,6 +12,19 @@ from keras_gradreg.networks import _parts
 from keras_gradreg.regularizer import GradientRegularizer
 
 
+def _check_activation(activation: str, pieces: int) -> None:
+    if activation == "maxout":
+        _parts.check_positive_ints("pieces", (pieces,))
+        return
+    try:
+        keras.activations.get(activation)
+    except (ValueError, TypeError):
+        raise ValueError(
+            '`activation` must be "maxout" or a Keras activation name. '
+            f"Received: activation={activation!r}"
+        ) from None
+
+
 def mlp(
     input_shape: Sequence[int],
     num_classes: int = 10,
@@ -58,16 +71,7 @@ def mlp(
         input_shape, num_classes, input_dropout, hidden_dropout, max_norm, preprocessing
     )
     units = _parts.check_positive_ints("hidden_units", hidden_units)
-    if activation == "maxout":
-        _parts.check_positive_ints("pieces", (pieces,))
-    else:
-        try:
-            keras.activations.get(activation)
-        except (ValueError, TypeError):
-            raise ValueError(
-                f'`activation` must be "maxout" or a Keras activation name. '
-                f"Received: activation={activation!r}"
-            ) from None
+    _check_activation(activation, pieces)
     inputs = keras.Input(shape=input_shape, name="image")
     x = inputs if preprocessing is None else preprocessing(inputs)
     x = keras.layers.Flatten(name="flatten")(x)
