@@ -170,10 +170,11 @@ def test_bad_data(tmp_path, capsys, case, make, flags, message):
     assert not (tmp_path / "new").exists()
 
 
-def _previous_run(workdir, **settings):
+def _previous_run(workdir, data=None, **settings):
     workdir.mkdir(parents=True)
-    flags = config_lib.make_config("mnist_maxout_mlp", **settings).to_dict()
-    (workdir / "metrics.json").write_text(json.dumps({"flags": flags, "status": "training"}))
+    flags = config_lib.make_config("mnist_maxout_mlp", batch_size=8, **settings).to_dict()
+    content = {"flags": flags, "status": "training", "data": data}
+    (workdir / "metrics.json").write_text(json.dumps(content))
 
 
 WORKDIR_CASES = [
@@ -194,6 +195,16 @@ WORKDIR_CASES = [
         "holds a run with other settings (sigma: 0.3 -> 0.1)",
     ),
     (
+        "other data",
+        lambda t: _previous_run(t / "old", data={"source": "npz", "sha256": "ab12"}) or t / "old",
+        "is not the data the run in --workdir=",
+    ),
+    (
+        "other data, checksums named",
+        lambda t: _previous_run(t / "old", data={"source": "npz", "sha256": "ab12"}) or t / "old",
+        "(sha256 ab12 there, ",
+    ),
+    (
         "unreadable metrics.json",
         lambda t: (t / "bad").mkdir() or (t / "bad" / "metrics.json").write_text("{") and t / "bad",
         "holds an unreadable metrics.json",
@@ -206,7 +217,9 @@ def test_bad_workdir(tmp_path, capsys, case, make, message):
     data = _npz(str(tmp_path), "good.npz")
     workdir = make(tmp_path)
     before = sorted(str(p) for p in tmp_path.rglob("*"))
-    code = run_main("--preset=mnist_maxout_mlp", f"--data_npz={data}", f"--workdir={workdir}")
+    code = run_main(
+        "--preset=mnist_maxout_mlp", f"--data_npz={data}", f"--workdir={workdir}", "--batch_size=8"
+    )
     _assert_one_line_error(capsys, code, message, f"--workdir={workdir}")
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # Nothing created or changed.
 

@@ -221,6 +221,7 @@ def train_and_evaluate(
         _report_complete(previous, config, workdir)
         return previous
     arrays = load_data(config)
+    workdir_lib.check_same_data(previous, arrays.record, workdir)
     workdir_lib.create(workdir)
 
     keras.utils.set_random_seed(config.seed)

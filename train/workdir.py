@@ -127,6 +127,28 @@ def check_same_run(previous: dict[str, Any] | None, config: Config, workdir: str
         )
 
 
+def check_same_data(previous: dict[str, Any] | None, data: dict[str, Any], workdir: str) -> None:
+    """Raises `InputError` if `previous` was trained on other data than `data` describes.
+
+    Two .npz files are the same data if their SHA-256 agree (wherever they
+    are); two TFDS data sets if name and version agree. A run may move
+    between an .npz and TFDS (no common checksum): that is not checked.
+    """
+    recorded = (previous or {}).get("data") or {}
+    if recorded.get("source") != data.get("source"):
+        return
+    keys = ("sha256",) if data["source"] == "npz" else ("name", "version")
+    differ = [k for k in keys if recorded.get(k) != data.get(k)]
+    if differ:
+        flag = "--data_npz" if data["source"] == "npz" else "--dataset"
+        where = data.get("path") or data.get("name")
+        raise InputError(
+            f"{flag}={where} is not the data the run in --workdir={workdir} was trained on "
+            + ", ".join(f"({k} {recorded.get(k)} there, {data.get(k)} here)" for k in differ)
+            + ". Use a new --workdir, or the same data to resume."
+        )
+
+
 def is_complete(previous: dict[str, Any] | None, config: Config) -> bool:
     """Whether `previous` finished training `config.epochs` epochs and its evaluation."""
     return bool(
