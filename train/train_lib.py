@@ -236,15 +236,15 @@ def train_and_evaluate(
 
 
 def _report_complete(previous: dict[str, Any], config: Config, workdir: str) -> None:
+    epochs = f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}"
     message = (
-        f"The run in --workdir={workdir} is complete ({config.epochs} epochs, "
+        f"The run in --workdir={workdir} is complete ({epochs}, "
         f"test accuracy {previous['final']['test/accuracy']:.4f}): nothing to do."
     )
     changed = workdir_lib.changed_evaluation(previous, config)
     if changed:
         message += f" Its evaluation used other settings ({', '.join(changed)});"
     message += " Pass --reevaluate to evaluate it again."
-    logging.info(message)
     print(message, file=sys.stderr)
 
 
