@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,6 +190,12 @@ WORKDIR_CASES = [
         "cannot be created: ",
     ),
     ("a name too long", lambda t: t / "new" / ("x" * 300), "a name is longer than 255"),
+    # /proc refuses new directories even to root: creation fails after the checks.
+    (
+        "parent cannot be created",
+        lambda t: Path("/proc/kgr_no_such_dir/run"),
+        "cannot be created (",
+    ),
     (
         "another run's settings",
         lambda t: _previous_run(t / "old", sigma=0.3) or t / "old",
