@@ -40,7 +40,6 @@ from absl import app, flags  # noqa: E402
 
 import keras_gradreg as kgr  # noqa: E402
 from keras_gradreg.layers import FastDropout  # noqa: E402
-from train.models import build_model  # noqa: E402
 
 CONFIGS = ("maxout_mlp_bare", "maxout_mlp_preset", "conv_maxout_cifar10")
 METHODS = ("plain", "penalty", "adversarial", "finite_difference")
@@ -53,7 +52,7 @@ flags.DEFINE_list(
     "dropout",
     ["keras", "fast"],
     "Dropout layers for configurations with dropout: keras (stock "
-    "keras.layers.Dropout) and/or fast (kgr.layers.FastDropout, what train.models builds).",
+    "keras.layers.Dropout) and/or fast (kgr.layers.FastDropout, what kgr.networks builds).",
 )
 flags.DEFINE_enum("fast_rng_alg", "auto", ["auto", "philox", "threefry"], "FastDropout's rng_alg.")
 flags.DEFINE_integer("batch_size", 128, "Examples per step.")
@@ -111,14 +110,12 @@ flags.register_validator(
 def network(config: str) -> tuple[keras.Model, tuple[int, ...], bool]:
     """The untrained network of a configuration, its input shape, and momentum use."""
     if config == "maxout_mlp_bare":
-        net = build_model(
-            "maxout_mlp", input_shape=(784,), input_dropout=0, hidden_dropout=0, max_norm=None
-        )
+        net = kgr.networks.maxout_mlp((784,), input_dropout=0, hidden_dropout=0, max_norm=None)
         return net, (784,), False
     if config == "maxout_mlp_preset":
-        return build_model("maxout_mlp", input_shape=(784,)), (784,), True
+        return kgr.networks.maxout_mlp((784,)), (784,), True
     if config == "conv_maxout_cifar10":
-        return build_model("conv_maxout_cifar10", input_shape=(32, 32, 3)), (32, 32, 3), True
+        return kgr.networks.conv_maxout_cifar10((32, 32, 3)), (32, 32, 3), True
     raise ValueError(f"Unknown configuration. Received: config={config!r}")
 
 

@@ -2,7 +2,7 @@
 
 For a perturbation ball of radius sigma in the p-norm, the linearised loss
 rises by at most sigma * ||g||_q with 1/p + 1/q = 1, and r* attains it
-(PAPER.md, section 1). Every function here works per example: axis 0 is the
+(docs/method.md, section 1). Every function here works per example: axis 0 is the
 batch and the norm runs over all remaining axes.
 """
 

@@ -67,17 +67,52 @@ def _as_images(a: np.ndarray, image_shape: Sequence[int] | None) -> np.ndarray:
     return a
 
 
-def _signed_image(r: np.ndarray) -> tuple[np.ndarray, dict]:
-    """An r* image centred on 0: colour map for grey, 0.5 + r / 2max for RGB."""
+def _signed_image(r: np.ndarray) -> tuple[np.ndarray, dict, float]:
+    """An r* image centred on 0: colour map for grey, 0.5 + r / 2max for RGB; and max |r|."""
     scale = float(np.max(np.abs(r))) or 1.0
     if r.ndim == 3:
-        return 0.5 + r / (2 * scale), {}
-    return r, {"cmap": "RdBu_r", "vmin": -scale, "vmax": scale}
+        return 0.5 + r / (2 * scale), {}, scale
+    return r, {"cmap": "RdBu_r", "vmin": -scale, "vmax": scale}, scale
+
+
+def _colour_scale(figure: Figure, axis, image, rgb: bool, scale: float) -> None:
+    """A colour bar giving r*'s values (for RGB: each channel's, on a grey scale)."""
+    if rgb:
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        image = ScalarMappable(Normalize(-scale, scale), cmap="gray")
+    bar = figure.colorbar(image, ax=axis, fraction=0.046, pad=0.03)
+    bar.set_ticks([-scale, 0.0, scale])
+    bar.ax.tick_params(labelsize=6)
+    bar.ax.yaxis.get_offset_text().set_fontsize(6)
+
+
+def _true_labels(y: Any, count: int) -> np.ndarray:
+    """Class indices from integer labels or one-hot rows."""
+    labels = np.asarray(y)
+    if labels.ndim > 1 and labels.shape[-1] > 1:
+        return labels.reshape(count, -1).argmax(axis=1)
+    return labels.reshape(count)
 
 
 def _save(figure: Figure, path: str) -> None:
     FigureCanvasAgg(figure)
     figure.savefig(path, dpi=100)
+
+
+def _draw_norm(figure, axes, name, r_images, moved, moved_labels, grey) -> None:
+    """The r* and x + r* columns of one norm (`axes`: rows x 2)."""
+    for row in range(len(r_images)):
+        image, style, scale = _signed_image(r_images[row])
+        drawn = axes[row, 0].imshow(image, **style)
+        _colour_scale(figure, axes[row, 0], drawn, r_images.ndim == 4, scale)
+        axes[row, 0].set_title(f"r*, {name}", fontsize=8)
+        axes[row, 1].imshow(
+            np.clip(moved[row], 0, 1) if moved.ndim == 4 else moved[row],
+            **(grey if moved.ndim == 3 else {}),
+        )
+        axes[row, 1].set_title(f"x + r*: pred {moved_labels[row]}", fontsize=8)
 
 
 def perturbations(
@@ -94,10 +129,11 @@ def perturbations(
     """Draws each input, its worst-case perturbation r* per norm and x + r*.
 
     r* is the family's closed form for the gradient of each example's own
-    loss (PAPER.md), as in the paper's figures: for a regularised model it
+    loss (docs/method.md), as in the paper's figures: for a regularised model it
     looks like strokes, for a plain one like noise. Rows are examples;
-    columns are the input, then r* (red up, blue down) and clip(x + r*) for
-    each p, titled with the predicted class.
+    columns are the input (titled with its true label and the model's
+    prediction), then for each p: r* (red up, blue down, with a colour bar
+    of its values) and clip(x + r*) (titled with the prediction there).
 
     Args:
         model: A Keras classifier.
@@ -139,23 +175,20 @@ def perturbations(
     columns = 1 + 2 * len(steps)
     figure = Figure(figsize=(1.6 * columns, 1.7 * len(x) + 0.4))
     axes = figure.subplots(len(x), columns, squeeze=False)
-    labels = predicted(x)
+    labels, true = predicted(x), _true_labels(y, len(x))
     for row in range(len(x)):
         axes[row, 0].imshow(images[row], **(grey if images.ndim == 3 else {}))
-        axes[row, 0].set_title(f"input: {labels[row]}", fontsize=8)
+        axes[row, 0].set_title(f"true {true[row]}, pred {labels[row]}", fontsize=8)
     for k, (p, r) in enumerate(steps.items()):
-        name = "inf" if math.isinf(p) else f"{p:g}"
-        r_images, moved = _as_images(r, image_shape), _as_images(shown[p], image_shape)
-        moved_labels = predicted(shown[p])
-        for row in range(len(x)):
-            image, style = _signed_image(r_images[row])
-            axes[row, 1 + 2 * k].imshow(image, **style)
-            axes[row, 1 + 2 * k].set_title(f"r*, p={name}, σ={sigmas[p]:g}", fontsize=8)
-            axes[row, 2 + 2 * k].imshow(
-                np.clip(moved[row], 0, 1) if moved.ndim == 4 else moved[row],
-                **(grey if moved.ndim == 3 else {}),
-            )
-            axes[row, 2 + 2 * k].set_title(f"x + r*: {moved_labels[row]}", fontsize=8)
+        _draw_norm(
+            figure,
+            axes[:, 1 + 2 * k : 3 + 2 * k],
+            f"p={'inf' if math.isinf(p) else f'{p:g}'}, σ={sigmas[p]:g}",
+            _as_images(r, image_shape),
+            _as_images(shown[p], image_shape),
+            predicted(shown[p]),
+            grey,
+        )
     for axis in axes.flat:
         axis.set_xticks([])
         axis.set_yticks([])

@@ -1,4 +1,4 @@
-"""PAPER.md identities of the dual norm and the worst-case perturbation."""
+"""docs/method.md identities of the dual norm and the worst-case perturbation."""
 
 from __future__ import annotations
 

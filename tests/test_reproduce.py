@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import pytest
 
@@ -16,6 +18,18 @@ def test_command_line_round_trips_through_the_binary_flags():
     assert command == (
         "python -m train.main --preset=mnist_maxout_mlp --p=inf --sigma=0.25 --nopictures"
     )
+
+
+def test_command_line_writes_paths_relative_to_the_checkout(monkeypatch):
+    data = os.path.join(os.path.dirname(reproduce.CHECKOUT), "shared", "data", "mnist.npz")
+    command = reproduce.command_line("mnist_maxout_mlp", {"data_npz": data, "sigma": 0.0})
+    assert command == (
+        "python -m train.main --preset=mnist_maxout_mlp "
+        "--data_npz=../shared/data/mnist.npz --sigma=0.0"
+    )
+    monkeypatch.chdir(os.path.join(reproduce.CHECKOUT, "train"))
+    relative = reproduce.command_line("mnist_maxout_mlp", {"data_npz": "../data/m.npz"})
+    assert relative.endswith("--data_npz=data/m.npz")
 
 
 def test_accuracy_lookup_and_table_row():
@@ -122,3 +136,16 @@ def test_where_the_data_is_does_not_make_a_run_different():
     recorded = {"sigma": 0.1, "data_npz": "../shared/data/mnist.npz", "jit_compile": True}
     wanted = {"sigma": 0.1, "data_npz": "/abs/mnist.npz", "jit_compile": False}
     reproduce._check_same_settings("runs/x", recorded, wanted)
+
+
+def test_readme_and_results_hold_what_the_generator_writes():
+    """The published table and commands are markdown(results/mnist.json), paths relative."""
+    with open(os.path.join(reproduce.CHECKOUT, "results", "mnist.json")) as f:
+        text = reproduce.markdown(json.load(f))
+    with open(os.path.join(reproduce.CHECKOUT, "README.md")) as f:
+        readme = f.read()
+    block = readme.split(reproduce.README_START + "\n")[1].split(reproduce.README_END)[0]
+    assert block == text
+    with open(os.path.join(reproduce.CHECKOUT, "results", "mnist.md")) as f:
+        assert f.read() == text
+    assert "--data_npz=../shared/data/mnist.npz" in text and "/work/" not in text

@@ -76,6 +76,67 @@ def test_flags_override_the_preset(parse):
     assert config.sigma == 0.25 and config.eval_epsilons_2 == (0.5, 1.0)
 
 
+def test_regularizer_fields_come_from_gradient_regularizer(parse):
+    """Names, defaults and checks of the regularization flags are GradientRegularizer's."""
+    import inspect
+
+    import keras_gradreg as kgr
+
+    parameters = inspect.signature(kgr.GradientRegularizer).parameters
+    assert config_lib.REGULARIZER_FIELDS == tuple(parameters)
+    for name, parameter in parameters.items():
+        field = config_lib.FIELDS_BY_NAME[name]
+        assert field.group == "regularization" and field.default == parameter.default
+        assert field.help and not field.help.startswith("GradientRegularizer's")
+    config = parse("--method=adversarial", "--clean_weight=0.5", "--p=inf")
+    assert config.regularizer() == kgr.GradientRegularizer(
+        p="inf", method="adversarial", clean_weight=0.5
+    )
+    assert config_lib.make_config().regularizer() == kgr.GradientRegularizer()
+
+
+def test_argument_docs_reads_google_style_args():
+    doc = """Summary.
+
+    Args:
+        a: First line
+            continued.
+        b: Second.
+
+    Returns:
+        c: not an argument.
+    """
+    assert config_lib._argument_docs(doc) == {"a": "First line continued.", "b": "Second."}
+
+
+def test_print_config_prints_the_resolved_settings_and_exits(capsys):
+    main.FLAGS(["train.main", "--preset=mnist_maxout_mlp", "--sigma=0.3", "--print_config"])
+    try:
+        main.main(["train.main"])
+    finally:
+        main.FLAGS.unparse_flags()
+    printed = json.loads(capsys.readouterr().out)
+    expected = config_lib.make_config("mnist_maxout_mlp", sigma=0.3).to_dict()
+    assert printed == expected and printed["epochs"] == 50 and printed["sigma"] == 0.3
+
+
+def test_help_shows_groups_and_preset_settings():
+    main.FLAGS(["train.main", "--print_config"])
+    try:
+        text = main.FLAGS.get_help()
+    finally:
+        main.FLAGS.unparse_flags()
+    headings = [line for line in text.splitlines() if line.endswith("flags of train.main:")]
+    assert headings == [
+        f"{i}. {g} flags of train.main:" for i, g in enumerate(config_lib.GROUPS, 1)
+    ]
+    sigma = text.index("--sigma:")
+    assert text.index(headings[2]) < sigma < text.index(headings[3])
+    help_text = " ".join(main.FLAGS["preset"].help.split())
+    assert "mnist_maxout_mlp: dataset=mnist, model=maxout_mlp, p=2, sigma=0.1" in help_text
+    assert "epochs=50" in help_text
+
+
 def test_flag_types(parse):
     config = parse("--p=inf", "--hidden_units=32,16", "--nojit_compile", "--eval_attacks=")
     assert config.p == math.inf and config.hidden_units == (32, 16)
@@ -108,11 +169,13 @@ def test_bad_flag_fails_before_any_work(tmp_path):
         command = [sys.executable, "-m", "train.main", f"--workdir={workdir}", *flags]
         return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
 
-    result = run_binary("--clean_weight=2")
-    assert result.returncode != 0
-    assert "flag --clean_weight=2.0: `clean_weight` must be a number in [0, 1]" in result.stderr
-    assert not workdir.exists()
-    result = run_binary("--preset=mnist_conv_maxout", "--hidden_units=10")
-    assert result.returncode != 0
-    assert "hidden_units=(10,)" in result.stderr
-    assert not workdir.exists()
+    for args, message in (
+        (["--clean_weight=2"], "flag --clean_weight=2.0: `clean_weight` must be in [0, 1]"),
+        (["--preset=mnist_conv_maxout", "--hidden_units=10"], "hidden_units=(10,)"),
+    ):
+        result = run_binary(*args)
+        assert result.returncode == 2
+        errors = [line for line in result.stderr.splitlines() if "train.main: error:" in line]
+        assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+        assert not workdir.exists()

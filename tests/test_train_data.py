@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from train import data as data_lib
@@ -18,7 +20,7 @@ MNIST_NPZ = os.path.join(
 )
 
 
-def _write_npz(path, n_train=50, n_test=20, shape=(6, 6), **replace):
+def _write_npz(path, n_train=50, n_test=20, shape=(28, 28), **replace):
     rng = np.random.default_rng(0)
     arrays = {
         "x_train": rng.integers(0, 256, size=(n_train, *shape)).astype("uint8"),
@@ -36,21 +38,35 @@ def test_npz_with_validation_split(tmp_path):
     path = str(tmp_path / "d.npz")
     raw = _write_npz(path)
     arrays = data_lib.load("mnist", data_npz=path, validation_split=0.2)
-    assert arrays.input_shape == (6, 6, 1)
+    assert arrays.input_shape == (28, 28, 1)
     assert (len(arrays.x_train), len(arrays.x_validation), len(arrays.x_test)) == (40, 10, 20)
     # The validation split is the last examples of the training set.
     np.testing.assert_array_equal(arrays.x_validation[..., 0], raw["x_train"][40:])
     np.testing.assert_array_equal(arrays.y_train, raw["y_train"][:40])
     assert arrays.y_train.dtype == np.int64 and arrays.num_classes == 10
+    # What was trained on is recorded: the file, its checksum, shapes and classes.
+    record = arrays.record
+    assert record["source"] == "npz" and record["path"] == path
+    assert record["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    assert (record["train_examples"], record["validation_examples"]) == (40, 10)
+    assert record["image_shape"] == [28, 28, 1] and record["num_classes"] == 10
+    assert record["classes_present"] == len(set(raw["y_train"]) | set(raw["y_test"]))
 
 
 @pytest.mark.parametrize(
     "replace, match",
     [
         ({"y_test": None}, r"missing \['y_test'\]"),
-        ({"x_train": np.zeros((50, 6, 6), "float32")}, "x_train.dtype=float32"),
+        ({"x_train": np.zeros((50, 28, 28), "float32")}, "x_train.dtype=float32"),
         ({"y_train": np.full(50, 12)}, r"must be in \[0, 10\)"),
         ({"y_train": np.zeros(49, "int64")}, "must hold 50 integer labels"),
+        (
+            {
+                "x_train": np.zeros((50, 32, 32, 3), "uint8"),
+                "x_test": np.zeros((20, 32, 32, 3), "uint8"),
+            },
+            r"shape \(32, 32, 3\), but --dataset=mnist",
+        ),
     ],
 )
 def test_bad_npz(tmp_path, replace, match):
@@ -67,23 +83,41 @@ def test_validation_split_too_large(tmp_path):
         data_lib.load("mnist", data_npz=path, validation_split=0.9)
 
 
-def test_pipeline_scales_batches_and_shuffles(tmp_path):
+def test_evaluation_pipeline_scales_and_keeps_every_example():
     x = np.arange(10 * 2 * 2, dtype="uint8").reshape(10, 2, 2, 1)
     y = np.arange(10)
-    test = list(data_lib.pipeline(x, y, batch_size=4, training=False).as_numpy_iterator())
-    assert [len(b[1]) for b in test] == [4, 4, 2]  # Evaluation keeps every example.
+    test = list(data_lib.pipeline(x, y, batch_size=4).as_numpy_iterator())
+    assert [len(b[1]) for b in test] == [4, 4, 2]
     np.testing.assert_allclose(np.concatenate([b[0] for b in test]), x / 255.0, rtol=1e-6)
     assert test[0][0].dtype == np.float32
-    train = data_lib.pipeline(x, y, batch_size=4, training=True, seed=1)
-    epochs = [np.concatenate([b[1] for b in train.as_numpy_iterator()]) for _ in range(2)]
-    assert [len(e) for e in epochs] == [8, 8]  # The partial batch is dropped.
-    assert not np.array_equal(epochs[0], epochs[1])  # Reshuffled every epoch.
-    for labels in epochs:
-        assert len(set(labels.tolist())) == 8
-    repeated = data_lib.pipeline(x, y, batch_size=4, training=True, repeat=True)
-    assert len(list(repeated.take(7).as_numpy_iterator())) == 7
-    with pytest.raises(ValueError, match="batch_size=11"):
-        data_lib.pipeline(x, y, batch_size=11, training=True)
+
+
+def _labels(dataset, count):
+    return [b[1].tolist() for b in dataset.take(count).as_numpy_iterator()]
+
+
+def test_training_batches_are_a_function_of_seed_and_step():
+    x = np.arange(10, dtype="uint8").reshape(10, 1, 1, 1)
+    y = np.arange(10)
+    stream = data_lib.training_batches(x, y, batch_size=4, seed=1)
+    batches = _labels(stream, 6)  # 2 full batches per pass over 10 examples: 3 passes.
+    images = next(stream.as_numpy_iterator())[0]
+    np.testing.assert_allclose(images[:, 0, 0, 0] * 255.0, batches[0])  # Images match labels.
+    for k in range(3):
+        first, second = batches[2 * k], batches[2 * k + 1]
+        assert len(set(first + second)) == 8  # Without replacement within a pass.
+    assert batches[0:2] != batches[2:4]  # Each pass has its own order.
+    # The pass order is a stateless permutation of (seed, pass).
+    expected = tf.random.experimental.stateless_shuffle(tf.range(10, dtype=tf.int64), seed=[1, 1])
+    assert batches[2] + batches[3] == expected.numpy()[:8].tolist()
+    # Resuming at any step gives the same batches as going on.
+    for step in (1, 2, 3, 5):
+        resumed = data_lib.training_batches(x, y, batch_size=4, seed=1, start_step=step)
+        assert _labels(resumed, 6 - step) == batches[step:]
+    other = _labels(data_lib.training_batches(x, y, batch_size=4, seed=2), 6)
+    assert other != batches
+    with pytest.raises(ValueError, match="--batch_size=11 exceeds the 10 training examples"):
+        data_lib.training_batches(x, y, batch_size=11)
 
 
 def test_tfds_mock_data():

@@ -11,7 +11,6 @@ import glob
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 
@@ -97,80 +96,15 @@ def test_preset_end_to_end(preset, tmp_path):
     assert {"train/loss", "train/penalty", "train/accuracy", "test/accuracy"} <= tags
     assert "hparams" in tags
 
-    for name in ("best.keras", "last.keras"):
-        loaded = keras.saving.load_model(os.path.join(workdir, "checkpoints", name))
-        assert loaded.regularizer.sigma == pytest.approx(config.sigma)
-        assert loaded.optimizer.iterations.numpy() == 2
+    # No validation split: no model is selected (the test set must not choose one).
+    assert not os.path.exists(os.path.join(workdir, "checkpoints", "best.keras"))
+    assert metrics["checkpoints"]["best"] is None and metrics["checkpoints"]["selected_by"] is None
     last = keras.saving.load_model(os.path.join(workdir, "checkpoints", "last.keras"))
-    assert last.evaluate(
-        np.zeros((2, *loaded.input_shape[1:]), "float32"), np.zeros(2), verbose=0
-    ) == pytest.approx(
-        loaded.evaluate(np.zeros((2, *loaded.input_shape[1:]), "float32"), np.zeros(2), verbose=0)
-    )
-
-
-_RUNNER = """
-import json, os, signal, sys
-import keras
-import tensorflow_datasets as tfds
-from train import config, train_lib
-
-class KillDuringSecondEpoch(keras.callbacks.Callback):
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.epoch == 1 and batch == 1:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-cfg = config.make_config(**json.loads(sys.argv[2]))
-callbacks = [KillDuringSecondEpoch()] if sys.argv[3] == "kill" else []
-with tfds.testing.mock_data(num_examples=32):
-    train_lib.train_and_evaluate(cfg, sys.argv[1], callbacks=callbacks)
-"""
-
-
-def _run(workdir, settings, mode):
-    return subprocess.run(
-        [sys.executable, "-c", _RUNNER, workdir, json.dumps(settings), mode],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def test_resume_after_sigkill_in_second_epoch(tmp_path):
-    workdir = str(tmp_path / "run")
-    settings = dict(
-        batch_size=8, epochs=2, eval_examples=0, pictures=False, optimizer="sgd", momentum=0.5
-    )
-    killed = _run(workdir, settings, "kill")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    with open(os.path.join(workdir, "metrics.json")) as f:
-        before = json.load(f)
-    assert before["status"] == "training" and [r["epoch"] for r in before["epochs"]] == [1]
-
-    resumed = _run(workdir, settings, "run")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    with open(os.path.join(workdir, "metrics.json")) as f:
-        after = json.load(f)
-    assert after["resumed_from_epoch"] == 1 and after["status"] == "done"
-    assert [r["epoch"] for r in after["epochs"]] == [1, 2]
-    assert after["epochs"][0] == before["epochs"][0]  # Kept, not recomputed.
-    # 32 examples / batch 8: 4 steps per epoch; the optimizer state was restored
-    # with the weights, so the second process continued at step 4.
-    last = keras.saving.load_model(os.path.join(workdir, "checkpoints", "last.keras"))
-    assert last.optimizer.iterations.numpy() == 8
-
-    # Starting a finished run again trains nothing more and keeps the records.
-    again = _run(workdir, settings, "run")
-    assert again.returncode == 0, again.stderr[-3000:]
-    with open(os.path.join(workdir, "metrics.json")) as f:
-        final = json.load(f)
-    assert final["resumed_from_epoch"] == 2 and final["epochs"] == after["epochs"]
-    # The weights come back from the backup: the same final evaluation.
-    assert final["final"] == after["final"]
+    assert last.regularizer.sigma == pytest.approx(config.sigma)
+    assert last.optimizer.iterations.numpy() == 2
+    data = metrics["data"]
+    assert data["source"] == "tfds" and data["name"] == config.dataset
+    assert data["train_examples"] == 16 and data["image_shape"] == list(last.input_shape[1:])
 
 
 def test_workdir_of_another_run_is_refused(tmp_path):
@@ -227,72 +161,45 @@ def test_binary_on_a_slice_of_real_mnist(tmp_path):
     assert not os.path.exists(workdir / "perturbations.png")
 
 
-_WORKER = """
-import json, sys
-import tensorflow_datasets as tfds
-from train import config, train_lib
+def test_selection_on_validation_rounding_and_reevaluation(tmp_path, capsys):
+    """best.keras is chosen on validation; stored numbers are float32's; reevaluate."""
+    settings = {**TINY, "epochs": 2, "validation_split": 0.25, "pictures": False}
+    config = config_lib.make_config("mnist_maxout_mlp", **settings)
+    workdir = str(tmp_path)
+    with tfds.testing.mock_data(num_examples=16):
+        first = train_lib.train_and_evaluate(config, workdir)
+        records = first["epochs"]
+        assert all("validation/accuracy" in r for r in records)
+        best = max(records, key=lambda r: (r["validation/accuracy"], -r["epoch"]))
+        assert first["checkpoints"]["selected_by"] == "highest validation/accuracy"
+        assert first["checkpoints"]["best_epoch"] == best["epoch"]
+        assert first["checkpoints"]["best_validation/accuracy"] == best["validation/accuracy"]
+        assert os.path.exists(os.path.join(workdir, "checkpoints", "best.keras"))
+        assert first["data"]["validation_examples"] == 4 and first["data"]["train_examples"] == 12
+        # Stored metrics are the shortest decimals of float32 values.
+        for record in records:
+            for key, value in record.items():
+                if "/" in key:
+                    assert value == float(str(np.float32(value)))
+        final = first["final"]
+        assert final["test/error_percent"] == round(100 * (1 - final["test/accuracy"]), 5)
+        assert len(repr(final["test/error_percent"])) <= 8  # e.g. 56.25, not 56.25000238...
 
-cfg = config.make_config(**json.loads(sys.argv[2]))
-with tfds.testing.mock_data(num_examples=32):
-    train_lib.train_and_evaluate(cfg, sys.argv[1])
-"""
-
-
-def _free_ports(count):
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def test_multi_worker_run_writes_from_the_chief_only(tmp_path):
-    workdir = str(tmp_path / "run")
-    settings = dict(
-        batch_size=8,
-        epochs=1,
-        steps_per_epoch=2,
-        eval_examples=0,
-        pictures=False,
-        strategy="multi_worker",
-        jit_compile=False,
-    )
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
-    processes = []
-    for index in range(2):
-        env = {
-            **os.environ,
-            "TF_CONFIG": json.dumps(
-                {"cluster": cluster, "task": {"type": "worker", "index": index}}
-            ),
-        }
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-c", _WORKER, workdir, json.dumps(settings)],
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+        # A finished run is not evaluated again unless asked to.
+        again = train_lib.train_and_evaluate(config.replace(eval_examples=4), workdir)
+        assert again == first
+        assert "is complete (2 epochs" in capsys.readouterr().err
+        reevaluated = train_lib.train_and_evaluate(
+            config.replace(eval_examples=4), workdir, reevaluate=True
         )
-    outputs = [process.communicate(timeout=600) for process in processes]
-    for process, (_, stderr) in zip(processes, outputs):
-        assert process.returncode == 0, stderr[-3000:]
-    with open(os.path.join(workdir, "metrics.json")) as f:
-        chief = json.load(f)
-    assert chief["flags"]["strategy"] == "multi_worker" and len(chief["epochs"]) == 1
-    worker_dir = os.path.join(workdir, "workers", "worker_1")
-    assert os.path.exists(os.path.join(worker_dir, "metrics.json"))
-    assert not os.path.exists(os.path.join(workdir, "workers", "worker_0"))
-    # Both workers hold the same synchronously trained weights.
-    weights = [
-        keras.saving.load_model(os.path.join(d, "checkpoints", "last.keras")).get_weights()
-        for d in (workdir, worker_dir)
-    ]
-    for a, b in zip(*weights):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert reevaluated["robustness"]["num_examples"] == 4
+    assert reevaluated["epochs"] == first["epochs"] and reevaluated["final"] == first["final"]
+
+
+def test_float32_rounding_of_stored_numbers():
+    from train.recording import error_percent, float32_value
+
+    accuracy = float(np.float32(0.9644))  # 0.9643999934196472 as a double.
+    assert float32_value(accuracy) == 0.9644
+    assert error_percent(accuracy) == 3.56
+    assert error_percent(np.float32(0.98909998)) == 1.09

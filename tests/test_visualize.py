@@ -106,3 +106,26 @@ def test_non_square_flat_input_needs_image_shape(tmp_path):
         model, x, np.array([0, 1]), image_shape=(2, 5), path=str(tmp_path / "y.png")
     )
     assert steps[math.inf].shape == (2, 10)
+
+
+def test_titles_show_true_and_predicted_labels_and_r_star_has_a_colour_bar(
+    linear_model, tmp_path, monkeypatch
+):
+    model, _, x, y = linear_model
+    figures = []
+    monkeypatch.setattr(visualize, "_save", lambda figure, path: figures.append(figure))
+    visualize.perturbations(model, x, y, ps=(2,), sigma=0.5, path=str(tmp_path / "a.png"))
+    (figure,) = figures
+    predicted = np.asarray(model(x)).argmax(axis=1)
+    titles = [axis.get_title() for axis in figure.axes]
+    for row in range(3):
+        assert f"true {y[row]}, pred {predicted[row]}" in titles
+    assert sum(title.startswith("x + r*: pred ") for title in titles) == 3
+    # 3 rows x 3 panels, plus one colour bar per r* panel, spanning -max|r*| .. max|r*|.
+    assert len(figure.axes) == 9 + 3
+    bars = [axis for axis in figure.axes if not axis.get_title()]
+    steps = visualize.perturbations(model, x, y, ps=(2,), sigma=0.5, path=str(tmp_path / "b.png"))
+    for row, bar in enumerate(bars):
+        low, high = bar.get_ylim()
+        scale = np.abs(steps[2.0][row]).max()
+        np.testing.assert_allclose((low, high), (-scale, scale), rtol=1e-5)

@@ -1,23 +1,26 @@
 """The training configuration: validated fields, defaults and presets.
 
-One place for every setting of the binary. `Config` validates each field on
-construction (a bad value raises `ValueError` naming the field and the value
-received); the flags of `train.main` are generated from `FIELDS`, so a flag
-and its field share name, default, help and check. A preset sets the values
-of one of the paper's experiments; flags given explicitly override it.
+One place for every setting of the binary. `FIELDS` lists each setting's
+group, default, help and check; `Config` is generated from it and validates
+every field on construction (a bad value raises `ValueError` naming the field
+and the value received), and the flags of `train.main` are generated from it
+too. The regularization fields are derived from `kgr.GradientRegularizer`'s
+signature and validated by it, so its defaults are written once. A preset sets
+the values of one of the paper's experiments; flags given explicitly override
+it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from keras_gradreg.norms import canonical_p
-from keras_gradreg.regularizer import METHODS
-from train.models import MODEL_NAMES
+from keras_gradreg.networks import NETWORKS
+from keras_gradreg.regularizer import GradientRegularizer
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10")
 OPTIMIZERS = ("sgd", "adam")
@@ -91,13 +94,6 @@ def _optional_path(must_be_file: bool) -> Callable[[str, Any], str | None]:
     return check
 
 
-def _p(name: str, value: Any) -> float:
-    try:
-        return canonical_p(float(value) if isinstance(value, str) and value != "inf" else value)
-    except (TypeError, ValueError):
-        _fail(name, 'a number >= 1 or "inf"', value)
-
-
 def _converted_list(name: str, value: Any, convert: Callable, requirement: str) -> tuple:
     """`value` (a non-string sequence) with `convert` applied to each item."""
     if isinstance(value, str) or not isinstance(value, Sequence):
@@ -140,16 +136,93 @@ def _attacks(name: str, value: Any) -> tuple[str, ...]:
 # Fields.
 # --------------------------------------------------------------------------- #
 
+# Flag groups, in the order `--helpfull` shows them.
+GROUPS = ("data", "model", "regularization", "optimization", "runtime", "evaluation")
+
 
 @dataclasses.dataclass(frozen=True)
 class Field:
-    """One setting: flag group, default, help text and check."""
+    """One setting: flag group, default, help text, check and flag type.
+
+    `kind` is the flag's type: "bool", "int", "float", "str" or "list"
+    (derived from the default unless given).
+    """
 
     name: str
     group: str
     default: Any
     help: str
     check: Callable[[str, Any], Any]
+    kind: str = ""
+
+    def __post_init__(self):
+        if self.group not in GROUPS:
+            raise AssertionError(f"Field {self.name}: unknown group {self.group!r}")
+        if not self.kind:
+            kind = {bool: "bool", int: "int", float: "float", tuple: "list"}.get(
+                type(self.default), "str"
+            )
+            object.__setattr__(self, "kind", kind)
+
+
+def _argument_docs(docstring: str) -> dict[str, str]:
+    """The one-paragraph description of each argument in a Google-style `Args:` section."""
+    docs: dict[str, str] = {}
+    lines = (docstring or "").splitlines()
+    if not any(line.strip() == "Args:" for line in lines):
+        return docs
+    start = next(i for i, line in enumerate(lines) if line.strip() == "Args:") + 1
+    indent, name = None, None
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        depth = len(line) - len(line.lstrip())
+        indent = depth if indent is None else indent
+        if depth < indent:
+            break
+        if depth == indent and ":" in line:
+            name, text = line.strip().split(":", 1)
+            docs[name] = text.strip()
+        elif name is not None:
+            docs[name] += " " + line.strip()
+    return docs
+
+
+def _regularizer_check(name: str) -> Callable[[str, Any], Any]:
+    """Validates one argument by `kgr.GradientRegularizer` itself."""
+
+    def check(field_name: str, value: Any) -> Any:
+        regularizer = GradientRegularizer(**{name: value})
+        return getattr(regularizer, name, value)
+
+    return check
+
+
+def regularizer_fields() -> tuple[Field, ...]:
+    """The fields of `kgr.GradientRegularizer`'s arguments, derived from it.
+
+    Name, default and help come from its signature and docstring, and its own
+    constructor validates each value, so an argument added to it becomes a
+    flag without edits here. An argument whose annotation is not plain
+    float, int, str or bool (`p`: a number or "inf") is a string flag.
+    """
+    docs = _argument_docs(GradientRegularizer.__doc__)
+    fields = []
+    for parameter in inspect.signature(GradientRegularizer).parameters.values():
+        if parameter.kind not in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
+            continue
+        plain = parameter.annotation in ("float", "int", "str", "bool", float, int, str, bool)
+        fields.append(
+            Field(
+                parameter.name,
+                "regularization",
+                parameter.default,
+                docs.get(parameter.name, f"GradientRegularizer's `{parameter.name}`."),
+                _regularizer_check(parameter.name),
+                kind="" if plain else "str",
+            )
+        )
+    return tuple(fields)
 
 
 _RATE = _number(0.0, 1.0, high_open=True, requirement="a number in [0, 1)")
@@ -184,7 +257,13 @@ FIELDS: tuple[Field, ...] = (
         _number(0.0, 1.0, high_open=True, requirement="a number in [0, 1)"),
     ),
     # Model.
-    Field("model", "model", "maxout_mlp", f"Network, one of {MODEL_NAMES}.", _one_of(MODEL_NAMES)),
+    Field(
+        "model",
+        "model",
+        "maxout_mlp",
+        f"Network of kgr.networks, one of {tuple(NETWORKS)}.",
+        _one_of(tuple(NETWORKS)),
+    ),
     Field("input_dropout", "model", 0.2, "Dropout rate on the input (0: none).", _RATE),
     Field("hidden_dropout", "model", 0.5, "Dropout rate on later layers' inputs.", _RATE),
     Field(
@@ -209,30 +288,7 @@ FIELDS: tuple[Field, ...] = (
         "MLP hidden layer widths, e.g. 240,240 (empty: the network's default).",
         _int_list,
     ),
-    # Regularization.
-    Field("p", "regularization", 2.0, 'Perturbation norm p: a number >= 1 or "inf".', _p),
-    Field(
-        "sigma",
-        "regularization",
-        0.1,
-        "Radius of the perturbation ball (0: plain training).",
-        _number(0.0, math.inf, high_open=True, requirement="a finite number >= 0"),
-    ),
-    Field("method", "regularization", "penalty", f"Estimator, one of {METHODS}.", _one_of(METHODS)),
-    Field(
-        "clean_weight",
-        "regularization",
-        0.0,
-        "Weight of the clean loss for method=adversarial.",
-        _number(0.0, 1.0, requirement="a number in [0, 1]"),
-    ),
-    Field(
-        "fd_step",
-        "regularization",
-        0.01,
-        "Step h of method=finite_difference.",
-        _number(0.0, math.inf, low_open=True, high_open=True, requirement="a finite number > 0"),
-    ),
+    *regularizer_fields(),
     # Optimization.
     Field("optimizer", "optimization", "adam", f"One of {OPTIMIZERS}.", _one_of(OPTIMIZERS)),
     Field(
@@ -341,19 +397,17 @@ FIELDS: tuple[Field, ...] = (
 )
 
 FIELDS_BY_NAME = {field.name: field for field in FIELDS}
-GROUPS = tuple(dict.fromkeys(field.group for field in FIELDS))
+REGULARIZER_FIELDS = tuple(field.name for field in regularizer_fields())
 
 
 def _mnist(model: str, **overrides: Any) -> dict[str, Any]:
     return {"dataset": "mnist", "model": model, **overrides}
 
 
-# The paper's experiments (PAPER.md section 3). Where the paper's value is not
-# known, the value here is this project's choice ("chosen"). Optimisers are
-# chosen: Adam with cosine decay over the run. Measured on real MNIST, one
-# epoch of the maxout MLP (p=2, sigma=0.1, penalty, batch 100, dropout
-# 0.2/0.5) reached 96.3-96.6% test accuracy with Adam at 1e-3 to 3e-3, and
-# 95.6-96.0% with SGD (lr 0.05-0.2, momentum 0.5 or 0.9).
+# The paper's experiments (docs/method.md, section 3). Where the paper's value
+# is not known, the value here is this project's choice ("chosen"); the
+# optimiser (Adam with cosine decay over the run) was chosen by one-epoch
+# runs recorded in results/README.md.
 _OPTIMIZATION = {"optimizer": "adam", "lr_schedule": "cosine", "learning_rate": 1e-3}
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -391,98 +445,82 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """All settings of one training run; validated on construction.
-
-    Field meanings, defaults and checks are in `FIELDS` (and `--help`).
-    `preset` records the preset the values started from (None if none).
-    """
-
-    preset: str | None = None
-    dataset: str = "mnist"
-    tfds_data_dir: str | None = None
-    data_npz: str | None = None
-    validation_split: float = 0.0
-    model: str = "maxout_mlp"
-    input_dropout: float = 0.2
-    hidden_dropout: float = 0.5
-    max_norm: float = 1.9365
-    first_conv_max_norm: float = 0.9
-    hidden_units: tuple[int, ...] = ()
-    p: float = 2.0
-    sigma: float = 0.1
-    method: str = "penalty"
-    clean_weight: float = 0.0
-    fd_step: float = 0.01
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    lr_schedule: str = "constant"
-    lr_decay: float = 0.95
-    min_learning_rate: float = 0.0
-    momentum: float = 0.5
-    epochs: int = 1
-    batch_size: int = 100
-    steps_per_epoch: int = 0
-    strategy: str = "one_device"
-    jit_compile: bool = True
-    mixed_precision: str = "float32"
-    seed: int = 0
-    deterministic: bool = False
-    eval_attacks: tuple[str, ...] = ("fgsm", "pgd")
-    eval_epsilons_inf: tuple[float, ...] = (0.1, 0.2, 0.3)
-    eval_epsilons_2: tuple[float, ...] = (1.0, 2.0)
-    eval_examples: int = 1000
-    eval_pgd_steps: int = 40
-    pictures: bool = True
-
-    def __post_init__(self):
-        if self.preset is not None and self.preset not in PRESETS:
-            _fail("preset", f"one of {tuple(PRESETS)}", self.preset)
-        for field in FIELDS:
-            object.__setattr__(self, field.name, field.check(field.name, getattr(self, field.name)))
-        if self.hidden_units and self.model not in ("sigmoid_mlp", "maxout_mlp"):
-            raise ValueError(
-                f"`hidden_units` applies to the MLPs only, not to model={self.model!r}. "
-                f"Received: hidden_units={self.hidden_units!r}"
-            )
-        if (
-            self.eval_examples
-            and self.eval_attacks
-            and not (self.eval_epsilons_inf or self.eval_epsilons_2)
-        ):
-            raise ValueError(
-                "`eval_attacks` needs radii in `eval_epsilons_inf` or `eval_epsilons_2` "
-                "(or eval_examples=0). Received: eval_epsilons_inf=(), eval_epsilons_2=()"
-            )
-        if self.min_learning_rate > self.learning_rate:
-            raise ValueError(
-                "`min_learning_rate` must not exceed `learning_rate`. Received: "
-                f"min_learning_rate={self.min_learning_rate!r}, "
-                f"learning_rate={self.learning_rate!r}"
-            )
-
-    def replace(self, **changes: Any) -> Config:
-        """A copy with `changes` applied (and validated)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready values (p = inf as "inf", tuples as lists)."""
-        values = dataclasses.asdict(self)
-        values["p"] = "inf" if math.isinf(self.p) else self.p
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:g}"
+    if isinstance(value, tuple):
+        return ",".join(_format_value(v) for v in value)
+    return str(value)
 
 
-def _check_field_set() -> None:
-    names = {f.name for f in dataclasses.fields(Config)} - {"preset"}
-    if names != set(FIELDS_BY_NAME):
-        raise AssertionError(f"Config and FIELDS disagree: {names ^ set(FIELDS_BY_NAME)}")
+def preset_summary(name: str) -> str:
+    """The settings a preset changes, as `name: key=value, ...`."""
+    values = ", ".join(f"{k}={_format_value(v)}" for k, v in PRESETS[name].items())
+    return f"{name}: {values}"
+
+
+def _post_init(self) -> None:
+    if self.preset is not None and self.preset not in PRESETS:
+        _fail("preset", f"one of {tuple(PRESETS)}", self.preset)
     for field in FIELDS:
-        if Config.__dataclass_fields__[field.name].default != field.default:
-            raise AssertionError(f"Config and FIELDS disagree on the default of {field.name}")
+        object.__setattr__(self, field.name, field.check(field.name, getattr(self, field.name)))
+    self.regularizer()  # Checks the regularizer's arguments together.
+    if self.hidden_units and self.model not in ("sigmoid_mlp", "maxout_mlp"):
+        raise ValueError(
+            f"`hidden_units` applies to the MLPs only, not to model={self.model!r}. "
+            f"Received: hidden_units={self.hidden_units!r}"
+        )
+    if (
+        self.eval_examples
+        and self.eval_attacks
+        and not (self.eval_epsilons_inf or self.eval_epsilons_2)
+    ):
+        raise ValueError(
+            "`eval_attacks` needs radii in `eval_epsilons_inf` or `eval_epsilons_2` "
+            "(or eval_examples=0). Received: eval_epsilons_inf=(), eval_epsilons_2=()"
+        )
+    if self.min_learning_rate > self.learning_rate:
+        raise ValueError(
+            "`min_learning_rate` must not exceed `learning_rate`. Received: "
+            f"min_learning_rate={self.min_learning_rate!r}, "
+            f"learning_rate={self.learning_rate!r}"
+        )
 
 
-_check_field_set()
+def _regularizer(self) -> GradientRegularizer:
+    """The run's `kgr.GradientRegularizer` (its arguments are config fields)."""
+    return GradientRegularizer(**{name: getattr(self, name) for name in REGULARIZER_FIELDS})
+
+
+def _replace(self, **changes: Any):
+    """A copy with `changes` applied (and validated)."""
+    return dataclasses.replace(self, **changes)
+
+
+def _to_dict(self) -> dict[str, Any]:
+    """JSON-ready values (p = inf as "inf", tuples as lists)."""
+    values = dataclasses.asdict(self)
+    values = {k: "inf" if isinstance(v, float) and math.isinf(v) else v for k, v in values.items()}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+# All settings of one training run, validated on construction: `preset` (the
+# preset the values started from, or None), then one attribute per field of
+# `FIELDS` (meanings, defaults and checks there, and in `--helpfull`).
+Config = dataclasses.make_dataclass(
+    "Config",
+    [("preset", "str | None", dataclasses.field(default=None))]
+    + [(f.name, Any, dataclasses.field(default=f.default)) for f in FIELDS],
+    namespace={
+        "__post_init__": _post_init,
+        "__doc__": "All settings of one training run; validated on construction.",
+        "regularizer": _regularizer,
+        "replace": _replace,
+        "to_dict": _to_dict,
+    },
+    frozen=True,
+)
+Config.__module__ = __name__
 
 
 def make_config(preset: str | None = None, **overrides: Any) -> Config:

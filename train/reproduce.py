@@ -157,10 +157,25 @@ def hardware() -> str:
     return f"{model}, {os.cpu_count()} cores, no GPU"
 
 
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PATH_FLAGS = frozenset({"data_npz", "tfds_data_dir"})
+
+
+def checkout_relative(path: str) -> str:
+    """`path` relative to the checkout (commands run there), e.g. ../shared/data/mnist.npz."""
+    return os.path.relpath(os.path.abspath(path), CHECKOUT)
+
+
 def command_line(preset: str, overrides: dict[str, Any]) -> str:
-    """The `train.main` command that reproduces a run."""
+    """The `train.main` command that reproduces a run, run from the checkout.
+
+    Paths (`--data_npz`, `--tfds_data_dir`) are written relative to the
+    checkout, so the command works on another machine with the same layout.
+    """
     parts = ["python -m train.main", f"--preset={preset}"]
     for key, value in overrides.items():
+        if key in PATH_FLAGS and value:
+            value = checkout_relative(value)
         if isinstance(value, float) and math.isinf(value):
             value = "inf"
         if isinstance(value, bool):
@@ -327,8 +342,8 @@ def markdown(results: dict[str, Any]) -> str:
         + header
         + "\n".join(lines)
         + flag_text
-        + "\n\nTrain time is wall time on 2 cores shared with other jobs during these "
-        "runs, not a cost comparison (see the step-cost table)."
+        + "\n\nTrain time is wall time on the hardware above, shared with other jobs during "
+        "these runs, not a cost comparison (see the step-cost table)."
         + selection_text("sigma for p=2", results["selection"])
         + selection_text("Long stage: sigma", results.get("long_selection"))
         + f"\n\nCommands (with `--data_npz=...`, `--workdir=...`):\n\n{commands}\n"

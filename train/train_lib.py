@@ -2,22 +2,31 @@
 
 Writes to `workdir`:
 
-- `metrics.json`: the config ("flags"), library versions, one record per
-  epoch ("epochs": train/ and test/ (and validation/) metrics and seconds),
-  "resumed_from_epoch", "final" test metrics and the "robustness" report;
-  rewritten at the end of every epoch.
-- `backup/`: `keras.callbacks.BackupAndRestore` state. Starting the same
-  command again after the process died (even by SIGKILL) resumes from the
-  last completed epoch; records of earlier epochs are kept.
-- `checkpoints/last.keras` (every epoch) and `checkpoints/best.keras` (best
-  validation accuracy, or test accuracy without a validation split).
+- `metrics.json`: the config ("flags"), library versions, what was trained
+  on ("data": file and SHA-256 or TFDS name and version, shapes, classes),
+  one record per epoch ("epochs": train/ and test/ (and validation/) metrics
+  and seconds), "resumed_from_epoch", "checkpoints" (what best.keras was
+  selected by, if anything), "final" test metrics and the "robustness"
+  report; rewritten at the end of every epoch.
+- `backup/`: the training state after the last completed epoch
+  (`train.checkpoints`). Starting the same command again after the process
+  died (even by SIGKILL) resumes from there; records of earlier epochs are
+  kept. With `--deterministic` the resumed run ends with exactly the weights
+  and metrics of an uninterrupted one. Starting a finished run again does
+  nothing unless `reevaluate`.
+- `checkpoints/last.keras` (every epoch) and, with a validation split,
+  `checkpoints/best.keras` (highest validation accuracy). Without one there
+  is no best.keras: the test set never selects a model.
 - `tensorboard/`: train/ and test/ scalars per epoch and the hyperparameters.
 - `robustness.json`, `robustness.png`, `perturbations.png`.
+
+Bad input (data, workdir) raises `train.errors.InputError` before the
+workdir is created.
 """
 
 from __future__ import annotations
 
-import json
+import inspect
 import math
 import os
 import platform
@@ -31,31 +40,15 @@ import tensorflow as tf
 from absl import logging
 
 import keras_gradreg as kgr
+from train import checkpoints
+from train import config as config_lib
 from train import data as data_lib
-from train import models
+from train import workdir as workdir_lib
 from train.config import Config
-from train.preprocessing import ContrastNormalizeZCA
+from train.recording import EpochRecorder, error_percent, float32_value, selection_record
 
-METRICS_FILE = "metrics.json"
 PICTURE_EXAMPLES = 6
-
-# Fields that may change between a run and its resumption in the same workdir.
-RESUMABLE_FIELDS = frozenset(
-    {
-        "epochs",
-        "tfds_data_dir",
-        "data_npz",
-        "strategy",
-        "jit_compile",
-        "deterministic",
-        "eval_attacks",
-        "eval_epsilons_inf",
-        "eval_epsilons_2",
-        "eval_examples",
-        "eval_pgd_steps",
-        "pictures",
-    }
-)
+METRICS_FILE = workdir_lib.METRICS_FILE
 
 
 # --------------------------------------------------------------------------- #
@@ -140,28 +133,33 @@ def make_optimizer(config: Config, steps_per_epoch: int) -> keras.optimizers.Opt
 
 
 def make_model(config: Config, arrays: data_lib.Arrays) -> kgr.RegularizedModel:
-    """Builds (uncompiled) the network of `config`, with CIFAR-10 whitening."""
+    """Builds (uncompiled) the network of `config`, with CIFAR-10 whitening.
+
+    The network is `kgr.networks.NETWORKS[config.model]`, given every config
+    field its builder takes (max-norms of 0 as None, empty `hidden_units` as
+    the builder's default widths); the regularizer is `config.regularizer()`.
+    """
+    builder = kgr.networks.NETWORKS[config.model]
+    arguments = {
+        name: getattr(config, name)
+        for name in inspect.signature(builder).parameters
+        if name in config_lib.FIELDS_BY_NAME
+    }
+    for name in ("max_norm", "first_conv_max_norm"):
+        if name in arguments and not arguments[name]:
+            arguments[name] = None
+    if "hidden_units" in arguments and not arguments["hidden_units"]:
+        del arguments["hidden_units"]
     preprocessing = None
     if config.dataset == "cifar10":
-        preprocessing = ContrastNormalizeZCA(name="gcn_zca")
+        preprocessing = kgr.layers.ContrastNormalizeZCA(name="gcn_zca")
         preprocessing.adapt(arrays.x_train)
-    return models.build_model(
-        config.model,
-        input_shape=arrays.input_shape,
-        num_classes=arrays.num_classes,
-        input_dropout=config.input_dropout,
-        hidden_dropout=config.hidden_dropout,
-        max_norm=config.max_norm or None,
-        first_conv_max_norm=config.first_conv_max_norm or None,
-        hidden_units=config.hidden_units or None,
+    return builder(
+        arrays.input_shape,
+        arrays.num_classes,
         preprocessing=preprocessing,
-        regularizer=kgr.GradientRegularizer(
-            p=config.p,
-            sigma=config.sigma,
-            method=config.method,
-            clean_weight=config.clean_weight,
-            fd_step=config.fd_step,
-        ),
+        regularizer=config.regularizer(),
+        **arguments,
     )
 
 
@@ -179,162 +177,6 @@ def library_versions() -> dict[str, str]:
     }
 
 
-class MetricsFile:
-    """`metrics.json`, held in memory and rewritten atomically."""
-
-    def __init__(self, path: str, content: dict[str, Any]):
-        self.path = path
-        self.content = content
-
-    @staticmethod
-    def read(path: str) -> dict[str, Any] | None:
-        """The content of an existing file, or None if there is none."""
-        if not os.path.exists(path):
-            return None
-        with open(path) as f:
-            return json.load(f)
-
-    def write(self) -> None:
-        """Writes the content (to a temporary file, then renamed)."""
-        temporary = f"{self.path}.tmp"
-        with open(temporary, "w") as f:
-            json.dump(self.content, f, indent=2, default=_json_default)
-        os.replace(temporary, self.path)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"Not JSON serializable: {type(value).__name__}")
-
-
-def _float(value: Any) -> float:
-    return float(np.asarray(value))
-
-
-class EpochRecorder(keras.callbacks.Callback):
-    """Evaluates, records and summarises every epoch.
-
-    At the end of each epoch: evaluates the model on each evaluation set
-    (adding `test/accuracy`, ... to the epoch's logs, so later callbacks and
-    the progress bar see them), appends a record to `metrics.json` and writes
-    TensorBoard scalars. The first epoch it sees tells from which epoch the
-    run resumed; records of later epochs from an earlier process are dropped.
-
-    Args:
-        metrics: The run's `MetricsFile`.
-        eval_sets: Name ("test", "validation") to batched dataset.
-        writer: TensorBoard summary writer, or None.
-        best_checkpoint: The best-model `ModelCheckpoint`, whose best value is
-            restored from the kept records when resuming.
-        monitor: The metric `best_checkpoint` monitors.
-    """
-
-    def __init__(
-        self,
-        metrics: MetricsFile,
-        eval_sets: dict[str, tf.data.Dataset],
-        writer,
-        best_checkpoint: keras.callbacks.ModelCheckpoint | None,
-        monitor: str,
-    ):
-        super().__init__()
-        self.metrics = metrics
-        self.eval_sets = eval_sets
-        self.writer = writer
-        self.best_checkpoint = best_checkpoint
-        self.monitor = monitor
-        self.resumed_from_epoch: int | None = None
-        self._start = 0.0
-
-    def start(self, first_epoch: int) -> None:
-        """Marks the first epoch this process runs (0-based)."""
-        self.resumed_from_epoch = first_epoch
-        kept = [r for r in self.metrics.content.get("epochs", []) if r["epoch"] <= first_epoch]
-        self.metrics.content["epochs"] = kept
-        self.metrics.content["resumed_from_epoch"] = first_epoch
-        if self.best_checkpoint is not None:
-            values = [r[self.monitor] for r in kept if self.monitor in r]
-            if values:
-                self.best_checkpoint.best = max(values)
-        if first_epoch == 0 and self.writer is not None:
-            write_hyperparameters(self.writer, self.metrics.content["flags"])
-        self.metrics.write()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if self.resumed_from_epoch is None:
-            self.start(epoch)
-            if epoch:
-                logging.info("Resumed from the backup after %d completed epochs.", epoch)
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs if logs is not None else {}
-        train_seconds = time.perf_counter() - self._start
-        record: dict[str, Any] = {"epoch": epoch + 1}
-        for key, value in logs.items():
-            if "/" not in key:
-                record[f"train/{key}"] = _float(value)
-        record["train/learning_rate"] = _float(self.model.optimizer.learning_rate)
-        for name, dataset in self.eval_sets.items():
-            results = self.model.evaluate(dataset, verbose=0, return_dict=True)
-            for key, value in results.items():
-                logs[f"{name}/{key}"] = _float(value)
-                record[f"{name}/{key}"] = _float(value)
-        record["train_seconds"] = train_seconds
-        record["seconds"] = time.perf_counter() - self._start
-        self.metrics.content.setdefault("epochs", []).append(record)
-        self.metrics.write()
-        if self.writer is not None:
-            with self.writer.as_default(step=epoch + 1):
-                for key, value in record.items():
-                    if "/" in key:
-                        tf.summary.scalar(key, value)
-                tf.summary.scalar("train/seconds", record["seconds"])
-            self.writer.flush()
-        logging.info(
-            "Epoch %d: %s",
-            epoch + 1,
-            ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"),
-        )
-
-
-def write_hyperparameters(writer, flags: dict[str, Any]) -> None:
-    """Writes the run's settings for TensorBoard's HParams and Text tabs."""
-    from tensorboard.plugins.hparams import api as hparams_api
-
-    values = {
-        key: value if isinstance(value, (bool, int, float, str)) else str(value)
-        for key, value in flags.items()
-    }
-    rows = "\n".join(f"| {key} | {value} |" for key, value in values.items())
-    with writer.as_default(step=0):
-        hparams_api.hparams(values)
-        tf.summary.text("hparams", f"| hyperparameter | value |\n| --- | --- |\n{rows}")
-    writer.flush()
-
-
-def _check_same_run(previous: dict[str, Any] | None, config: Config, workdir: str) -> None:
-    if not previous or "flags" not in previous:
-        return
-    current = config.to_dict()
-    changed = sorted(
-        key
-        for key in set(current) | set(previous["flags"])
-        if key not in RESUMABLE_FIELDS and previous["flags"].get(key) != current.get(key)
-    )
-    if changed:
-        details = ", ".join(
-            f"{k}: {previous['flags'].get(k)!r} -> {current.get(k)!r}" for k in changed
-        )
-        raise ValueError(
-            f"--workdir={workdir} holds a run with other settings ({details}). "
-            "Use a new --workdir, or the same settings to resume."
-        )
-
-
 # --------------------------------------------------------------------------- #
 # The run.
 # --------------------------------------------------------------------------- #
@@ -345,30 +187,42 @@ def train_and_evaluate(
     workdir: str,
     *,
     callbacks: list[keras.callbacks.Callback] | None = None,
+    reevaluate: bool = False,
 ) -> dict[str, Any]:
     """Trains the model of `config`, evaluates it and writes the run's files.
 
     Starting again with the same `config` and `workdir` after an interruption
-    resumes from the last completed epoch.
+    resumes from the last completed epoch; a run that finished is not
+    trained or evaluated again unless `reevaluate`.
 
     Args:
         config: The validated `Config`.
         workdir: Directory of the run's files (created if missing).
         callbacks: Extra Keras callbacks for `fit` (run before the built-in
             ones at the end of each epoch).
+        reevaluate: Evaluate a finished run again (its robustness report and
+            pictures, e.g. with other evaluation settings).
 
     Returns:
         The content of `metrics.json`.
+
+    Raises:
+        train.errors.InputError: On a bad workdir or bad data, before the
+            workdir is created.
     """
     strategy = make_strategy(config.strategy)
-    chief = is_chief(strategy)
-    if not chief:
+    if not is_chief(strategy):
         task = strategy.cluster_resolver.task_id
         workdir = os.path.join(workdir, "workers", f"worker_{task}")
-    os.makedirs(workdir, exist_ok=True)
-    metrics_path = os.path.join(workdir, METRICS_FILE)
-    previous = MetricsFile.read(metrics_path)
-    _check_same_run(previous, config, workdir)
+    workdir_lib.check_path(workdir)
+    previous = workdir_lib.read_metrics(workdir)
+    workdir_lib.check_same_run(previous, config, workdir)
+    if workdir_lib.is_complete(previous, config) and not reevaluate:
+        _report_complete(previous, config, workdir)
+        return previous
+    arrays = load_data(config)
+    workdir_lib.check_same_data(previous, arrays.record, workdir)
+    workdir_lib.create(workdir)
 
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
@@ -376,45 +230,58 @@ def train_and_evaluate(
     previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(config.mixed_precision)
     try:
-        return _run(config, workdir, strategy, previous, callbacks or [])
+        return _run(config, workdir, strategy, arrays, previous, callbacks or [])
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
-def _run(config, workdir, strategy, previous, extra_callbacks) -> dict[str, Any]:
+def _report_complete(previous: dict[str, Any], config: Config, workdir: str) -> None:
+    epochs = f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}"
+    message = (
+        f"The run in --workdir={workdir} is complete ({epochs}, "
+        f"test accuracy {previous['final']['test/accuracy']:.4f}): nothing to do."
+    )
+    changed = workdir_lib.changed_evaluation(previous, config)
+    if changed:
+        message += f" Its evaluation used other settings ({', '.join(changed)});"
+    message += " Pass --reevaluate to evaluate it again."
+    print(message, file=sys.stderr)
+
+
+def load_data(config: Config) -> data_lib.Arrays:
+    """The run's data, checked against `config` (InputError on a mismatch)."""
     arrays = data_lib.load(
         config.dataset,
         data_npz=config.data_npz,
         tfds_data_dir=config.tfds_data_dir,
         validation_split=config.validation_split,
     )
+    if len(arrays.x_train) < config.batch_size:
+        raise data_lib.InputError(
+            f"--batch_size={config.batch_size} exceeds the {len(arrays.x_train)} training "
+            f"examples of {arrays.source}."
+        )
+    record = arrays.record
+    if record["classes_present"] < record["num_classes"]:
+        logging.warning(
+            "%s has labels of %d of the %d classes of --dataset=%s.",
+            arrays.source,
+            record["classes_present"],
+            record["num_classes"],
+            config.dataset,
+        )
     logging.info(
         "Data %s: %d train, %d validation, %d test examples of shape %s.",
         arrays.source,
-        len(arrays.x_train),
-        0 if arrays.x_validation is None else len(arrays.x_validation),
-        len(arrays.x_test),
+        record["train_examples"],
+        record["validation_examples"],
+        record["test_examples"],
         arrays.input_shape,
     )
-    steps_per_epoch = config.steps_per_epoch or len(arrays.x_train) // config.batch_size
-    train_ds = data_lib.pipeline(
-        arrays.x_train,
-        arrays.y_train,
-        batch_size=config.batch_size,
-        training=True,
-        seed=config.seed,
-        repeat=config.steps_per_epoch > 0,
-    )
-    eval_sets = {}
-    if arrays.x_validation is not None:
-        eval_sets["validation"] = data_lib.pipeline(
-            arrays.x_validation, arrays.y_validation, batch_size=config.batch_size, training=False
-        )
-    test_ds = data_lib.pipeline(
-        arrays.x_test, arrays.y_test, batch_size=config.batch_size, training=False
-    )
-    eval_sets["test"] = test_ds
+    return arrays
 
+
+def _compiled_model(config, arrays, strategy, steps_per_epoch) -> kgr.RegularizedModel:
     with strategy.scope():
         model = make_model(config, arrays)
         model.compile(
@@ -424,68 +291,113 @@ def _run(config, workdir, strategy, previous, extra_callbacks) -> dict[str, Any]
             jit_compile=config.jit_compile,
         )
     model.summary(print_fn=logging.info)
+    return model
 
-    metrics = MetricsFile(
+
+def _metrics_file(config, workdir, arrays, previous) -> workdir_lib.MetricsFile:
+    return workdir_lib.MetricsFile(
         os.path.join(workdir, METRICS_FILE),
         {
             "flags": config.to_dict(),
             "versions": library_versions(),
             "command": sys.argv,
+            "data": arrays.record,
             "status": "training",
             "resumed_from_epoch": 0,
             "epochs": list((previous or {}).get("epochs", [])),
+            "checkpoints": None,
             "final": None,
             "robustness": None,
             "artifacts": {},
         },
     )
+
+
+def _fit_callbacks(workdir, metrics, eval_sets, state, extra):
+    """The recorder and the callbacks of `fit`, in order."""
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     os.makedirs(checkpoint_dir, exist_ok=True)
-    monitor = "validation/accuracy" if "validation" in eval_sets else "test/accuracy"
-    best_checkpoint = keras.callbacks.ModelCheckpoint(
-        os.path.join(checkpoint_dir, "best.keras"), monitor=monitor, mode="max", save_best_only=True
-    )
+    monitor = "validation/accuracy" if "validation" in eval_sets else None
+    best = None
+    if monitor is not None:
+        best = keras.callbacks.ModelCheckpoint(
+            os.path.join(checkpoint_dir, "best.keras"),
+            monitor=monitor,
+            mode="max",
+            save_best_only=True,
+        )
     writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-    recorder = EpochRecorder(metrics, eval_sets, writer, best_checkpoint, monitor)
-    fit_callbacks = [
-        *extra_callbacks,
+    recorder = EpochRecorder(metrics, eval_sets, writer, best, monitor)
+    callbacks = [
+        *extra,
         recorder,
-        best_checkpoint,
+        *([best] if best else []),
         keras.callbacks.ModelCheckpoint(os.path.join(checkpoint_dir, "last.keras")),
         # Last, so an epoch counts as done only once everything above is written.
-        keras.callbacks.BackupAndRestore(
-            os.path.join(workdir, "backup"), double_checkpoint=True, delete_checkpoint=False
-        ),
+        checkpoints.SaveTrainingState(state),
     ]
-    start = time.perf_counter()
-    model.fit(
-        train_ds,
-        epochs=config.epochs,
-        steps_per_epoch=steps_per_epoch,
-        callbacks=fit_callbacks,
-        shuffle=False,  # The pipeline shuffles.
-        verbose="auto",
+    return recorder, monitor, callbacks
+
+
+def _run(config, workdir, strategy, arrays, previous, extra_callbacks) -> dict[str, Any]:
+    steps_per_epoch = config.steps_per_epoch or len(arrays.x_train) // config.batch_size
+    model = _compiled_model(config, arrays, strategy, steps_per_epoch)
+    state = checkpoints.TrainingState(os.path.join(workdir, "backup"))
+    with strategy.scope():
+        done = state.restore(model)
+    if done:
+        logging.info("Resumed from the backup after %d completed epochs.", done)
+    eval_sets = {}
+    if arrays.x_validation is not None:
+        eval_sets["validation"] = data_lib.pipeline(
+            arrays.x_validation, arrays.y_validation, batch_size=config.batch_size
+        )
+    eval_sets["test"] = data_lib.pipeline(
+        arrays.x_test, arrays.y_test, batch_size=config.batch_size
     )
-    if recorder.resumed_from_epoch is None:
-        # fit ran no epoch: the backup says all of them were done already.
-        recorder.start(config.epochs)
+    metrics = _metrics_file(config, workdir, arrays, previous)
+    recorder, monitor, callbacks = _fit_callbacks(
+        workdir, metrics, eval_sets, state, extra_callbacks
+    )
+    recorder.start(min(done, config.epochs))
+    start = time.perf_counter()
+    if done < config.epochs:
+        train_ds = data_lib.training_batches(
+            arrays.x_train,
+            arrays.y_train,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            start_step=done * steps_per_epoch,
+        )
+        model.fit(
+            train_ds,
+            epochs=config.epochs,
+            initial_epoch=done,
+            steps_per_epoch=steps_per_epoch,
+            callbacks=callbacks,
+            shuffle=False,  # training_batches orders the data.
+            verbose="auto",
+        )
     logging.info("Training took %.1f s in this process.", time.perf_counter() - start)
-
-    metrics.content["status"] = "evaluating"
-    test = model.evaluate(test_ds, verbose=0, return_dict=True)
-    metrics.content["final"] = {
-        "epochs": config.epochs,
-        "test/accuracy": _float(test["accuracy"]),
-        "test/error_percent": 100.0 * (1.0 - _float(test["accuracy"])),
-        "test/loss": _float(test["loss"]),
-    }
-    metrics.write()
-    logging.info("Final test accuracy %.4f.", metrics.content["final"]["test/accuracy"])
-
+    metrics.content["checkpoints"] = selection_record(metrics.content["epochs"], monitor)
+    _final_evaluation(model, config, eval_sets["test"], metrics)
     metrics.content["artifacts"] = evaluate_and_draw(model, arrays, config, workdir, metrics)
     metrics.content["status"] = "done"
     metrics.write()
     return metrics.content
+
+
+def _final_evaluation(model, config, test_ds, metrics) -> None:
+    metrics.content["status"] = "evaluating"
+    test = model.evaluate(test_ds, verbose=0, return_dict=True)
+    metrics.content["final"] = {
+        "epochs": config.epochs,
+        "test/accuracy": float32_value(test["accuracy"]),
+        "test/error_percent": error_percent(test["accuracy"]),
+        "test/loss": float32_value(test["loss"]),
+    }
+    metrics.write()
+    logging.info("Final test accuracy %.4f.", metrics.content["final"]["test/accuracy"])
 
 
 def evaluate_and_draw(
@@ -493,7 +405,7 @@ def evaluate_and_draw(
     arrays: data_lib.Arrays,
     config: Config,
     workdir: str,
-    metrics: MetricsFile,
+    metrics: workdir_lib.MetricsFile,
 ) -> dict[str, str]:
     """The robustness report and the perturbation pictures, in pixel space.
 

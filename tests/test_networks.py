@@ -1,4 +1,4 @@
-"""Tests of train.models (the paper's networks) and train.preprocessing."""
+"""Tests of kgr.networks (the paper's networks), CeilMaxPooling2D and the whitening layer."""
 
 from __future__ import annotations
 
@@ -10,8 +10,13 @@ import pytest
 import tensorflow as tf
 
 import keras_gradreg as kgr
-from train import models
-from train.preprocessing import ContrastNormalizeZCA, fit_zca, global_contrast_normalize
+from keras_gradreg import networks
+from keras_gradreg.layers import (
+    CeilMaxPooling2D,
+    ContrastNormalizeZCA,
+    fit_zca,
+    global_contrast_normalize,
+)
 
 MNIST = (28, 28, 1)
 CIFAR = (32, 32, 3)
@@ -25,9 +30,14 @@ def _layer_shapes(model, kind):
     return [tuple(layer.output.shape[1:]) for layer in model.layers if kind in layer.name]
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def build(name, **kwargs):
+    return networks.NETWORKS[name](**kwargs)
+
+
+@pytest.mark.parametrize("name", list(networks.NETWORKS))
 def test_logits_output(name):
-    model = models.build_model(name, input_shape=_shape(name), num_classes=7)
+    model = build(name, input_shape=_shape(name), num_classes=7)
+    assert model.name == name
     assert isinstance(model, kgr.RegularizedModel)
     x = np.random.default_rng(0).uniform(size=(2, *_shape(name))).astype("float32")
     out = model(x, training=False)
@@ -40,7 +50,7 @@ def test_logits_output(name):
 
 
 def test_maxout_mlp_is_the_papers_784_240x5_240x5_10():
-    model = models.build_model("maxout_mlp", input_shape=MNIST)
+    model = build("maxout_mlp", input_shape=MNIST)
     dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
     assert [layer.units for layer in dense] == [1200, 1200, 10]
     assert _layer_shapes(model, "maxout") == [(240,), (240,)]
@@ -48,26 +58,26 @@ def test_maxout_mlp_is_the_papers_784_240x5_240x5_10():
 
 
 def test_conv_maxout_sizes_match_pylearn2():
-    mnist = models.build_model("conv_maxout_mnist", input_shape=MNIST)
+    mnist = build("conv_maxout_mnist", input_shape=MNIST)
     assert _layer_shapes(mnist, "conv") == [(21, 21, 96), (9, 9, 96), (6, 6, 96)]
     # cuda-convnet pooling rounds up: 21 -> 10, 9 -> 4, 6 -> 3.
     assert _layer_shapes(mnist, "pool") == [(10, 10, 48), (4, 4, 48), (3, 3, 24)]
-    cifar = models.build_model("conv_maxout_cifar10", input_shape=CIFAR)
+    cifar = build("conv_maxout_cifar10", input_shape=CIFAR)
     # h0 output 33x33 and h1 output 15x15 are pylearn2's partial_sum values.
     assert _layer_shapes(cifar, "conv") == [(33, 33, 192), (15, 15, 384), (9, 9, 384)]
     assert _layer_shapes(cifar, "maxout")[-1] == (500,)
 
 
 def test_dropout_zero_means_no_dropout_layer():
-    model = models.build_model("maxout_mlp", input_shape=MNIST, input_dropout=0, hidden_dropout=0)
+    model = build("maxout_mlp", input_shape=MNIST, input_dropout=0, hidden_dropout=0)
     assert not [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
-    model = models.build_model("conv_maxout_mnist", input_shape=MNIST, input_dropout=0.2)
+    model = build("conv_maxout_mnist", input_shape=MNIST, input_dropout=0.2)
     rates = [layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
     assert rates == [0.2, 0.5, 0.5, 0.5]
 
 
 def test_max_norm_constraints():
-    model = models.build_model("conv_maxout_mnist", input_shape=MNIST)
+    model = build("conv_maxout_mnist", input_shape=MNIST)
     kernels = {
         layer.name: layer.kernel_constraint for layer in model.layers if "kernel" in dir(layer)
     }
@@ -78,7 +88,7 @@ def test_max_norm_constraints():
     big = np.random.default_rng(0).normal(size=(8, 8, 1, 96)).astype("float32") * 10
     norms = np.sqrt(np.sum(np.asarray(kernels["conv_0"](big)) ** 2, axis=(0, 1, 2)))
     np.testing.assert_allclose(norms, 0.9, rtol=1e-5)
-    free = models.build_model("maxout_mlp", input_shape=MNIST, max_norm=None)
+    free = build("maxout_mlp", input_shape=MNIST, max_norm=None)
     assert all(
         layer.kernel_constraint is None
         for layer in free.layers
@@ -88,9 +98,7 @@ def test_max_norm_constraints():
 
 def test_hidden_units_and_regularizer():
     reg = kgr.GradientRegularizer(p=math.inf, sigma=0.3)
-    model = models.build_model(
-        "sigmoid_mlp", input_shape=MNIST, hidden_units=(32, 16), regularizer=reg
-    )
+    model = build("sigmoid_mlp", input_shape=MNIST, hidden_units=(32, 16), regularizer=reg)
     dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
     assert [(layer.units, layer.activation.__name__) for layer in dense] == [
         (32, "sigmoid"),
@@ -103,8 +111,8 @@ def test_hidden_units_and_regularizer():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"name": "resnet"}, "name='resnet'"),
-        ({"name": "conv_maxout_mnist", "hidden_units": (10,)}, r"hidden_units=\(10,\)"),
+        ({"name": "conv_maxout_mnist", "hidden_units": (10,)}, "hidden_units"),
+        ({"name": "maxout_mlp", "hidden_units": ()}, r"hidden_units=\(\)"),
         ({"name": "maxout_mlp", "input_dropout": 1.0}, "input_dropout=1.0"),
         ({"name": "maxout_mlp", "max_norm": 0.0}, "max_norm=0.0"),
         ({"name": "maxout_mlp", "num_classes": 1}, "num_classes=1"),
@@ -114,8 +122,8 @@ def test_hidden_units_and_regularizer():
 def test_bad_arguments(kwargs, match):
     kwargs = {"input_shape": MNIST, **kwargs}
     name = kwargs.pop("name")
-    with pytest.raises(ValueError, match=match):
-        models.build_model(name, **kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        build(name, **kwargs)
 
 
 def _ceil_pool_reference(x, pool, stride):
@@ -134,7 +142,7 @@ def _ceil_pool_reference(x, pool, stride):
 def test_ceil_max_pooling_matches_reference(size, pool, stride):
     # Negative values: a zero-padded partial window would be wrong.
     x = -np.random.default_rng(size).uniform(1, 2, size=(2, size, size + 1, 3)).astype("float32")
-    layer = models.CeilMaxPooling2D(pool, stride)
+    layer = CeilMaxPooling2D(pool, stride)
     expected = _ceil_pool_reference(x, pool, stride)
     np.testing.assert_array_equal(np.asarray(layer(x)), expected)
     assert layer.compute_output_shape(x.shape) == expected.shape
@@ -194,7 +202,7 @@ def test_saving_round_trip_with_custom_layers(tmp_path):
     images = rng.integers(0, 256, size=(64, 16, 16, 3)).astype("uint8")
     whitening = ContrastNormalizeZCA(name="gcn_zca")
     whitening.adapt(images)
-    model = models.build_model(
+    model = build(
         "conv_maxout_mnist",
         input_shape=(16, 16, 3),
         preprocessing=whitening,
@@ -207,4 +215,85 @@ def test_saving_round_trip_with_custom_layers(tmp_path):
     x = images[:3].astype("float32") / 255.0
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-5)
     assert loaded.regularizer == model.regularizer
-    assert isinstance(loaded.get_layer("pool_0"), models.CeilMaxPooling2D)
+    assert isinstance(loaded.get_layer("pool_0"), CeilMaxPooling2D)
+
+
+@pytest.mark.parametrize(
+    "builder, kwargs, match",
+    [
+        (networks.mlp, {"hidden_units": (4,), "activation": "swirl"}, "activation='swirl'"),
+        (networks.mlp, {"hidden_units": (4,), "pieces": 0}, r"pieces=\(0,\)"),
+        (networks.conv_maxout, {"conv_layers": ()}, r"conv_layers=\(\)"),
+        (networks.conv_maxout, {"conv_layers": [(4, 2, 3, 0, 2, 2)]}, "ConvMaxoutLayer"),
+    ],
+)
+def test_generic_builders_reject_bad_arguments(builder, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        builder((8, 8, 1), 3, **kwargs)
+
+
+def test_generic_builders_build_what_they_are_given():
+    relu = networks.mlp((5,), 3, hidden_units=(7,), activation="relu", input_dropout=0)
+    dense = [layer for layer in relu.layers if isinstance(layer, keras.layers.Dense)]
+    assert [(d.units, d.activation.__name__) for d in dense] == [(7, "relu"), (3, "linear")]
+    layer = networks.ConvMaxoutLayer(channels=4, pieces=3, kernel=3, pad=1, pool=2, pool_stride=2)
+    conv = networks.conv_maxout((8, 8, 1), 3, conv_layers=[layer], dense_layers=[(5, 2)])
+    # pad 1: 10x10, conv 3x3: 8x8x12, maxout: 8x8x4, pool 2/2: 4x4x4, dense 10 -> maxout 5.
+    assert _layer_shapes(conv, "conv") == [(8, 8, 12)]
+    assert _layer_shapes(conv, "pool") == [(4, 4, 4)]
+    assert _layer_shapes(conv, "maxout") == [(8, 8, 4), (5,)]
+    assert conv.count_params() == (9 * 12 + 12) + (64 * 10 + 10) + (5 * 3 + 3)
+
+
+def test_zca_layer_golden_numbers():
+    """A 2-example, 2-pixel case worked by hand.
+
+    GCN (scale 1): x - mean(x) has norm 1 after scaling, so (0, 2) -> (-1, 1)/sqrt2
+    and (3, 1) -> (1, -1)/sqrt2. Their mean is 0; the covariance is
+    [[1, -1], [-1, 1]] / 2, with eigenvalues 1 (u = (1, -1)/sqrt2) and 0
+    (v = (1, 1)/sqrt2). With filter_bias 1: W = u u^T / sqrt(2) + v v^T / 1.
+    """
+    layer = ContrastNormalizeZCA(scale=1.0, filter_bias=1.0)
+    layer.adapt(np.array([[[0], [2]], [[3], [1]]], "uint8"))
+    u, v = np.array([1.0, -1.0]) / np.sqrt(2), np.array([1.0, 1.0]) / np.sqrt(2)
+    w = np.outer(u, u) / np.sqrt(2) + np.outer(v, v)
+    np.testing.assert_allclose(np.asarray(layer.whitening), w, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(layer.mean), [0.0, 0.0], atol=1e-7)
+    # (0, 0.5): GCN gives (-1, 1)/sqrt2 = -u, so the output is -u W = -u / sqrt2.
+    out = np.asarray(layer(np.array([[[0.0], [0.5]]], "float32"))).reshape(-1)
+    np.testing.assert_allclose(out, -u @ w, atol=1e-6)
+    np.testing.assert_allclose(out, [-0.5, 0.5], atol=1e-6)
+
+
+def test_zca_layer_round_trip_and_bad_arguments(tmp_path):
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, size=(40, 3, 3, 2)).astype("uint8")
+    layer = ContrastNormalizeZCA(scale=10.0, filter_bias=0.5, name="w")
+    layer.adapt(images)
+    inputs = keras.Input((3, 3, 2))
+    model = keras.Model(inputs, layer(inputs))
+    path = str(tmp_path / "zca.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    x = images[:4].astype("float32") / 255.0
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    assert loaded.get_layer("w").get_config()["filter_bias"] == 0.5
+    assert tuple(loaded.output.shape) == (None, 3, 3, 2)
+    with pytest.raises(ValueError, match="scale=0"):
+        ContrastNormalizeZCA(scale=0)
+    with pytest.raises(ValueError, match="filter_bias=-1"):
+        ContrastNormalizeZCA(filter_bias=-1)
+    with pytest.raises(ValueError, match=r"x.shape=\(1, 3, 3, 2\)"):
+        ContrastNormalizeZCA().adapt(images[:1])
+    with pytest.raises(ValueError, match="built for 18"):
+        layer.adapt(rng.integers(0, 256, size=(5, 4, 4, 2)))
+
+
+def test_layers_saved_under_the_old_train_names_still_load():
+    assert keras.saving.get_registered_object("keras_gradreg_train>CeilMaxPooling2D") is (
+        CeilMaxPooling2D
+    )
+    assert keras.saving.get_registered_object("keras_gradreg_train>ContrastNormalizeZCA") is (
+        ContrastNormalizeZCA
+    )
+    assert kgr.layers.CeilMaxPooling2D is CeilMaxPooling2D

@@ -1,4 +1,4 @@
-"""CIFAR-10's global contrast normalisation and ZCA whitening, as a layer.
+"""Global contrast normalisation and ZCA whitening, as a layer fitted by `adapt`.
 
 The maxout paper trained on CIFAR-10 preprocessed by pylearn2's
 `Pipeline([GlobalContrastNormalization(scale=55.), ZCA()])` (ZCA's default
@@ -73,16 +73,34 @@ def fit_zca(x: np.ndarray, filter_bias: float = 1.0) -> tuple[np.ndarray, np.nda
     return mean.astype(np.float32), whitening.astype(np.float32)
 
 
-@keras.saving.register_keras_serializable(package="keras_gradreg_train")
+@keras.saving.register_keras_serializable(package="keras_gradreg")
 class ContrastNormalizeZCA(keras.layers.Layer):
     """GCN then ZCA whitening, with the ZCA statistics as fixed weights.
 
-    Computed in float32 whatever the dtype policy. Use `adapt(x)` to fit the
-    statistics on training images (any scale: GCN removes it).
+    Like `keras.layers.Normalization`, fit it on training data with
+    `adapt(x)` before use; the statistics are non-trainable weights, saved
+    with the model. For each example x (flattened to D values):
+
+        z = (x - mean(x)) / (||x - mean(x)||_2 / scale)      # GCN
+        out = (z - mu) @ W                                    # ZCA
+
+    with mu and W = U diag(1 / sqrt(s + filter_bias)) U^T from the covariance
+    U diag(s) U^T of the GCN'd training examples (`fit_zca`). The output has
+    the input's shape. GCN removes the pixel scale, so fitting on uint8
+    images and applying to [0, 1] floats gives the same output. Computed in
+    float32 whatever the dtype policy; gradients stay finite on constant
+    images (their GCN divisor is 1).
+
+    ```python
+    whitening = kgr.layers.ContrastNormalizeZCA()
+    whitening.adapt(x_train)                     # (N, 32, 32, 3) images
+    model = kgr.networks.conv_maxout_cifar10(preprocessing=whitening)
+    ```
 
     Args:
-        scale: GCN's L2 norm per example.
-        filter_bias: ZCA's eigenvalue bias.
+        scale: GCN's L2 norm per example (pylearn2: 55), > 0.
+        filter_bias: ZCA's eigenvalue bias (pylearn2: 1), > 0.
+        **kwargs: As for `keras.layers.Layer` (`dtype` is always float32).
     """
 
     def __init__(self, scale: float = 55.0, filter_bias: float = 1.0, **kwargs):
@@ -105,7 +123,22 @@ class ContrastNormalizeZCA(keras.layers.Layer):
         )
 
     def adapt(self, x: np.ndarray) -> None:
-        """Fits the whitening on images `x` (N, H, W, C)."""
+        """Fits the GCN'd mean and the ZCA matrix on examples `x` (N, ...).
+
+        Raises:
+            ValueError: If `x` has fewer than 2 examples or another example
+                shape than the layer was built for.
+        """
+        x = np.asarray(x)
+        if x.ndim < 2 or len(x) < 2:
+            raise ValueError(
+                f"`adapt` needs a batch of at least 2 examples. Received: x.shape={x.shape}"
+            )
+        if self.built and int(np.prod(x.shape[1:])) != self.mean.shape[0]:
+            raise ValueError(
+                f"`adapt` got examples of {int(np.prod(x.shape[1:]))} values, the layer "
+                f"was built for {self.mean.shape[0]}. Received: x.shape={x.shape}"
+            )
         if not self.built:
             self.build((None, *x.shape[1:]))
         mean, whitening = fit_zca(global_contrast_normalize(x, self.scale), self.filter_bias)
@@ -130,3 +163,7 @@ class ContrastNormalizeZCA(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "scale": self.scale, "filter_bias": self.filter_bias}
+
+
+# Models saved before the layer moved from train/ into the library load too.
+keras.saving.get_custom_objects()["keras_gradreg_train>ContrastNormalizeZCA"] = ContrastNormalizeZCA
