@@ -44,7 +44,6 @@ from absl import app, flags  # noqa: E402
 
 import keras_gradreg as kgr  # noqa: E402
 from keras_gradreg.attacks import auto_pgd, scores  # noqa: E402
-from train.models import build_model  # noqa: E402
 
 ATTACKS = ("pgd", "apgd-ce", "apgd-t", "numpy-apgd", "square-inf", "square-2")
 
@@ -190,7 +189,7 @@ def main(argv: list[str]) -> None:
     if unknown:
         raise app.UsageError(f"--attacks must be from {ATTACKS}. Received: {sorted(unknown)}")
     keras.utils.set_random_seed(FLAGS.seed)
-    model = build_model("maxout_mlp", input_shape=(28, 28, 1))
+    model = kgr.networks.maxout_mlp(input_shape=(28, 28, 1))
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x = images(FLAGS.batch_size)
     label = np.argmax(model.predict(x, verbose=0), axis=1).astype(np.int32)

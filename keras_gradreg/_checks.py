@@ -55,6 +55,13 @@ def check_unit_interval(value: Any, name: str) -> float:
     return value
 
 
+def check_fraction(value: Any, name: str) -> float:
+    """A number in (0, 1] (a share that must not be empty), as a float."""
+    if not is_number(value) or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"`{name}` must be a number in (0, 1]. Received: {name}={value!r}")
+    return float(value)
+
+
 def check_count(value: Any, name: str) -> int:
     """An integer >= 1 (steps, restarts, a batch size), as an int."""
     if not is_number(value) or not isinstance(value, (int, np.integer)) or value < 1:

@@ -16,7 +16,7 @@ METHODS = ("penalty", "adversarial", "finite_difference")
 
 @keras.saving.register_keras_serializable(package="keras_gradreg")
 class GradientRegularizer:
-    """Settings of the gradient-regularisation family (PAPER.md).
+    """Settings of the gradient-regularisation family (docs/method.md).
 
     Training minimises L(x, y) + sigma * ||grad_x L(x, y)||_q, the linearised
     worst case of the loss over the ball ||r||_p <= sigma, estimated by one of

@@ -15,7 +15,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from keras_gradreg.attacks import check_clip, check_epsilon, loss_from_logits
+from keras_gradreg._checks import check_clip, check_nonnegative
+from keras_gradreg.attacks import loss_from_logits
 from keras_gradreg.gradients import LossLike, input_gradients
 from keras_gradreg.norms import PValue, canonical_p, worst_case_perturbation
 
@@ -34,8 +35,8 @@ def _sigmas(ps: Sequence[PValue], sigma: Any) -> dict[float, float]:
                 f"`sigma` has no radius for p={missing[0]}; pass a number or a dict "
                 f"with every p. Received: sigma={sigma!r}"
             )
-        return {p: check_epsilon(given[p], "sigma") for p in ps}
-    value = check_epsilon(sigma, "sigma")
+        return {p: check_nonnegative(given[p], "sigma") for p in ps}
+    value = check_nonnegative(sigma, "sigma")
     return {p: value for p in ps}
 
 

@@ -13,8 +13,6 @@ is still classified correctly at the returned point.
 
 from keras_gradreg.attacks.auto_pgd import apgd, apgd_with_correct, checkpoints
 from keras_gradreg.attacks.common import (
-    check_clip,
-    check_epsilon,
     compiled_kernel,
     correct_predictions,
     loss_from_logits,
@@ -35,8 +33,6 @@ __all__ = [
     "BALL_NORMS",
     "apgd",
     "apgd_with_correct",
-    "check_clip",
-    "check_epsilon",
     "checkpoints",
     "compiled_kernel",
     "correct_predictions",

@@ -32,21 +32,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_gradreg._checks import Clip, check_clip, check_count, check_fraction, check_nonnegative
 from keras_gradreg.attacks import scores
 from keras_gradreg.attacks.common import (
-    Clip,
     bounds,
     box,
-    check_clip,
-    check_count,
-    check_epsilon,
-    check_fraction,
     check_inputs,
     compiled_kernel,
     loss_from_logits,
     seed_tensor,
 )
 from keras_gradreg.balls import ALG, ball_norm, project_ball, random_on_sphere
+from keras_gradreg.gradients import differentiate_inputs
 from keras_gradreg.norms import PValue
 
 APGD_NORMS = (2.0, math.inf)
@@ -125,14 +122,12 @@ def _apgd_fn(
     is_checkpoint = tf.constant(is_checkpoint)
 
     def objective(model, x, label, target):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            z = scores.class_scores(model(x, training=False), from_logits)
+        def summed_loss(point):
+            z = scores.class_scores(model(point, training=False), from_logits)
             losses = scores.attack_loss(objective_name, targeted, z, label, target)
-            total = tf.reduce_sum(losses)
-        gradient = tape.gradient(total, x)
-        if gradient is None:
-            gradient = tf.zeros_like(x)
+            return tf.reduce_sum(losses), (losses, z)
+
+        (gradient,), (losses, z) = differentiate_inputs(summed_loss, x)
         correct = tf.equal(tf.argmax(z, axis=1, output_type=tf.int32), label)
         return losses, correct, gradient
 
@@ -285,7 +280,7 @@ def check_classes(classes: int, loss: str, targeted: bool) -> None:
 
 
 def _check_apgd(epsilon, p, loss, targeted, target_classes, steps, restarts, rho, clip):
-    epsilon = check_epsilon(epsilon)
+    epsilon = check_nonnegative(epsilon, "epsilon")
     p = ball_norm(p)
     if p not in APGD_NORMS:
         raise ValueError(f"`p` must be 2 or inf for APGD. Received: p={p!r}")

@@ -11,70 +11,20 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import math
 import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 
+from keras_gradreg._checks import Clip, check_seed
 from keras_gradreg.gradients import LossLike, resolve_loss
 
-Clip = tuple[Any, Any] | None
-
 # ---------------------------------------------------------------------- #
-# Argument checks.
+# Inputs, seeds and the box.
 # ---------------------------------------------------------------------- #
-
-
-def is_number(value: Any) -> bool:
-    """True for ints and floats (NumPy's too), False for bools and the rest."""
-    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
-
-
-def check_epsilon(epsilon: Any, name: str = "epsilon") -> float:
-    """Validates a radius: a finite number >= 0."""
-    if not is_number(epsilon) or not math.isfinite(float(epsilon)) or float(epsilon) < 0:
-        raise ValueError(f"`{name}` must be a finite number >= 0. Received: {name}={epsilon!r}")
-    return float(epsilon)
-
-
-def check_count(value: Any, name: str) -> int:
-    """Validates a count: an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
-    return int(value)
-
-
-def check_fraction(value: Any, name: str, *, low_open: bool = True) -> float:
-    """Validates a number in (0, 1] (or [0, 1] with `low_open=False`)."""
-    if not is_number(value) or not (
-        (0.0 < float(value) if low_open else 0.0 <= float(value)) and float(value) <= 1.0
-    ):
-        interval = "(0, 1]" if low_open else "[0, 1]"
-        raise ValueError(f"`{name}` must be a number in {interval}. Received: {name}={value!r}")
-    return float(value)
-
-
-def check_clip(clip: Clip) -> Clip:
-    """Validates `clip`: None or a pair (low, high) with low < high."""
-    if clip is None:
-        return None
-    if not isinstance(clip, (tuple, list)) or len(clip) != 2:
-        raise ValueError(f"`clip` must be None or a pair (low, high). Received: clip={clip!r}")
-    try:
-        low, high = (np.asarray(bound, dtype=np.float64) for bound in clip)
-        ordered = bool(np.all(low < high))
-    except (TypeError, ValueError):
-        ordered = False
-    if not ordered:
-        raise ValueError(
-            f"`clip` must be a pair (low, high) with low < high. Received: clip={clip!r}"
-        )
-    return (clip[0], clip[1])
 
 
 def check_inputs(x: Any, y: Any) -> tuple[tf.Tensor, Any]:
@@ -95,11 +45,10 @@ def seed_tensor(seed: Any) -> tf.Tensor:
     """A stateless seed of shape (2,): from an int, a tensor, or fresh if None."""
     if tf.is_tensor(seed):
         return tf.cast(seed, tf.int64)
+    seed = check_seed(seed)
     if seed is None:
         return tf.random.uniform([2], 0, 2**31 - 1, dtype=tf.int64)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"`seed` must be an integer or None. Received: seed={seed!r}")
-    return tf.constant([int(seed), 0], dtype=tf.int64)
+    return tf.constant([seed, 0], dtype=tf.int64)
 
 
 def bounds(clip: Clip, x: tf.Tensor):

@@ -1,6 +1,6 @@
 """FGSM and PGD in the family's p-norms (ball geometry in `keras_gradreg.balls`).
 
-FGSM takes one step of the closed-form worst-case perturbation r* (PAPER.md,
+FGSM takes one step of the closed-form worst-case perturbation r* (docs/method.md,
 section 1), which is optimal for a linear model. PGD repeats steepest-ascent
 steps of the same form and projects back onto the ball (exactly, the L1 ball
 by the sort-based algorithm of Duchi et al. 2008) and then into the box.
@@ -19,32 +19,23 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from keras_gradreg._checks import Clip, check_clip, check_count, check_nonnegative
 from keras_gradreg.attacks.common import (
-    Clip,
     bounds,
     box,
-    check_clip,
-    check_count,
-    check_epsilon,
     check_inputs,
     compiled_kernel,
     correct_predictions,
     seed_tensor,
 )
 from keras_gradreg.balls import ALG, ball_norm, project_ball, random_in_ball
-from keras_gradreg.gradients import LossLike, per_example_loss
+from keras_gradreg.gradients import LossLike, loss_and_input_gradient, per_example_loss
 from keras_gradreg.norms import PValue, canonical_p, worst_case_perturbation
 
 
 def loss_and_gradient(model, loss_fn, from_logits, x, y):
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y_pred = model(x, training=False)
-        losses = per_example_loss(loss_fn, y, y_pred)
-        total = tf.reduce_sum(losses)
-    gradient = tape.gradient(total, x)
-    if gradient is None:
-        gradient = tf.zeros_like(x)
+    """Per-example losses, correctness and input gradients at x."""
+    losses, y_pred, gradient = loss_and_input_gradient(model, x, y, loss_fn)
     return losses, correct_predictions(y, y_pred, from_logits), gradient
 
 
@@ -117,7 +108,7 @@ def _pgd_fn(model_ref, loss_fn, from_logits, p, steps, restarts, random_start):
 
 def fgsm_with_correct(model, x, y, epsilon, p=math.inf, loss=None, clip=(0.0, 1.0), **kw):
     """`fgsm` that also returns the per-example correctness at the result."""
-    epsilon = check_epsilon(epsilon)
+    epsilon = check_nonnegative(epsilon, "epsilon")
     p = canonical_p(p)
     clip = check_clip(clip)
     x, y = check_inputs(x, y)
@@ -176,14 +167,14 @@ def pgd_with_correct(
     **kw,
 ):
     """`pgd` that also returns the per-example correctness at the result."""
-    epsilon = check_epsilon(epsilon)
+    epsilon = check_nonnegative(epsilon, "epsilon")
     p = ball_norm(p)
     steps = check_count(steps, "steps")
     restarts = check_count(restarts, "restarts")
     if step_size is None:
         step_size = 2.5 * epsilon / steps
     else:
-        step_size = check_epsilon(step_size, "step_size")
+        step_size = check_nonnegative(step_size, "step_size")
     if restarts > 1 and not random_start:
         raise ValueError(
             "Restarts without a random start repeat the same attack: set "

@@ -30,16 +30,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_gradreg._checks import Clip, check_clip, check_count, check_fraction, check_nonnegative
 from keras_gradreg.attacks import scores
 from keras_gradreg.attacks.auto_pgd import clean_scores, count_classes
 from keras_gradreg.attacks.common import (
-    Clip,
     bounds,
     box,
-    check_clip,
-    check_count,
-    check_epsilon,
-    check_fraction,
     check_inputs,
     compiled_kernel,
     loss_from_logits,
@@ -328,7 +324,7 @@ def _kernels(model, from_logits, **static) -> _SquareKernels:
 
 
 def _check_square(epsilon, p, queries, p_init, restarts, clip):
-    epsilon = check_epsilon(epsilon)
+    epsilon = check_nonnegative(epsilon, "epsilon")
     p = ball_norm(p)
     if p not in SQUARE_NORMS:
         raise ValueError(f"`p` must be 2 or inf for the Square attack. Received: p={p!r}")

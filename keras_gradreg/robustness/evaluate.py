@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_gradreg import balls
+from keras_gradreg import _checks, balls
 from keras_gradreg.attacks import auto_pgd as apgd_lib
 from keras_gradreg.attacks import common
 from keras_gradreg.attacks.scores import num_classes
@@ -67,7 +67,7 @@ def evaluate_robustness(
     suite: str = "standard",
     cascade: bool | None = None,
     loss: LossLike = None,
-    clip: common.Clip = (0.0, 1.0),
+    clip: _checks.Clip = (0.0, 1.0),
     steps: int = 40,
     step_size_factor: float = 2.5,
     restarts: int = 1,
@@ -186,7 +186,7 @@ def _plan(
     if not isinstance(cascade, bool):
         raise ValueError(f"`cascade` must be True, False or None. Received: cascade={cascade!r}")
     counts = {
-        name: common.check_count(value, name)
+        name: _checks.check_count(value, name)
         for name, value in (
             ("steps", steps), ("restarts", restarts), ("apgd_steps", apgd_steps),
             ("apgd_restarts", apgd_restarts), ("target_classes", target_classes),
@@ -213,9 +213,9 @@ def _plan(
         raise ValueError(f"`verbose` must be 0, 1, 2 or 'auto'. Received: verbose={verbose!r}")
     settings = AttackSettings(
         loss=loss,
-        clip=common.check_clip(clip),
+        clip=_checks.check_clip(clip),
         steps=counts["steps"],
-        step_size_factor=common.check_epsilon(step_size_factor, "step_size_factor"),
+        step_size_factor=_checks.check_nonnegative(step_size_factor, "step_size_factor"),
         restarts=counts["restarts"],
         random_start=bool(random_start),
         apgd_steps=counts["apgd_steps"],
@@ -232,15 +232,15 @@ def _plan(
         cascade=cascade,
         attack_settings=settings,
         batch_size=counts["batch_size"],
-        max_examples=None if max_examples is None else common.check_count(
+        max_examples=None if max_examples is None else _checks.check_count(
             max_examples, "max_examples"
         ),
         seed=int(seed),
-        tolerance=common.check_epsilon(tolerance, "tolerance"),
-        zero_gradient_threshold=common.check_epsilon(
+        tolerance=_checks.check_nonnegative(tolerance, "tolerance"),
+        zero_gradient_threshold=_checks.check_nonnegative(
             zero_gradient_threshold, "zero_gradient_threshold"
         ),
-        masking_threshold=common.check_epsilon(masking_threshold, "masking_threshold"),
+        masking_threshold=_checks.check_nonnegative(masking_threshold, "masking_threshold"),
         sanity_examples=int(sanity_examples),
         verbose=verbose,
     )
@@ -275,7 +275,7 @@ def _check_epsilons(epsilons: Any, attacks: tuple[str, ...]) -> dict[float, list
             raise ValueError(
                 f"`epsilons` lists no radius for p={p}. Received: epsilons={epsilons!r}"
             )
-        checked[p] = sorted({common.check_epsilon(v, "epsilon") for v in values})
+        checked[p] = sorted({_checks.check_nonnegative(v, "epsilon") for v in values})
     return checked
 
 

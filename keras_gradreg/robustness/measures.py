@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from keras_gradreg.attacks.common import box, correct_predictions
 from keras_gradreg.balls import random_on_sphere
-from keras_gradreg.gradients import per_example_loss
+from keras_gradreg.gradients import loss_and_input_gradient
 from keras_gradreg.norms import dual_norm
 
 
@@ -27,14 +27,7 @@ def clean_fn(model_ref, loss_fn, from_logits, ps):
     """Kernel builder: the clean pass with each example's input gradient of `loss_fn`."""
 
     def run(x, y):
-        model = model_ref()
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y_pred = model(x, training=False)
-            total = tf.reduce_sum(per_example_loss(loss_fn, y, y_pred))
-        gradient = tape.gradient(total, x)
-        if gradient is None:
-            gradient = tf.zeros_like(x)
+        _, y_pred, gradient = loss_and_input_gradient(model_ref(), x, y, loss_fn)
         flat = tf.reshape(gradient, [tf.shape(x)[0], -1])
         norms = tf.stack([dual_norm(flat, p) for p in ps], axis=0)
         zero = tf.reduce_all(tf.equal(flat, 0.0), axis=1)
