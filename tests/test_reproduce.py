@@ -8,11 +8,11 @@ import os
 
 import pytest
 
-from train import reproduce
+from train import jobs, mnist_table, reproduce
 
 
 def test_command_line_round_trips_through_the_binary_flags():
-    command = reproduce.command_line(
+    command = jobs.command_line(
         "mnist_maxout_mlp", {"p": math.inf, "sigma": 0.25, "pictures": False}
     )
     assert command == (
@@ -21,67 +21,77 @@ def test_command_line_round_trips_through_the_binary_flags():
 
 
 def test_command_line_writes_paths_relative_to_the_checkout(monkeypatch):
-    data = os.path.join(os.path.dirname(reproduce.CHECKOUT), "shared", "data", "mnist.npz")
-    command = reproduce.command_line("mnist_maxout_mlp", {"data_npz": data, "sigma": 0.0})
+    data = os.path.join(os.path.dirname(jobs.CHECKOUT), "shared", "data", "mnist.npz")
+    command = jobs.command_line("mnist_maxout_mlp", {"data_npz": data, "sigma": 0.0})
     assert command == (
         "python -m train.main --preset=mnist_maxout_mlp "
         "--data_npz=../shared/data/mnist.npz --sigma=0.0"
     )
-    monkeypatch.chdir(os.path.join(reproduce.CHECKOUT, "train"))
-    relative = reproduce.command_line("mnist_maxout_mlp", {"data_npz": "../data/m.npz"})
+    monkeypatch.chdir(os.path.join(jobs.CHECKOUT, "train"))
+    relative = jobs.command_line("mnist_maxout_mlp", {"data_npz": "../data/m.npz"})
     assert relative.endswith("--data_npz=data/m.npz")
 
 
-def test_accuracy_lookup_and_table_row():
+def test_table_row_and_markdown_show_the_worst_case_and_the_attacks():
     metrics = {
-        "flags": {"steps_per_epoch": 0},
+        "flags": {"steps_per_epoch": 0, "jit_compile": False},
         "epochs": [{"seconds": 10.0}, {"seconds": 12.5}],
         "final": {"test/error_percent": 1.25},
         "robustness": {
             "num_examples": 100,
-            "flags": [],
+            "flags": {},
+            "seconds": {"apgd-ce": 3.0, "apgd-t": 5.0, "square": 2.0},
+            "settings": {"attacks": ["apgd-ce", "apgd-t", "square"], "square_queries": 5000},
             "rows": [
-                {"attack": "fgsm", "p": "inf", "epsilon": 0.1, "accuracy": 0.5},
-                {"attack": "pgd", "p": 2, "epsilon": 1.0, "accuracy": 0.25},
+                {"attack": "apgd-ce", "p": "inf", "epsilon": 0.1, "accuracy": 0.6},
+                {"attack": "worst_case", "p": "inf", "epsilon": 0.1, "accuracy": 0.5},
+                {"attack": "worst_case", "p": 2, "epsilon": 1.0, "accuracy": 0.25},
             ],
         },
     }
-    row = reproduce.ROWS_BY_NAME["maxout_plain"]
-    record = reproduce.table_row(row, {"metrics": metrics, "command": "cmd"}, 0.0)
+    row = reproduce.ROWS_BY_NAME["conv_pinf_penalty"]
+    record = mnist_table.table_row(row, {"metrics": metrics, "command": "cmd"}, 0.1)
     assert record["epochs"] == 2 and record["train_seconds"] == 22.5
-    assert record["fgsm_inf_0.1"] == 0.5 and record["pgd_2_1"] == 0.25
-    assert record["pgd_inf_0.1"] is None
-    text = reproduce.markdown(
+    assert record["robust_inf_0.1"] == 0.5 and record["robust_2_1"] == 0.25
+    assert record["robust_inf_0.2"] is None and record["evaluation_seconds"] == 10.0
+    assert record["evaluation"] == "APGD-CE, APGD-T, Square 5000q (100)"
+    text = mnist_table.markdown(
         {
             "rows": [record],
-            "eval_examples": 100,
-            "pgd_steps": 40,
             "hardware": "cpu",
-            "selection": {"curves": {"0.1": [2.0, 1.5]}, "epochs": 2, "chosen_sigma": 0.1},
+            "selections": {
+                "conv": {
+                    "title": "Conv: sigma",
+                    "curves": {"0.1": [2.0, 1.5]},
+                    "epochs": 2,
+                    "chosen_sigma": 0.1,
+                }
+            },
         }
     )
     assert (
-        "| maxout MLP, plain (sigma=0) | 0 | 1.25 | 50.0/-/- | -/-/- | -/- | 25.0/- | 2 |" in text
+        "| conv maxout, p=inf, penalty (XLA off) | 0.1 | 2 | 1.25 | 50.0/-/- | 25.0/- | "
+        "APGD-CE, APGD-T, Square 5000q (100) | 0.4 min |" in text
     )
-    assert "sigma=0.1: 2.00/1.50" in text
+    assert "Conv: sigma chosen on validation" in text and "sigma=0.1: 2.00/1.50" in text
 
 
 def test_update_readme_replaces_only_between_markers(tmp_path):
     path = tmp_path / "README.md"
-    path.write_text(f"intro\n{reproduce.README_START}\nold\n{reproduce.README_END}\noutro\n")
-    reproduce.update_readme(str(path), "new table\n")
+    path.write_text(f"intro\n{mnist_table.README_START}\nold\n{mnist_table.README_END}\noutro\n")
+    mnist_table.update_readme(str(path), "new table\n")
     assert path.read_text() == (
-        f"intro\n{reproduce.README_START}\nnew table\n{reproduce.README_END}\noutro\n"
+        f"intro\n{mnist_table.README_START}\nnew table\n{mnist_table.README_END}\noutro\n"
     )
     path.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
-        reproduce.update_readme(str(path), "x")
+        mnist_table.update_readme(str(path), "x")
 
 
 def test_long_selection_text_shows_spaced_epochs_and_the_lowest():
     curve = [3.0 - 0.01 * i for i in range(20)]
     curve[12] = 1.0
-    text = reproduce.selection_text(
+    text = mnist_table.selection_text(
         "Long stage: sigma",
         {"epochs": 20, "curves": {"0.3": curve}, "chosen_sigma": 0.3},
         shown=5,
@@ -89,22 +99,22 @@ def test_long_selection_text_shows_spaced_epochs_and_the_lowest():
     assert "after epochs 4, 8, 12, 16, 20" in text
     assert "sigma=0.3: 2.97/2.93/2.89/2.85/2.81 (lowest 1.00 after epoch 13)" in text
     assert "chosen sigma = 0.3." in text
-    assert reproduce.selection_text("x", None) == ""
+    assert mnist_table.selection_text("x", None) == ""
 
 
 def test_a_finished_run_with_other_settings_is_not_reused():
     recorded = {"sigma": 0.1, "epochs": 40, "p": "inf", "hidden_units": [240, 240]}
     same = {"sigma": 0.1, "epochs": 40, "p": math.inf, "hidden_units": (240, 240)}
-    reproduce._check_same_settings("runs/x", recorded, same)
+    jobs.check_same_settings("runs/x", recorded, same)
     with pytest.raises(ValueError, match=r"runs/x .*epochs=40 \(wanted 200\)"):
-        reproduce._check_same_settings("runs/x", recorded, {**same, "epochs": 200})
+        jobs.check_same_settings("runs/x", recorded, {**same, "epochs": 200})
 
 
 def test_validation_plot_is_written_smoke(tmp_path):
     """Smoke test: the plot is a PNG file (its content is not checked)."""
     stage = {"epochs": 3, "curves": {"0.1": [3.0, 2.0, 1.5]}, "chosen_sigma": 0.1}
     path = tmp_path / "validation.png"
-    reproduce.plot_validation({"selection": stage, "long_selection": stage}, str(path))
+    mnist_table.plot_validation({"selection": stage, "long_selection": stage}, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -113,11 +123,11 @@ def test_both_pictures_come_from_the_same_stage(tmp_path):
         records = []
         for name in names:
             (tmp_path / name).mkdir(exist_ok=True)
-            (tmp_path / name / reproduce.PICTURE).write_bytes(name.encode())
+            (tmp_path / name / mnist_table.PICTURE).write_bytes(name.encode())
             records.append({"name": name, "workdir": str(tmp_path / name)})
         out = tmp_path / "results"
         out.mkdir(exist_ok=True)
-        assert len(reproduce.publish_pictures(records, str(out))) == 2
+        assert len(mnist_table.publish_pictures(records, str(out))) == 2
         return (
             (out / "mnist_perturbations_plain.png").read_bytes(),
             (out / "mnist_perturbations_p2_penalty.png").read_bytes(),
@@ -135,17 +145,17 @@ def test_both_pictures_come_from_the_same_stage(tmp_path):
 def test_where_the_data_is_does_not_make_a_run_different():
     recorded = {"sigma": 0.1, "data_npz": "../shared/data/mnist.npz", "jit_compile": True}
     wanted = {"sigma": 0.1, "data_npz": "/abs/mnist.npz", "jit_compile": False}
-    reproduce._check_same_settings("runs/x", recorded, wanted)
+    jobs.check_same_settings("runs/x", recorded, wanted)
 
 
 def test_readme_and_results_hold_what_the_generator_writes():
     """The published table and commands are markdown(results/mnist.json), paths relative."""
-    with open(os.path.join(reproduce.CHECKOUT, "results", "mnist.json")) as f:
-        text = reproduce.markdown(json.load(f))
-    with open(os.path.join(reproduce.CHECKOUT, "README.md")) as f:
+    with open(os.path.join(jobs.CHECKOUT, "results", "mnist.json")) as f:
+        text = mnist_table.markdown(json.load(f))
+    with open(os.path.join(jobs.CHECKOUT, "README.md")) as f:
         readme = f.read()
-    block = readme.split(reproduce.README_START + "\n")[1].split(reproduce.README_END)[0]
+    block = readme.split(mnist_table.README_START + "\n")[1].split(mnist_table.README_END)[0]
     assert block == text
-    with open(os.path.join(reproduce.CHECKOUT, "results", "mnist.md")) as f:
+    with open(os.path.join(jobs.CHECKOUT, "results", "mnist.md")) as f:
         assert f.read() == text
     assert "--data_npz=../shared/data/mnist.npz" in text and "/work/" not in text

@@ -65,7 +65,7 @@ def test_overrides_replace_preset_values_and_are_validated():
 def test_to_dict_is_json_with_inf_as_string():
     values = config_lib.make_config("mnist_conv_maxout").to_dict()
     assert json.loads(json.dumps(values)) == values
-    assert values["p"] == "inf" and values["eval_attacks"] == ["fgsm", "pgd"]
+    assert values["p"] == "inf" and values["eval_suite"] == "standard"
     assert config_lib.make_config(p=values["p"]).p == math.inf
 
 
@@ -138,9 +138,9 @@ def test_help_shows_groups_and_preset_settings():
 
 
 def test_flag_types(parse):
-    config = parse("--p=inf", "--hidden_units=32,16", "--nojit_compile", "--eval_attacks=")
+    config = parse("--p=inf", "--hidden_units=32,16", "--nojit_compile", "--eval_suite=none")
     assert config.p == math.inf and config.hidden_units == (32, 16)
-    assert config.jit_compile is False and config.eval_attacks == ()
+    assert config.jit_compile is False and config.eval_suite == "none"
 
 
 @pytest.mark.parametrize(
@@ -151,7 +151,8 @@ def test_flag_types(parse):
         ("--method=exact", "flag --method=exact: `method` must be one of"),
         ("--batch_size=0", "flag --batch_size=0: `batch_size` must be an integer >= 1"),
         ("--validation_split=1", "flag --validation_split=1.0:"),
-        ("--eval_attacks=cw", r"flag --eval_attacks=\['cw'\]"),
+        ("--eval_suite=plus", "flag --eval_suite=plus: `eval_suite` must be one of"),
+        ("--eval_square_queries=0", "flag --eval_square_queries=0:"),
         ("--data_npz=/no/such.npz", "flag --data_npz=/no/such.npz: `data_npz` must be an existing"),
         ("--strategy=tpu", "flag --strategy=tpu:"),
     ],

@@ -34,6 +34,7 @@ SETTINGS = dict(
     batch_size=8,
     epochs=3,
     eval_examples=8,
+    eval_suite="fast",
     eval_pgd_steps=2,
     pictures=False,
     deterministic=True,

@@ -26,7 +26,15 @@ from train import train_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST_NPZ = os.path.join(os.path.dirname(REPO), "shared", "data", "mnist.npz")
 
-TINY = dict(batch_size=8, epochs=1, steps_per_epoch=2, eval_examples=8, eval_pgd_steps=2)
+TINY = dict(
+    batch_size=8,
+    epochs=1,
+    steps_per_epoch=2,
+    eval_examples=8,
+    eval_pgd_steps=2,
+    eval_apgd_steps=2,
+    eval_square_queries=5,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -78,8 +86,9 @@ def test_preset_end_to_end(preset, tmp_path):
 
     report = metrics["robustness"]
     assert report["num_examples"] == 8
+    assert report["settings"]["suite"] == "standard" and report["settings"]["square_queries"] == 5
     rows = {(r["attack"], r["p"], round(r["epsilon"], 6)) for r in report["rows"]}
-    for attack in ("fgsm", "pgd"):
+    for attack in ("apgd-ce", "apgd-t", "square", "worst_case"):
         for epsilon in config.eval_epsilons_inf:
             assert (attack, "inf", round(epsilon, 6)) in rows
         for epsilon in config.eval_epsilons_2:
@@ -137,6 +146,7 @@ def test_binary_on_a_slice_of_real_mnist(tmp_path):
             "--epochs=2",
             "--batch_size=50",
             "--eval_examples=50",
+            "--eval_suite=fast",
             "--eval_pgd_steps=5",
             "--nopictures",
         ],

@@ -27,7 +27,7 @@ OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "exponential", "cosine")
 STRATEGIES = ("one_device", "mirrored", "multi_worker")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-ATTACKS = ("fgsm", "pgd")
+EVAL_SUITES = ("standard", "fast", "none")
 
 
 # --------------------------------------------------------------------------- #
@@ -120,16 +120,6 @@ def _int_list(name: str, value: Any) -> tuple[int, ...]:
     if any(v < 1 for v in numbers) or any(isinstance(v, float) and v != int(v) for v in value):
         _fail(name, requirement, value)
     return numbers
-
-
-def _attacks(name: str, value: Any) -> tuple[str, ...]:
-    if (
-        isinstance(value, str)
-        or not isinstance(value, Sequence)
-        or any(v not in ATTACKS for v in value)
-    ):
-        _fail(name, f"a list of names from {ATTACKS}", value)
-    return tuple(value)
 
 
 # --------------------------------------------------------------------------- #
@@ -359,11 +349,14 @@ FIELDS: tuple[Field, ...] = (
     ),
     # Evaluation.
     Field(
-        "eval_attacks",
+        "eval_suite",
         "evaluation",
-        ("fgsm", "pgd"),
-        f"Attacks of the robustness report after training, from {ATTACKS} (empty: none).",
-        _attacks,
+        "standard",
+        "Attacks of the robustness report after training: standard (AutoAttack's cascade: "
+        "APGD-CE, APGD-T with 9 targets, Square; up to 1000 gradient steps and "
+        "--eval_square_queries queries per robust example and radius), fast (FGSM and "
+        "--eval_pgd_steps PGD steps, each on every example) or none.",
+        _one_of(EVAL_SUITES),
     ),
     Field(
         "eval_epsilons_inf",
@@ -386,7 +379,27 @@ FIELDS: tuple[Field, ...] = (
         "Test examples attacked for the robustness report (0: no report).",
         _integer(0, "an integer >= 0"),
     ),
-    Field("eval_pgd_steps", "evaluation", 40, "PGD steps.", _integer(1, "an integer >= 1")),
+    Field(
+        "eval_pgd_steps",
+        "evaluation",
+        40,
+        "PGD steps of the fast suite.",
+        _integer(1, "an integer >= 1"),
+    ),
+    Field(
+        "eval_apgd_steps",
+        "evaluation",
+        100,
+        "Steps of each APGD run of the standard suite (AutoAttack: 100).",
+        _integer(1, "an integer >= 1"),
+    ),
+    Field(
+        "eval_square_queries",
+        "evaluation",
+        5000,
+        "Queries of the Square attack of the standard suite (AutoAttack: 5000).",
+        _integer(1, "an integer >= 1"),
+    ),
     Field(
         "pictures",
         "evaluation",
@@ -472,12 +485,12 @@ def _post_init(self) -> None:
         )
     if (
         self.eval_examples
-        and self.eval_attacks
+        and self.eval_suite != "none"
         and not (self.eval_epsilons_inf or self.eval_epsilons_2)
     ):
         raise ValueError(
-            "`eval_attacks` needs radii in `eval_epsilons_inf` or `eval_epsilons_2` "
-            "(or eval_examples=0). Received: eval_epsilons_inf=(), eval_epsilons_2=()"
+            "`eval_suite` needs radii in `eval_epsilons_inf` or `eval_epsilons_2` "
+            "(or eval_suite=none). Received: eval_epsilons_inf=(), eval_epsilons_2=()"
         )
     if self.min_learning_rate > self.learning_rate:
         raise ValueError(

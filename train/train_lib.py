@@ -48,6 +48,8 @@ from train.config import Config
 from train.recording import EpochRecorder, error_percent, float32_value, selection_record
 
 PICTURE_EXAMPLES = 6
+# Examples per attack call of the robustness report (at least the training batch).
+EVAL_BATCH_SIZE = 500
 METRICS_FILE = workdir_lib.METRICS_FILE
 
 
@@ -410,7 +412,8 @@ def evaluate_and_draw(
     """The robustness report and the perturbation pictures, in pixel space.
 
     Attacks the first `eval_examples` test images as [0, 1] pixels, clipped to
-    [0, 1] (CIFAR-10's whitening is inside the model). Stores the report's
+    [0, 1] (CIFAR-10's whitening is inside the model), with `eval_suite`'s
+    attacks; one line per attack goes to stdout. Stores the report's
     `to_dict()` under "robustness" in `metrics`.
 
     Returns:
@@ -423,17 +426,20 @@ def evaluate_and_draw(
         if values
     }
     count = min(config.eval_examples, len(arrays.x_test))
-    if count and config.eval_attacks and epsilons:
+    if count and config.eval_suite != "none" and epsilons:
         start = time.perf_counter()
         x = arrays.x_test[:count].astype(np.float32) / 255.0
         report = kgr.evaluate_robustness(
             model,
             (x, arrays.y_test[:count]),
             epsilons=epsilons,
-            attacks=config.eval_attacks,
+            suite=config.eval_suite,
             steps=config.eval_pgd_steps,
-            batch_size=config.batch_size,
+            apgd_steps=config.eval_apgd_steps,
+            square_queries=config.eval_square_queries,
+            batch_size=max(config.batch_size, EVAL_BATCH_SIZE),
             seed=config.seed,
+            verbose=2,
         )
         logging.info(
             "Robustness on %d test examples (%.1f s):\n%s",

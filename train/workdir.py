@@ -28,11 +28,13 @@ RESUMABLE_FIELDS = frozenset(
         "strategy",
         "jit_compile",
         "deterministic",
-        "eval_attacks",
+        "eval_suite",
         "eval_epsilons_inf",
         "eval_epsilons_2",
         "eval_examples",
         "eval_pgd_steps",
+        "eval_apgd_steps",
+        "eval_square_queries",
         "pictures",
     }
 )
