@@ -111,128 +111,142 @@ def _unit_l2(gradient: tf.Tensor) -> tf.Tensor:
     return tf.reshape(unit, tf.shape(gradient))
 
 
-def _apgd_fn(
-    model_ref, loss_fn, from_logits, p, steps, objective_name, targeted, rho, random_start
-):
-    """The APGD loop for one batch; see the module docstring."""
-    del loss_fn
-    checkpoint_list = checkpoints(steps)
-    is_checkpoint = np.zeros(steps + 1, bool)
-    is_checkpoint[checkpoint_list] = True
-    is_checkpoint = tf.constant(is_checkpoint)
+def _where(mask: tf.Tensor, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """Per example: rows of `a` where `mask`, else rows of `b`."""
+    return tf.where(tf.reshape(mask, [-1] + [1] * (a.shape.rank - 1)), a, b)
 
-    def objective(model, x, label, target):
+
+def _record(s: dict, x_new, loss_new, correct_new, grad_new) -> dict:
+    """The state after evaluating x_new: adversarial and best points, rises of the loss."""
+    s = dict(s)
+    s["x_adv"] = _where(s["correct"] & ~correct_new, x_new, s["x_adv"])
+    s["correct"] = s["correct"] & correct_new
+    s["increases"] += tf.cast(loss_new > s["loss"], tf.int32)
+    better = loss_new > s["loss_best"]
+    s["x_best"] = _where(better, x_new, s["x_best"])
+    s["grad_best"] = _where(better, grad_new, s["grad_best"])
+    s["loss_best"] = tf.where(better, loss_new, s["loss_best"])
+    s["x_prev"], s["x"], s["grad"], s["loss"] = s["x"], x_new, grad_new, loss_new
+    return s
+
+
+def _at_checkpoint(s: dict, k: tf.Tensor, rho: float) -> dict:
+    """Halve the step and restart from the best point where either condition holds."""
+    s = dict(s)
+    interval = tf.cast(k + 1 - s["last_checkpoint"], tf.float32)
+    few_increases = tf.cast(s["increases"], tf.float32) < rho * interval
+    stalled = ~s["halved_last"] & (s["loss_best"] <= s["loss_best_checked"])
+    halve = few_increases | stalled
+    s["step"] = tf.where(halve, 0.5 * s["step"], s["step"])
+    s["x"] = _where(halve, s["x_best"], s["x"])
+    s["grad"] = _where(halve, s["grad_best"], s["grad"])
+    s["loss"] = tf.where(halve, s["loss_best"], s["loss"])
+    s["halved_last"] = halve
+    s["loss_best_checked"] = s["loss_best"]
+    s["increases"] = tf.zeros_like(s["increases"])
+    s["last_checkpoint"] = k + 1
+    return s
+
+
+def _initial_state(start, loss0, correct0, grad0, epsilon) -> dict:
+    n = tf.shape(start)[0]
+    return dict(
+        x=start,
+        x_prev=start,
+        grad=grad0,
+        loss=loss0,
+        x_best=start,
+        grad_best=grad0,
+        loss_best=loss0,
+        x_adv=start,
+        correct=correct0,
+        step=tf.fill([n], 2.0 * epsilon),
+        increases=tf.zeros([n], tf.int32),
+        loss_best_checked=loss0,
+        halved_last=tf.ones([n], tf.bool),
+        last_checkpoint=tf.constant(0),
+    )
+
+
+class _ApgdLoop:
+    """The APGD loop for one batch (module docstring), as a kernel's Python function."""
+
+    def __init__(self, model_ref, from_logits, p, steps, objective_name, targeted, rho, start):
+        self.model_ref, self.from_logits, self.p, self.steps = model_ref, from_logits, p, steps
+        self.objective_name, self.targeted, self.rho = objective_name, targeted, rho
+        self.random_start = start
+        is_checkpoint = np.zeros(steps + 1, bool)
+        is_checkpoint[checkpoints(steps)] = True
+        self.is_checkpoint = tf.constant(is_checkpoint)
+
+    def objective(self, x, label, target):
+        """Per-example loss, correctness and input gradient at x."""
+
         def summed_loss(point):
-            z = scores.class_scores(model(point, training=False), from_logits)
-            losses = scores.attack_loss(objective_name, targeted, z, label, target)
+            z = scores.class_scores(self.model_ref()(point, training=False), self.from_logits)
+            losses = scores.attack_loss(self.objective_name, self.targeted, z, label, target)
             return tf.reduce_sum(losses), (losses, z)
 
         (gradient,), (losses, z) = differentiate_inputs(summed_loss, x)
         correct = tf.equal(tf.argmax(z, axis=1, output_type=tf.int32), label)
         return losses, correct, gradient
 
-    def where(mask, a, b):
-        return tf.where(tf.reshape(mask, [-1] + [1] * (a.shape.rank - 1)), a, b)
-
-    def move(x, feasible, point, previous, gradient, step, alpha, epsilon, low, high):
-        """x_{k+1} from x_k = `point`: a steepest-ascent step, then momentum, projected.
+    def move(self, x, feasible, s, alpha, epsilon, low, high):
+        """x_{k+1} from x_k: a steepest-ascent step, then momentum, projected.
 
         x_k + alpha (z - x_k) + (1 - alpha)(x_k - x_{k-1}) is computed as
         alpha z + (1 - alpha)(2 x_k - x_{k-1}): fewer passes over the batch.
+        For L-inf the ball and the box meet in a box (`feasible`): one clip.
         """
-        step = tf.reshape(step, [-1] + [1] * (x.shape.rank - 1))
-        if p == math.inf:
-            low_inf, high_inf = feasible
-            z = tf.clip_by_value(point + step * tf.sign(gradient), low_inf, high_inf)
-            moved = alpha * z + (1.0 - alpha) * (2.0 * point - previous)
-            return tf.clip_by_value(moved, low_inf, high_inf)
+        point, previous = s["x"], s["x_prev"]
+        step = tf.reshape(s["step"], [-1] + [1] * (x.shape.rank - 1))
+        if self.p == math.inf:
+            z = tf.clip_by_value(point + step * tf.sign(s["grad"]), *feasible)
+            return tf.clip_by_value(alpha * z + (1.0 - alpha) * (2.0 * point - previous), *feasible)
 
         def project(candidate):
-            return box(x + project_ball(candidate - x, p, epsilon), low, high)
+            return box(x + project_ball(candidate - x, self.p, epsilon), low, high)
 
-        z = project(point + step * _unit_l2(gradient))
+        z = project(point + step * _unit_l2(s["grad"]))
         return project(alpha * z + (1.0 - alpha) * (2.0 * point - previous))
 
-    def record(s, x_new, loss_new, correct_new, grad_new):
-        """The state after evaluating x_new: adversarial and best points, rises of the loss."""
-        s = dict(s)
-        s["x_adv"] = where(s["correct"] & ~correct_new, x_new, s["x_adv"])
-        s["correct"] = s["correct"] & correct_new
-        s["increases"] += tf.cast(loss_new > s["loss"], tf.int32)
-        better = loss_new > s["loss_best"]
-        s["x_best"] = where(better, x_new, s["x_best"])
-        s["grad_best"] = where(better, grad_new, s["grad_best"])
-        s["loss_best"] = tf.where(better, loss_new, s["loss_best"])
-        s["x_prev"], s["x"], s["grad"], s["loss"] = s["x"], x_new, grad_new, loss_new
-        return s
-
-    def at_checkpoint(s, k):
-        """Halve the step and restart from the best point where either condition holds."""
-        s = dict(s)
-        interval = tf.cast(k + 1 - s["last_checkpoint"], tf.float32)
-        few_increases = tf.cast(s["increases"], tf.float32) < rho * interval
-        stalled = ~s["halved_last"] & (s["loss_best"] <= s["loss_best_checked"])
-        halve = few_increases | stalled
-        s["step"] = tf.where(halve, 0.5 * s["step"], s["step"])
-        s["x"] = where(halve, s["x_best"], s["x"])
-        s["grad"] = where(halve, s["grad_best"], s["grad"])
-        s["loss"] = tf.where(halve, s["loss_best"], s["loss"])
-        s["halved_last"] = halve
-        s["loss_best_checked"] = s["loss_best"]
-        s["increases"] = tf.zeros_like(s["increases"])
-        s["last_checkpoint"] = k + 1
-        return s
-
-    def run(x, label, target, epsilon, low, high, seed):
-        model = model_ref()
+    def run(self, x, label, target, epsilon, low, high, seed) -> ApgdResult:
         epsilon = tf.cast(epsilon, x.dtype)
         start = x
-        if random_start:
-            start = box(x + random_start_point(tf.shape(x), p, epsilon, seed, x.dtype), low, high)
-        loss0, correct0, grad0 = objective(model, start, label, target)
-        n = tf.shape(x)[0]
-        state = dict(
-            x=start,
-            x_prev=start,
-            grad=grad0,
-            loss=loss0,
-            x_best=start,
-            grad_best=grad0,
-            loss_best=loss0,
-            x_adv=start,
-            correct=correct0,
-            step=tf.fill([n], 2.0 * epsilon),
-            increases=tf.zeros([n], tf.int32),
-            loss_best_checked=loss0,
-            halved_last=tf.ones([n], tf.bool),
-            last_checkpoint=tf.constant(0),
-        )
-        momentum = tf.constant(MOMENTUM, x.dtype)
-        # For L-inf the ball and the box intersect in a box: one clip projects onto both.
+        if self.random_start:
+            noise = random_start_point(tf.shape(x), self.p, epsilon, seed, x.dtype)
+            start = box(x + noise, low, high)
+        state = _initial_state(start, *self.objective(start, label, target), epsilon)
         feasible = None
-        if p == math.inf:
+        if self.p == math.inf:
             feasible = (x - epsilon, x + epsilon)
             if low is not None:
                 feasible = (tf.maximum(feasible[0], low), tf.minimum(feasible[1], high))
+        momentum = tf.constant(MOMENTUM, x.dtype)
 
         def body(k, s):
             alpha = tf.where(k > 0, momentum, tf.ones_like(momentum))
-            x_new = move(
-                x, feasible, s["x"], s["x_prev"], s["grad"], s["step"], alpha, epsilon, low, high
-            )
-            loss_new, correct_new, grad_new = objective(model, x_new, label, target)
-            s = record(s, x_new, loss_new, correct_new, grad_new)
-            s = tf.cond(is_checkpoint[k + 1], lambda: at_checkpoint(s, k), lambda: s)
+            x_new = self.move(x, feasible, s, alpha, epsilon, low, high)
+            s = _record(s, x_new, *self.objective(x_new, label, target))
+            checkpoint = self.is_checkpoint[k + 1]
+            s = tf.cond(checkpoint, lambda: _at_checkpoint(s, k, self.rho), lambda: s)
             return k + 1, s
 
-        def cond(k, state):
-            return (k < steps) & tf.reduce_any(state["correct"])
+        def cond(k, s):
+            return (k < self.steps) & tf.reduce_any(s["correct"])
 
         _, state = tf.while_loop(cond, body, (tf.constant(0), state))
-        x_adv = where(state["correct"], state["x_best"], state["x_adv"])
+        x_adv = _where(state["correct"], state["x_best"], state["x_adv"])
         return ApgdResult(x_adv, state["correct"], state["loss_best"], state["step"])
 
-    return run
+
+def _apgd_fn(
+    model_ref, loss_fn, from_logits, p, steps, objective_name, targeted, rho, random_start
+):
+    """Kernel builder: the APGD loop for one batch."""
+    del loss_fn
+    loop = _ApgdLoop(model_ref, from_logits, p, steps, objective_name, targeted, rho, random_start)
+    return loop.run
 
 
 class _Scores(NamedTuple):

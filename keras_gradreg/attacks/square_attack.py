@@ -155,150 +155,156 @@ def _window_mask(corner, side, size):
     return (position >= corner[:, None]) & (position < corner[:, None] + side)
 
 
-def _square_fn(model_ref, loss_fn, from_logits, p, queries, p_init, rescale, shape):
-    """The init and step loops of the Square attack for one batch (images as (n, h, w, c))."""
-    del loss_fn
-    layout = image_layout(shape)
-    h, w, c = layout
-    sides_np = window_sides(queries, p_init, layout, p, rescale)
-    table_np, pattern_index_np = _pattern_table(sides_np if p == 2.0 else sides_np[:0])
-    sides = tf.constant(sides_np if len(sides_np) else np.zeros((1, 2), np.int32))
-    table = tf.constant(table_np)
-    pattern_index = tf.constant(np.pad(pattern_index_np, (0, 1)))
+def _uniform_int(seed, n, high):
+    """Integers uniform in [0, high] per example, (n,)."""
+    return tf.random.stateless_uniform([n], seed, 0, high + 1, dtype=tf.int32, alg=ALG)
 
-    def query(model, images, label):
-        outputs = model(tf.reshape(images, [-1, *shape]), training=False)
-        z = scores.class_scores(outputs, from_logits)
+
+def _signs(seed, shape):
+    """Independent +-1 entries."""
+    bits = tf.random.stateless_uniform(shape, seed, 0, 2, dtype=tf.int32, alg=ALG)
+    return tf.cast(2 * bits - 1, tf.float32)
+
+
+def _l2_norm(delta, axis=(1, 2, 3)):
+    return tf.sqrt(tf.reduce_sum(tf.square(delta), axis=axis, keepdims=True))
+
+
+def _accept(state: SquareState, x_new, margin, correct) -> SquareState:
+    """Keep x_new where the margin went down or the example became misclassified."""
+    better = state.correct & ((margin < state.margin) | ~correct)
+    return SquareState(
+        tf.where(tf.reshape(better, [-1, 1, 1, 1]), x_new, state.x_best),
+        tf.where(better, margin, state.margin),
+        tf.where(better, correct, state.correct),
+    )
+
+
+class _SquareLoop:
+    """The Square attack's start and iterations for one batch, on (n, h, w, c) images."""
+
+    def __init__(self, model_ref, from_logits, p, queries, p_init, rescale, shape):
+        self.model_ref, self.from_logits, self.p, self.shape = model_ref, from_logits, p, shape
+        self.h, self.w, self.c = layout = image_layout(shape)
+        sides = window_sides(queries, p_init, layout, p, rescale)
+        table, pattern_index = _pattern_table(sides if p == 2.0 else sides[:0])
+        self.sides = tf.constant(sides if len(sides) else np.zeros((1, 2), np.int32))
+        self.table = tf.constant(table)
+        self.pattern_index = tf.constant(np.pad(pattern_index, (0, 1)))
+
+    def query(self, images, label):
+        """The margin and correctness of a batch of images (the only use of the model)."""
+        outputs = self.model_ref()(tf.reshape(images, [-1, *self.shape]), training=False)
+        z = scores.class_scores(outputs, self.from_logits)
         correct = tf.equal(tf.argmax(z, axis=1, output_type=tf.int32), label)
         return scores.margin(z, label), correct
 
-    def uniform_int(seed, n, high):
-        """Integers uniform in [0, high] per example, (n,)."""
-        return tf.random.stateless_uniform([n], seed, 0, high + 1, dtype=tf.int32, alg=ALG)
-
-    def signs(seed, shape_):
-        bits = tf.random.stateless_uniform(shape_, seed, 0, 2, dtype=tf.int32, alg=ALG)
-        return tf.cast(2 * bits - 1, tf.float32)
-
-    def l2_norm(delta, axis=(1, 2, 3)):
-        return tf.sqrt(tf.reduce_sum(tf.square(delta), axis=axis, keepdims=True))
-
-    def init(x, label, epsilon, low, high, seed):
-        model = model_ref()
+    def init(self, x, label, epsilon, low, high, seed) -> SquareState:
+        """Vertical stripes (L-inf) or the tiled pattern (L2), one query."""
+        h, w, c = self.h, self.w, self.c
         images = tf.reshape(x, [-1, h, w, c])
         n = tf.shape(images)[0]
-        if p == math.inf:
-            delta = epsilon * signs(seed, [n, 1, w, c])
+        if self.p == math.inf:
+            delta = epsilon * _signs(seed, [n, 1, w, c])
         elif h == 1:
-            delta = signs(seed, [n, 1, w, c])
+            delta = _signs(seed, [n, 1, w, c])
         else:
-            delta = _l2_tiles(seed, n)
-        if p == 2.0:
-            delta = epsilon * delta / (l2_norm(delta) + 1e-12)
+            delta = self.l2_tiles(seed, n)
+        if self.p == 2.0:
+            delta = epsilon * delta / (_l2_norm(delta) + 1e-12)
         x_best = box(images + delta, low, high)
-        margin, correct = query(model, x_best, label)
+        margin, correct = self.query(x_best, label)
         return SquareState(tf.reshape(x_best, tf.shape(x)), margin, correct)
 
-    def _l2_tiles(seed, n):
+    def l2_tiles(self, seed, n):
+        """The L2 start: (h // 5)-sized tiles of the pattern, random orientation and signs."""
+        h, w, c = self.h, self.w, self.c
         side = max(h // 5, 1)
         first = max((h - 5 * side) // 2, 0)
         starts_h = [first + i * side for i in range(h // side) if first + (i + 1) * side <= h]
         starts_w = [first + j * side for j in range(w // side) if first + (j + 1) * side <= w]
         pattern = tf.constant(square_pattern(side, side), tf.float32)
-        delta = tf.zeros([n, h, w, c])
+        upright, turned = pattern[None, :, :, None], tf.transpose(pattern)[None, :, :, None]
         seeds = tf.random.experimental.stateless_split(seed, len(starts_h) * len(starts_w) + 1)
-        index = 0
-        for top in starts_h:
-            for left in starts_w:
-                tile_seed = tf.random.experimental.stateless_split(seeds[index], 2)
-                flip = signs(tile_seed[0], [n, 1, 1, 1]) > 0
-                upright, turned = pattern[None, :, :, None], tf.transpose(pattern)[None, :, :, None]
-                tile = tf.where(flip, upright, turned)
-                tile = tile * signs(tile_seed[1], [n, 1, 1, c])
-                paddings = [[0, 0], [top, h - top - side], [left, w - left - side], [0, 0]]
-                delta += tf.pad(tile, paddings)
-                index += 1
+        delta = tf.zeros([n, h, w, c])
+        for index, (top, left) in enumerate((t, u) for t in starts_h for u in starts_w):
+            tile_seed = tf.random.experimental.stateless_split(seeds[index], 2)
+            tile = tf.where(_signs(tile_seed[0], [n, 1, 1, 1]) > 0, upright, turned)
+            tile = tile * _signs(tile_seed[1], [n, 1, 1, c])
+            paddings = [[0, 0], [top, h - top - side], [left, w - left - side], [0, 0]]
+            delta += tf.pad(tile, paddings)
         return delta
 
-    def propose_linf(images, x_best, epsilon, low, high, iteration_seed, side):
+    def window(self, seeds, n, side):
+        """(n, h, w, 1) bool: a window of `side` at a random position per example."""
+        rows = _window_mask(_uniform_int(seeds[0], n, self.h - side[0]), side[0], self.h)
+        cols = _window_mask(_uniform_int(seeds[1], n, self.w - side[1]), side[1], self.w)
+        return rows[:, :, None, None] & cols[:, None, :, None], rows, cols
+
+    def propose_linf(self, images, x_best, epsilon, low, high, iteration_seed, side):
+        """Each channel of a random window set to x +- eps."""
         n = tf.shape(images)[0]
         seeds = tf.random.experimental.stateless_split(iteration_seed, 3)
-        rows = _window_mask(uniform_int(seeds[0], n, h - side[0]), side[0], h)
-        cols = _window_mask(uniform_int(seeds[1], n, w - side[1]), side[1], w)
-        window = rows[:, :, None, None] & cols[:, None, :, None]
-        moved = images + epsilon * signs(seeds[2], [n, 1, 1, c])
+        window, _, _ = self.window(seeds, n, side)
+        moved = images + epsilon * _signs(seeds[2], [n, 1, 1, self.c])
         return box(tf.where(window, moved, x_best), low, high)
 
-    def placed_pattern(top, left, flip, iteration):
+    def placed_pattern(self, top, left, flip, iteration):
         """(n, h, w, 1): this iteration's pattern with its corner at (top, left)."""
-        patterns = tf.gather(table[pattern_index[iteration]], tf.cast(flip, tf.int32))
-        size = table.shape[-1]
-        rows = tf.range(h)[None, :] - top[:, None]
-        cols = tf.range(w)[None, :] - left[:, None]
+        patterns = tf.gather(self.table[self.pattern_index[iteration]], tf.cast(flip, tf.int32))
+        size = self.table.shape[-1]
+        rows = tf.range(self.h)[None, :] - top[:, None]
+        cols = tf.range(self.w)[None, :] - left[:, None]
         placed = tf.gather(patterns, tf.clip_by_value(rows, 0, size - 1), batch_dims=1)
         placed = tf.gather(placed, tf.clip_by_value(cols, 0, size - 1), axis=2, batch_dims=1)
         return placed[..., None]
 
-    def propose_l2(images, x_best, epsilon, low, high, iteration_seed, side, iteration):
+    def propose_l2(self, images, x_best, epsilon, low, high, iteration_seed, side, iteration):
+        """Move the mass of two random windows into the first, plus a new pattern there."""
         n = tf.shape(images)[0]
-        seeds = tf.random.experimental.stateless_split(iteration_seed, 7)
-        top1 = uniform_int(seeds[0], n, h - side[0])
-        left1 = uniform_int(seeds[1], n, w - side[1])
-        top2 = uniform_int(seeds[2], n, h - side[0])
-        left2 = uniform_int(seeds[3], n, w - side[1])
-        window1 = _window_mask(top1, side[0], h)[:, :, None, None] & _window_mask(
-            left1, side[1], w
-        )[:, None, :, None]
-        window2 = _window_mask(top2, side[0], h)[:, :, None, None] & _window_mask(
-            left2, side[1], w
-        )[:, None, :, None]
+        seeds = tf.random.experimental.stateless_split(iteration_seed, 6)
+        window1, rows1, cols1 = self.window(seeds[0:2], n, side)
+        window2, _, _ = self.window(seeds[2:4], n, side)
         mask1 = tf.cast(window1, tf.float32)
         both = tf.cast(window1 | window2, tf.float32)
         delta = x_best - images
-        norm_window1 = l2_norm(delta * mask1, axis=(1, 2))
-        norm_image = l2_norm(delta)
-        norm_windows = l2_norm(delta * both)
-        flip = signs(seeds[4], [n]) > 0
-        fresh = placed_pattern(top1, left1, flip, iteration) * signs(seeds[5], [n, 1, 1, c])
+        norm_window1 = _l2_norm(delta * mask1, axis=(1, 2))
+        norm_image = _l2_norm(delta)
+        norm_windows = _l2_norm(delta * both)
+        top1 = tf.argmax(tf.cast(rows1, tf.int32), axis=1, output_type=tf.int32)
+        left1 = tf.argmax(tf.cast(cols1, tf.int32), axis=1, output_type=tf.int32)
+        flip = _signs(seeds[4], [n]) > 0
+        fresh = self.placed_pattern(top1, left1, flip, iteration)
+        fresh = fresh * _signs(seeds[5], [n, 1, 1, self.c])
         update = fresh + delta * mask1 / (1e-12 + norm_window1)
-        budget = tf.maximum(epsilon**2 - norm_image**2, 0.0) / c + norm_windows**2
-        update = update / (1e-12 + l2_norm(update, axis=(1, 2))) * tf.sqrt(budget)
+        budget = tf.maximum(epsilon**2 - norm_image**2, 0.0) / self.c + norm_windows**2
+        update = update / (1e-12 + _l2_norm(update, axis=(1, 2))) * tf.sqrt(budget)
         delta = delta * (1.0 - both) + update * mask1
-        return box(images + epsilon * delta / (l2_norm(delta) + 1e-12), low, high)
+        return box(images + epsilon * delta / (_l2_norm(delta) + 1e-12), low, high)
 
-    def accept(state, x_new, margin, correct):
-        """Keep x_new where the margin went down or the example became misclassified."""
-        better = state.correct & ((margin < state.margin) | ~correct)
-        return SquareState(
-            tf.where(tf.reshape(better, [-1, 1, 1, 1]), x_new, state.x_best),
-            tf.where(better, margin, state.margin),
-            tf.where(better, correct, state.correct),
-        )
-
-    def steps(x, label, state, epsilon, low, high, seed, start, stop):
-        model = model_ref()
-        images = tf.reshape(x, [-1, h, w, c])
+    def steps(self, x, label, state, epsilon, low, high, seed, start, stop) -> SquareState:
+        """Iterations start .. stop - 1, or until every example is misclassified."""
+        images = tf.reshape(x, [-1, self.h, self.w, self.c])
         state = SquareState(tf.reshape(state.x_best, tf.shape(images)), state.margin, state.correct)
 
         def body(i, state):
             iteration_seed = tf.random.experimental.stateless_fold_in(seed, i, alg=ALG)
-            side = sides[i]
-            if p == math.inf:
-                x_new = propose_linf(images, state.x_best, epsilon, low, high, iteration_seed, side)
+            side = self.sides[i]
+            if self.p == math.inf:
+                x_new = self.propose_linf(
+                    images, state.x_best, epsilon, low, high, iteration_seed, side
+                )
             else:
-                x_new = propose_l2(
+                x_new = self.propose_l2(
                     images, state.x_best, epsilon, low, high, iteration_seed, side, i
                 )
-            margin, correct = query(model, x_new, label)
-            return i + 1, accept(state, x_new, margin, correct)
+            return i + 1, _accept(state, x_new, *self.query(x_new, label))
 
         def cond(i, state):
             return (i < stop) & tf.reduce_any(state.correct)
 
         _, state = tf.while_loop(cond, body, (start, state))
         return SquareState(tf.reshape(state.x_best, tf.shape(x)), state.margin, state.correct)
-
-    return init, steps
 
 
 class _SquareKernels(NamedTuple):
@@ -307,11 +313,13 @@ class _SquareKernels(NamedTuple):
 
 
 def _square_init_builder(model_ref, loss_fn, from_logits, **static):
-    return _square_fn(model_ref, loss_fn, from_logits, **static)[0]
+    del loss_fn
+    return _SquareLoop(model_ref, from_logits, **static).init
 
 
 def _square_steps_builder(model_ref, loss_fn, from_logits, **static):
-    return _square_fn(model_ref, loss_fn, from_logits, **static)[1]
+    del loss_fn
+    return _SquareLoop(model_ref, from_logits, **static).steps
 
 
 def _kernels(model, from_logits, **static) -> _SquareKernels:

@@ -76,7 +76,7 @@ def evaluate_robustness(
     apgd_restarts: int = 1,
     target_classes: int = 9,
     square_queries: int = 5000,
-    batch_size: int = 256,
+    batch_size: int = 500,
     max_examples: int | None = None,
     seed: int = 0,
     tolerance: float = 0.01,
@@ -193,24 +193,7 @@ def _plan(
             ("square_queries", square_queries), ("batch_size", batch_size),
         )
     }  # fmt: skip
-    if restarts > 1 and not random_start:
-        raise ValueError(
-            "Restarts without a random start repeat the same attack: set "
-            f"`random_start=True` or `restarts=1`. Received: restarts={restarts}"
-        )
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"`seed` must be an integer. Received: seed={seed!r}")
-    if isinstance(sanity_examples, bool) or not isinstance(sanity_examples, (int, np.integer)):
-        sanity_examples = -1
-    if sanity_examples < 0:
-        raise ValueError(
-            "`sanity_examples` must be an integer >= 0. "
-            f"Received: sanity_examples={sanity_examples!r}"
-        )
-    if verbose == "auto":
-        verbose = 1
-    if verbose not in (0, 1, 2):
-        raise ValueError(f"`verbose` must be 0, 1, 2 or 'auto'. Received: verbose={verbose!r}")
+    _check_scalars(restarts, random_start, seed, sanity_examples, verbose)
     settings = AttackSettings(
         loss=loss,
         clip=_checks.check_clip(clip),
@@ -242,8 +225,26 @@ def _plan(
         ),
         masking_threshold=_checks.check_nonnegative(masking_threshold, "masking_threshold"),
         sanity_examples=int(sanity_examples),
-        verbose=verbose,
+        verbose=1 if verbose == "auto" else verbose,
     )
+
+
+def _check_scalars(restarts, random_start, seed, sanity_examples, verbose) -> None:
+    if restarts > 1 and not random_start:
+        raise ValueError(
+            "Restarts without a random start repeat the same attack: set "
+            f"`random_start=True` or `restarts=1`. Received: restarts={restarts}"
+        )
+    if _checks.check_seed(seed) is None:
+        raise ValueError(f"`seed` must be an integer. Received: seed={seed!r}")
+    integer = _checks.is_number(sanity_examples) and isinstance(sanity_examples, (int, np.integer))
+    if not integer or sanity_examples < 0:
+        raise ValueError(
+            "`sanity_examples` must be an integer >= 0. "
+            f"Received: sanity_examples={sanity_examples!r}"
+        )
+    if verbose not in (0, 1, 2, "auto"):
+        raise ValueError(f"`verbose` must be 0, 1, 2 or 'auto'. Received: verbose={verbose!r}")
 
 
 def _check_attacks(attacks: Any) -> tuple[str, ...]:
