@@ -13,10 +13,12 @@ from train import jobs, mnist_table, reproduce
 
 def test_command_line_round_trips_through_the_binary_flags():
     command = jobs.command_line(
-        "mnist_maxout_mlp", {"p": math.inf, "sigma": 0.25, "pictures": False}
+        "mnist_maxout_mlp",
+        {"p": math.inf, "sigma": 0.25, "pictures": False, "hidden_units": (8, 4)},
     )
     assert command == (
-        "python -m train.main --preset=mnist_maxout_mlp --p=inf --sigma=0.25 --nopictures"
+        "python -m train.main --preset=mnist_maxout_mlp --p=inf --sigma=0.25 --nopictures "
+        "--hidden_units=8,4"
     )
 
 
@@ -159,3 +161,40 @@ def test_readme_and_results_hold_what_the_generator_writes():
     with open(os.path.join(jobs.CHECKOUT, "results", "mnist.md")) as f:
         assert f.read() == text
     assert "--data_npz=../shared/data/mnist.npz" in text and "/work/" not in text
+
+
+@pytest.mark.slow
+def test_parallel_jobs_run_as_subprocesses_and_are_read_back(tmp_path):
+    """Two tiny runs side by side; started again, finished runs are read, not repeated."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "tiny.npz"
+    np.savez(
+        npz,
+        x_train=rng.integers(0, 256, size=(64, 28, 28), dtype=np.uint8),
+        y_train=rng.integers(0, 10, size=64),
+        x_test=rng.integers(0, 256, size=(16, 28, 28), dtype=np.uint8),
+        y_test=rng.integers(0, 10, size=16),
+    )
+    settings = dict(
+        data_npz=str(npz), hidden_units=(8,), batch_size=16, epochs=1, eval_suite="none",
+        pictures=False, jit_compile=False,
+    )  # fmt: skip
+    planned = [
+        jobs.Job(f"runs/sigma_{sigma:g}", "mnist_maxout_mlp", {**settings, "sigma": sigma})
+        for sigma in (0.0, 0.1)
+    ]
+    root = str(tmp_path / "root")
+    first = jobs.run_jobs(root, planned, parallel=2)
+    for job in planned:
+        assert first[job.name]["metrics"]["status"] == "done"
+        assert first[job.name]["metrics"]["flags"]["sigma"] == job.overrides["sigma"]
+        assert os.path.exists(os.path.join(root, f"{job.name}.log"))
+    stamps = [os.path.getmtime(os.path.join(root, j.name, "metrics.json")) for j in planned]
+    again = jobs.run_jobs(root, planned, parallel=2)
+    assert [os.path.getmtime(os.path.join(root, j.name, "metrics.json")) for j in planned] == stamps
+    assert again == first
+    with pytest.raises(ValueError, match=r"other settings.*sigma=0\.1 \(wanted 0\.3\)"):
+        other = jobs.Job(planned[1].name, "mnist_maxout_mlp", {**settings, "sigma": 0.3})
+        jobs.run_jobs(root, [other])

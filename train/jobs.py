@@ -55,6 +55,8 @@ def command_arguments(preset: str, overrides: dict[str, Any]) -> list[str]:
             value = checkout_relative(value)
         if isinstance(value, float) and math.isinf(value):
             value = "inf"
+        if isinstance(value, (tuple, list)):
+            value = ",".join("inf" if math.isinf(v) else str(v) for v in value)
         if isinstance(value, bool):
             arguments.append(f"--{key}" if value else f"--no{key}")
         else:

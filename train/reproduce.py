@@ -86,8 +86,8 @@ flags.DEFINE_integer(
 flags.DEFINE_bool(
     "conv_jit_compile",
     False,
-    "XLA for the conv network's runs (on this project's 2-core CPU a conv penalty step "
-    "took 1.7 s with XLA and 0.7 s without; see README).",
+    "XLA for the conv network's runs (off by default: on CPU, XLA's convolutions were "
+    "slower than oneDNN's; bench/README.md).",
 )
 flags.DEFINE_integer("parallel", 1, "Runs at a time (above 1: subprocesses).", lower_bound=1)
 
