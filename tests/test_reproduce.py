@@ -198,3 +198,45 @@ def test_parallel_jobs_run_as_subprocesses_and_are_read_back(tmp_path):
     with pytest.raises(ValueError, match=r"other settings.*sigma=0\.1 \(wanted 0\.3\)"):
         other = jobs.Job(planned[1].name, "mnist_maxout_mlp", {**settings, "sigma": 0.3})
         jobs.run_jobs(root, [other])
+
+
+def test_a_task_starts_once_the_stage_it_needs_is_summarized(tmp_path):
+    """Finished runs (fake metrics.json files) are read; the final task is made from
+    the summary of the stage it needs, which exists only after both its runs."""
+    import dataclasses
+
+    import numpy as np
+
+    from train import config as config_lib
+
+    def fake_run(job, curve):
+        config = config_lib.make_config(job.preset, **job.overrides)
+        workdir = tmp_path / job.name
+        workdir.mkdir(parents=True)
+        epochs = [{"epoch": i + 1, "validation/accuracy": 1 - e / 100} for i, e in enumerate(curve)]
+        content = {"flags": dataclasses.asdict(config), "status": "done", "epochs": epochs}
+        (workdir / "metrics.json").write_text(json.dumps(content))
+
+    stage = reproduce.Stage("s", "select", "t", "mnist_maxout_mlp", {"p": 2.0}, (0.1, 0.3), 2)
+    selection = stage.jobs()
+    for job, curve in zip(selection, ([3.0, 2.0], [3.0, 1.5])):
+        fake_run(job, curve)
+    final = jobs.Job("final/x", "mnist_maxout_mlp", {"sigma": 0.3, "epochs": 2})
+    fake_run(final, [])
+    made = []
+
+    def make_final(summaries):
+        made.append(summaries["s"]["chosen_sigma"])
+        return final
+
+    tasks = [jobs.Task(make_final, needs=("s",))]
+    tasks += [jobs.Task(lambda _, job=job: job, stage="s") for job in selection]
+    results, summaries = jobs.run_tasks(str(tmp_path), tasks, {"s": stage.summarize})
+    assert made == [0.3] and summaries["s"]["chosen_sigma"] == 0.3
+    curves = summaries["s"]["curves"]
+    assert set(curves) == {"0.1", "0.3"}
+    np.testing.assert_allclose(curves["0.1"], [3.0, 2.0])
+    np.testing.assert_allclose(curves["0.3"], [3.0, 1.5])
+    assert set(results) == {"select/sigma_0.1", "select/sigma_0.3", "final/x"}
+    with pytest.raises(ValueError, match="No task can start"):
+        jobs.run_tasks(str(tmp_path), [jobs.Task(make_final, needs=("other",))], {})

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from absl import logging
@@ -114,64 +115,118 @@ def _result(root: str, job: Job, metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A run whose settings may wait for other stages' results.
+
+    Attributes:
+        make: Builds the `Job` from the summaries of the stages in `needs`.
+        needs: Stages whose summaries `make` uses; the task starts once they
+            are all summarized.
+        stage: The stage this run belongs to (None: none), summarized once
+            all of its tasks have finished.
+    """
+
+    make: Callable[[dict[str, Any]], Job]
+    needs: tuple[str, ...] = ()
+    stage: str | None = None
+
+
 def run_jobs(root: str, jobs: list[Job], parallel: int = 1) -> dict[str, dict[str, Any]]:
-    """Trains, resumes or reads every job; returns name -> {metrics, command, workdir}.
+    """Trains, resumes or reads every job; returns name -> {metrics, command, workdir}."""
+    tasks = [Task(lambda _, job=job: job) for job in jobs]
+    return run_tasks(root, tasks, {}, parallel)[0]
+
+
+def run_tasks(
+    root: str,
+    tasks: list[Task],
+    summarize: dict[str, Callable[[dict[str, dict[str, Any]]], Any]],
+    parallel: int = 1,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Runs tasks as soon as the stages they need are summarized, up to `parallel` at once.
+
+    Finished runs are read, not repeated. With `parallel` above 1 the runs are
+    `train.main` subprocesses; otherwise they run in this process, in order.
 
     Args:
-        root: The directory holding one workdir per job.
-        jobs: The runs.
-        parallel: Runs at a time; above 1 they are `train.main` subprocesses.
+        root: The directory holding one workdir per run.
+        tasks: The runs, in the order to start them.
+        summarize: Stage -> a function of all results so far, called once
+            every task of that stage has finished.
+        parallel: Runs at a time.
+
+    Returns:
+        (name -> {metrics, command, workdir}, stage -> summary).
 
     Raises:
         RuntimeError: If a subprocess run fails (the message ends with its log).
     """
-    results, pending = {}, []
-    for job in jobs:
-        done = _finished(root, job)
-        if done is not None:
-            logging.info("%s: finished earlier, reading it", job.name)
+    results, summaries, pending, running = {}, {}, list(tasks), {}
+    stage_tasks = {stage: [t for t in tasks if t.stage == stage] for stage in summarize}
+    finished_tasks: set[int] = set()
+    while pending or running:
+        for task in [t for t in pending if all(need in summaries for need in t.needs)]:
+            if len(running) >= max(parallel, 1):
+                break
+            pending.remove(task)
+            job = task.make(summaries)
+            done = _finished(root, job)
+            if done is None and parallel > 1:
+                running[job.name] = (task, job, _start(root, job))
+                continue
+            if done is None:
+                done = _train_here(root, job)
+            else:
+                logging.info("%s: finished earlier, reading it", job.name)
             results[job.name] = _result(root, job, done)
-        else:
-            pending.append(job)
-    if parallel <= 1:
-        for job in pending:
-            logging.info("%s: training (%s)", job.name, command_line(job.preset, job.overrides))
-            config = config_lib.make_config(job.preset, **job.overrides)
-            metrics = train_lib.train_and_evaluate(config, os.path.join(root, job.name))
-            results[job.name] = _result(root, job, metrics)
-        return results
-    _run_in_subprocesses(root, pending, parallel)
-    for job in pending:
-        results[job.name] = _result(root, job, _finished(root, job))
-    return results
-
-
-def _run_in_subprocesses(root: str, jobs: list[Job], parallel: int) -> None:
-    waiting, running = list(jobs), {}
-    while waiting or running:
-        while waiting and len(running) < parallel:
-            job = waiting.pop(0)
-            workdir = os.path.abspath(os.path.join(root, job.name))
-            os.makedirs(os.path.dirname(workdir), exist_ok=True)
-            log = open(f"{workdir}.log", "a")  # noqa: SIM115  (closed when the run ends)
-            arguments = command_arguments(job.preset, job.overrides) + [f"--workdir={workdir}"]
-            logging.info("%s: training in a subprocess (log %s.log)", job.name, workdir)
-            process = subprocess.Popen(
-                [sys.executable, "-m", "train.main", *arguments],
-                cwd=CHECKOUT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            running[job.name] = (process, log, workdir)
-        time.sleep(2.0)
-        for name, (process, log, workdir) in list(running.items()):
+            finished_tasks.add(id(task))
+        for name, (task, job, process) in list(running.items()):
             if process.poll() is None:
                 continue
-            log.close()
             del running[name]
-            if process.returncode:
-                for other, _, _ in running.values():
-                    other.terminate()
-                with open(f"{workdir}.log") as f:
-                    tail = f.read()[-3000:]
-                raise RuntimeError(f"{name} failed (exit {process.returncode}):\n{tail}")
+            _check_exit(name, process, running)
+            results[name] = _result(root, job, _finished(root, job))
+            finished_tasks.add(id(task))
+        for stage, members in stage_tasks.items():
+            if stage not in summaries and all(id(t) in finished_tasks for t in members):
+                summaries[stage] = summarize[stage](results)
+        if running:
+            time.sleep(2.0)
+        elif pending and not any(all(n in summaries for n in t.needs) for t in pending):
+            raise ValueError(f"No task can start: unknown stages in {[t.needs for t in pending]}")
+    return results, summaries
+
+
+def _train_here(root: str, job: Job) -> dict[str, Any]:
+    logging.info("%s: training (%s)", job.name, command_line(job.preset, job.overrides))
+    config = config_lib.make_config(job.preset, **job.overrides)
+    return train_lib.train_and_evaluate(config, os.path.join(root, job.name))
+
+
+def _start(root: str, job: Job) -> subprocess.Popen:
+    """Starts `python -m train.main` for `job`, its output appended to <workdir>.log."""
+    workdir = os.path.abspath(os.path.join(root, job.name))
+    os.makedirs(os.path.dirname(workdir), exist_ok=True)
+    arguments = command_arguments(job.preset, job.overrides) + [f"--workdir={workdir}"]
+    logging.info("%s: training in a subprocess (log %s.log)", job.name, workdir)
+    with open(f"{workdir}.log", "a") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "train.main", *arguments],
+            cwd=CHECKOUT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    process.log_path = f"{workdir}.log"
+    return process
+
+
+def _check_exit(name: str, process: subprocess.Popen, running: dict) -> None:
+    """Raises (stopping the other runs) if a finished subprocess failed."""
+    if not process.returncode:
+        return
+    for _, _, other in running.values():
+        other.terminate()
+    with open(process.log_path) as f:
+        tail = f.read()[-3000:]
+    raise RuntimeError(f"{name} failed (exit {process.returncode}):\n{tail}")

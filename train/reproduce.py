@@ -175,6 +175,7 @@ class Stage:
     overrides: dict[str, Any]
     sigmas: tuple[float, ...]
     epochs: int
+    data_npz: str | None = None
 
     def jobs(self) -> list[jobs_lib.Job]:
         return [
@@ -182,7 +183,7 @@ class Stage:
                 f"{self.directory}/sigma_{sigma:g}",
                 self.preset,
                 {
-                    "data_npz": FLAGS.data_npz,
+                    "data_npz": self.data_npz,
                     **self.overrides,
                     "sigma": sigma,
                     "validation_split": VALIDATION_SPLIT,
@@ -218,7 +219,7 @@ def stages() -> list[Stage]:
     found = [
         Stage(
             "screen", "select", "sigma for p=2", "mnist_maxout_mlp", {**mlp, "method": "penalty"},
-            tuple(float(v) for v in FLAGS.select_sigmas), FLAGS.select_epochs,
+            tuple(float(v) for v in FLAGS.select_sigmas), FLAGS.select_epochs, FLAGS.data_npz,
         )
     ]  # fmt: skip
     for method in FLAGS.long_methods if FLAGS.long_sigmas else ():
@@ -232,6 +233,7 @@ def stages() -> list[Stage]:
                 {**mlp, "method": method, **extra},
                 tuple(float(v) for v in FLAGS.long_sigmas),
                 FLAGS.long_epochs,
+                FLAGS.data_npz,
             )
         )
     if FLAGS.conv_sigmas:
@@ -240,6 +242,7 @@ def stages() -> list[Stage]:
                 "conv", "conv_select", "Conv maxout, p=inf penalty: sigma", "mnist_conv_maxout",
                 {"p": math.inf, "method": "penalty", "jit_compile": FLAGS.conv_jit_compile},
                 tuple(float(v) for v in FLAGS.conv_sigmas), FLAGS.conv_select_epochs,
+                FLAGS.data_npz,
             )
         )  # fmt: skip
     return found
@@ -278,11 +281,44 @@ def final_job(row: Row, sigma: float, long_stage: bool = False) -> jobs_lib.Job:
     return jobs_lib.Job(f"{directory}/{row.name}", row.preset, overrides)
 
 
+def _stage_of(row: Row, long_stage: bool) -> str | None:
+    """The selection stage whose sigma the row uses (None: the row's own sigma)."""
+    return f"long_{row.method}" if long_stage and row.selection else row.selection
+
+
 def _row_sigma(row: Row, selections: dict[str, Any], long_stage: bool) -> float:
-    stage = f"long_{row.method}" if long_stage and row.selection else row.selection
+    stage = _stage_of(row, long_stage)
     if stage in selections:
         return selections[stage]["chosen_sigma"]
     return config_lib.make_config(row.preset, **row.overrides).sigma
+
+
+def plan(selection_stages: list[Stage], rows: list[tuple[Row, bool]]) -> list[jobs_lib.Task]:
+    """Every run as a task; a final run starts once the stage choosing its sigma is done.
+
+    Start order, longest chains first: the conv selection and the conv row,
+    the long stage's selections and rows, then the short screen and its rows.
+    """
+    known = {stage.key for stage in selection_stages}
+    selection = {
+        stage.key: [jobs_lib.Task(lambda _, job=job: job, stage=stage.key) for job in stage.jobs()]
+        for stage in selection_stages
+    }
+
+    def final(row, long_stage):
+        stage = _stage_of(row, long_stage)
+        return jobs_lib.Task(
+            lambda summaries: final_job(row, _row_sigma(row, summaries, long_stage), long_stage),
+            needs=(stage,) if stage in known else (),
+        )
+
+    conv = [final(row, long) for row, long in rows if row.conv]
+    long_rows = [final(row, long) for row, long in rows if long and not row.conv]
+    short_rows = [final(row, long) for row, long in rows if not long and not row.conv]
+    order = selection.pop("conv", []) + conv
+    for key in [key for key in selection if key.startswith("long_")]:
+        order += selection.pop(key)
+    return order + long_rows + selection.pop("screen", []) + short_rows
 
 
 def _check_flags() -> None:
@@ -317,17 +353,19 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     _check_flags()
-    root, parallel = FLAGS.workdir, FLAGS.parallel
     selection_stages = stages()
-    ran = jobs_lib.run_jobs(root, [j for stage in selection_stages for j in stage.jobs()], parallel)
-    selections = {stage.key: stage.summarize(ran) for stage in selection_stages}
     rows = [ROWS_BY_NAME[name] for name in FLAGS.rows] if FLAGS.rows else list(ROWS)
     planned = [(row, False) for row in rows]
     planned += [(ROWS_BY_NAME[name], True) for name in FLAGS.long_rows if FLAGS.long_sigmas]
-    finals = [(row, long, _row_sigma(row, selections, long)) for row, long in planned]
-    ran = jobs_lib.run_jobs(root, [final_job(*item) for item in finals], parallel)
+    ran, selections = jobs_lib.run_tasks(
+        FLAGS.workdir,
+        plan(selection_stages, planned),
+        {stage.key: stage.summarize for stage in selection_stages},
+        FLAGS.parallel,
+    )
     records = []
-    for row, long_stage, sigma in finals:
+    for row, long_stage in planned:
+        sigma = _row_sigma(row, selections, long_stage)
         record = mnist_table.table_row(row, ran[final_job(row, sigma, long_stage).name], sigma)
         if long_stage:
             record["name"] += "_long"
