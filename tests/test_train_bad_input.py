@@ -270,3 +270,20 @@ def test_the_command_line_prints_one_line_and_exits_2(tmp_path):
         "(File is not a zip file)."
     ]
     assert not workdir.exists()
+
+
+def test_a_workdir_in_use_by_another_run_is_refused(tmp_path, capsys):
+    """Two runs in one workdir would overwrite each other: the second stops at once."""
+    from train import workdir as workdir_lib
+
+    data = _npz(str(tmp_path), "good.npz")
+    workdir = tmp_path / "busy"
+    workdir.mkdir()
+    with workdir_lib.locked(str(workdir)):
+        before = sorted(str(p) for p in tmp_path.rglob("*"))
+        code = run_main(
+            "--preset=mnist_maxout_mlp", f"--data_npz={data}", f"--workdir={workdir}",
+            "--batch_size=8",
+        )  # fmt: skip
+        assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    _assert_one_line_error(capsys, code, "is in use by another run", f"--workdir={workdir}")

@@ -225,16 +225,16 @@ def train_and_evaluate(
     arrays = load_data(config)
     workdir_lib.check_same_data(previous, arrays.record, workdir)
     workdir_lib.create(workdir)
-
-    keras.utils.set_random_seed(config.seed)
-    if config.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    previous_policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(config.mixed_precision)
-    try:
-        return _run(config, workdir, strategy, arrays, previous, callbacks or [])
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
+    with workdir_lib.locked(workdir):
+        keras.utils.set_random_seed(config.seed)
+        if config.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        previous_policy = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy(config.mixed_precision)
+        try:
+            return _run(config, workdir, strategy, arrays, previous, callbacks or [])
+        finally:
+            keras.mixed_precision.set_global_policy(previous_policy)
 
 
 def _report_complete(previous: dict[str, Any], config: Config, workdir: str) -> None:

@@ -8,8 +8,11 @@ and nothing is created until every check has passed.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -89,6 +92,34 @@ def create(workdir: str) -> None:
             if os.path.isdir(path) and not os.listdir(path):
                 os.rmdir(path)
         raise InputError(f"--workdir={workdir} cannot be created ({error}).") from None
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def locked(workdir: str) -> Iterator[None]:
+    """Holds `workdir`'s lock while the block runs (and no longer than the process).
+
+    Two processes training in one workdir would overwrite each other's
+    checkpoints and metrics; the second one stops here instead.
+
+    Raises:
+        InputError: If another process holds the lock.
+    """
+    path = os.path.join(workdir, LOCK_FILE)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise InputError(
+                f"--workdir={workdir} is in use by another run (it holds {path}); wait for "
+                "it to finish or use another --workdir."
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def read_metrics(workdir: str) -> dict[str, Any] | None:
