@@ -21,7 +21,7 @@ Labels are the model's own predictions and epsilon is tiny, so every example
 stays correctly classified and every iteration runs.
 
     python bench/attack_time.py                     # see bench/README.md
-    python bench/attack_time.py --repetitions=2 --steps=20 --queries=100   # quick
+    python bench/attack_time.py --repetitions=2 --steps=20 --queries=100 --batch_sizes=100  # quick
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ ATTACKS = ("pgd", "apgd-ce", "apgd-t", "numpy-apgd", "square-inf", "square-2")
 FLAGS = flags.FLAGS
 flags.DEFINE_list("attacks", list(ATTACKS), f"Attacks to time, from {ATTACKS}.")
 flags.DEFINE_list("xla", ["off", "on"], "XLA settings: on (jit_compile=True), off.")
-flags.DEFINE_integer("batch_size", 1000, "Examples per attack call.")
+flags.DEFINE_list("batch_sizes", ["1000", "100"], "Examples per attack call; one table each.")
 flags.DEFINE_integer("steps", 100, "Iterations of the gradient attacks.")
 flags.DEFINE_integer("queries", 500, "Queries of the Square attack.")
 flags.DEFINE_integer("repetitions", 5, "Timed repetitions; the best one counts.")
@@ -183,17 +183,10 @@ def machine() -> dict[str, Any]:
     }
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    unknown = set(FLAGS.attacks) - set(ATTACKS)
-    if unknown:
-        raise app.UsageError(f"--attacks must be from {ATTACKS}. Received: {sorted(unknown)}")
-    keras.utils.set_random_seed(FLAGS.seed)
-    model = kgr.networks.maxout_mlp(input_shape=(28, 28, 1))
-    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    x = images(FLAGS.batch_size)
+def measure(model, batch_size: int, settings: list[bool]) -> tuple[list[dict], list[float]]:
+    """Every job at one batch size, repetitions interleaved; the rows and load averages."""
+    x = images(batch_size)
     label = np.argmax(model.predict(x, verbose=0), axis=1).astype(np.int32)
-    settings = [s == "on" for s in FLAGS.xla]
     all_jobs = {
         (name, jit): job for jit in settings for name, job in jobs(model, x, label, jit).items()
     }
@@ -215,14 +208,19 @@ def main(argv: list[str]) -> None:
             {
                 "attack": name,
                 "xla": jit,
+                "batch_size": batch_size,
                 "seconds": best,
                 "iterations": iterations,
-                "example_iterations_per_second": FLAGS.batch_size * iterations / best,
+                "example_iterations_per_second": batch_size * iterations / best,
                 "x_raw": best / min(times[(raw, jit)]),
                 "all_seconds": times[(name, jit)],
             }
         )
-    print(f"batch {FLAGS.batch_size}, {FLAGS.steps} steps, {FLAGS.queries} queries; "
+    return rows, loads
+
+
+def print_table(rows: list[dict], loads: list[float], batch_size: int) -> None:
+    print(f"\nbatch {batch_size}, {FLAGS.steps} steps, {FLAGS.queries} queries; "
           f"load average {min(loads):.1f}-{max(loads):.1f}")  # fmt: skip
     print("| attack | XLA | s | iterations | examples x iterations / s | x raw |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
@@ -237,12 +235,29 @@ def main(argv: list[str]) -> None:
         if row["attack"] == "apgd-ce" and row["xla"] in numpy_rows:
             speedup = numpy_rows[row["xla"]]["seconds"] / row["seconds"]
             print(f"apgd-ce vs numpy-apgd (XLA {'on' if row['xla'] else 'off'}): {speedup:.2f}x")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    unknown = set(FLAGS.attacks) - set(ATTACKS)
+    if unknown:
+        raise app.UsageError(f"--attacks must be from {ATTACKS}. Received: {sorted(unknown)}")
+    keras.utils.set_random_seed(FLAGS.seed)
+    model = kgr.networks.maxout_mlp(input_shape=(28, 28, 1))
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    settings = [s == "on" for s in FLAGS.xla]
+    all_rows, all_loads = [], []
+    for batch_size in (int(b) for b in FLAGS.batch_sizes):
+        rows, loads = measure(model, batch_size, settings)
+        print_table(rows, loads, batch_size)
+        all_rows += rows
+        all_loads += loads
     os.makedirs(os.path.dirname(FLAGS.json_out) or ".", exist_ok=True)
     with open(FLAGS.json_out, "w") as file:
+        names = ("attacks", "xla", "batch_sizes", "steps", "queries", "repetitions", "epsilon")
         json.dump(
-            {"flags": {k: FLAGS[k].value for k in ("attacks", "xla", "batch_size", "steps",
-                                                   "queries", "repetitions", "epsilon")},
-             "machine": machine(), "load_average": loads, "rows": rows},
+            {"flags": {k: FLAGS[k].value for k in names}, "machine": machine(),
+             "load_average": all_loads, "rows": all_rows},
             file, indent=2,
         )  # fmt: skip
 
