@@ -146,3 +146,19 @@ def distances(x, y, weights, bias, p):
     diff = (weights[:, y] - weights[:, 1 - y]).T.astype("float64")
     q = 1.0 if math.isinf(p) else 2.0
     return np.maximum(margin, 0.0) / np.linalg.norm(diff, ord=q, axis=1)
+
+
+def small_conv_classifier(shape: tuple[int, ...], n: int = 40):
+    """A random 10-class tanh convnet, inputs uniform in [0, 1] and its own predictions as
+    labels (every example correct at x)."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input(shape),
+            keras.layers.Conv2D(4, 3, activation="tanh"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10),
+        ]
+    )
+    x = np.random.default_rng(4).uniform(size=(n, *shape)).astype("float32")
+    return model, x, np.argmax(model.predict(x, verbose=0), axis=1)

@@ -121,18 +121,7 @@ def test_apgd_fools_exactly_the_examples_closer_than_epsilon(p, kwargs):
 
 @pytest.fixture(scope="module")
 def image_net():
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((6, 6, 1)),
-            keras.layers.Conv2D(4, 3, activation="tanh"),
-            keras.layers.Flatten(),
-            keras.layers.Dense(10),
-        ]
-    )
-    rng = np.random.default_rng(4)
-    x = rng.uniform(size=(40, 6, 6, 1)).astype("float32")
-    y = np.argmax(model.predict(x, verbose=0), axis=1)  # all correct at x
+    model, x, y = ref.small_conv_classifier((6, 6, 1))
     y[:3] = (y[:3] + 1) % 10  # three misclassified at x
     return model, x, y
 

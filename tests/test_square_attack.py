@@ -2,11 +2,10 @@
 
 import math
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from attack_reference import distances, two_live_classes
+from attack_reference import distances, small_conv_classifier, two_live_classes
 
 from keras_gradreg import attacks
 from keras_gradreg.attacks import square_attack
@@ -94,19 +93,7 @@ def test_l2_square_fools_what_its_budget_reaches():
 
 @pytest.fixture(scope="module")
 def image_net():
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((8, 8, 2)),
-            keras.layers.Conv2D(4, 3, activation="tanh"),
-            keras.layers.Flatten(),
-            keras.layers.Dense(10),
-        ]
-    )
-    rng = np.random.default_rng(4)
-    x = rng.uniform(size=(40, 8, 8, 2)).astype("float32")
-    y = np.argmax(model.predict(x, verbose=0), axis=1)
-    return model, x, y
+    return small_conv_classifier((8, 8, 2))
 
 
 @pytest.mark.parametrize("p, epsilon", [(math.inf, 0.05), (2.0, 0.5)])
