@@ -353,10 +353,11 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     _check_flags()
-    selection_stages = stages()
     rows = [ROWS_BY_NAME[name] for name in FLAGS.rows] if FLAGS.rows else list(ROWS)
     planned = [(row, False) for row in rows]
     planned += [(ROWS_BY_NAME[name], True) for name in FLAGS.long_rows if FLAGS.long_sigmas]
+    used = {_stage_of(row, long_stage) for row, long_stage in planned}
+    selection_stages = [stage for stage in stages() if stage.key in used]
     ran, selections = jobs_lib.run_tasks(
         FLAGS.workdir,
         plan(selection_stages, planned),
