@@ -1,15 +1,21 @@
 """The regularised objective L + sigma * ||grad_x L||_q and its three estimators.
 
 The objective's one home. `RegularizedModel.train_step` computes its loss
-with `regularized_objective`; `regularized_loss` is the same computation for
-any `keras.Model` and a loss function, to call inside your own
-`tf.GradientTape` in a custom training loop:
+from `objective_branches` (the gradient taken inside the branch the step
+chooses); `regularized_loss` is the same computation for any `keras.Model`
+and a loss function, to call inside your own `tf.GradientTape` in a custom
+training loop:
 
 ```python
 with tf.GradientTape() as tape:
     result = kgr.regularized_loss(model, x, y, loss_fn, regularizer)
 gradients = tape.gradient(result.total, model.trainable_variables)
 ```
+
+Each step chooses at run time between the plain objective (sigma = 0, or a
+step that `GradientRegularizer(every=k)` skips) and the regularised one,
+L + every * T, with T on a random subset of rows for `fraction < 1`
+(docs/method.md, section 4).
 
 The input gradient is that of the *reduced* loss, so row i is
 c_i * d l_i / d x_i with c_i the loss's weight of example i (sample weight
@@ -202,12 +208,12 @@ class Branches(NamedTuple):
             `every=1, fraction=1` only, the same without the clean loss's
             gradient (chosen when clean_weight is 0, as it costs less).
         counted: Whether this step is one of the `every`-th steps (a bool
-            tensor, or True): the steps whose loss and penalty `fit` logs.
+            tensor): the steps whose loss and penalty `fit` logs.
     """
 
     index: tf.Tensor | int
     functions: tuple[Callable[[], RegularizedLoss], ...]
-    counted: tf.Tensor | bool
+    counted: tf.Tensor
 
     def run(self, wrap: Callable[[Callable], Callable] | None = None) -> Any:
         """Runs the chosen function, each wrapped by `wrap` (e.g. to take gradients inside)."""
@@ -257,8 +263,8 @@ def objective_branches(
     return Branches(index, tuple(functions), counted)
 
 
-def counted_step(regularizer: GradientRegularizer, step: Any) -> tf.Tensor | bool:
-    """Whether `step` is one of the steps that compute the term: step % every == 0."""
+def counted_step(regularizer: GradientRegularizer, step: Any) -> tf.Tensor:
+    """Whether `step` is one of the steps that compute the term: step % every == 0 (bool tensor)."""
     if regularizer.every == 1:
         return tf.constant(True)
     if step is None:
@@ -267,10 +273,10 @@ def counted_step(regularizer: GradientRegularizer, step: Any) -> tf.Tensor | boo
             f"{regularizer.every}-th step: pass the step's index (the optimizer's "
             "`iterations`) as `step`. Received: step=None"
         )
-    step = tf.convert_to_tensor(step)
-    if not step.dtype.is_integer:
-        raise ValueError(f"`step` must be an integer. Received: step={step!r}")
-    return tf.equal(tf.math.floormod(tf.cast(step, tf.int64), regularizer.every), 0)
+    value = tf.convert_to_tensor(step)
+    if not value.dtype.is_integer or value.shape.rank != 0:
+        raise ValueError(f"`step` must be an integer scalar. Received: step={step!r}")
+    return tf.equal(tf.math.floormod(tf.cast(value, tf.int64), regularizer.every), 0)
 
 
 def logged_objective(

@@ -159,9 +159,10 @@ class GradientRegularizer:
         """Creates the variables compiled steps read, in `strategy`'s scope.
 
         `kgr.RegularizedModel` calls it with its own strategy. A custom loop
-        need not (the first `kgr.regularized_loss` creates them in the scope
-        in effect); under a `tf.distribute` strategy, calling it inside
-        `strategy.scope()` before tracing places them like the model's.
+        calls it before tracing its step, like `optimizer.build`: the first
+        `kgr.regularized_loss` would create them otherwise, which a
+        `tf.function` allows only in its first trace (under a
+        `tf.distribute` strategy, call it inside `strategy.scope()`).
         Building again under another strategy moves them there (their values
         kept); steps traced before read the old ones, so rebuild those.
 
