@@ -11,6 +11,12 @@ interleaved round-robin, so machine noise hits them alike. A repetition times
     python bench/step_time.py                 # full run, see bench/README.md
     python bench/step_time.py --quick         # MLPs only, few steps
 
+With `--every` and `--fractions`, each regularized method is timed for
+every combination (`GradientRegularizer(every=k, fraction=f)`); a
+repetition's steps must hold whole cycles of k steps, so its figure is the
+mean cost per step over a cycle. `--assign_sigma` adds a penalty row whose
+sigma is assigned before every step (what a schedule does, at most).
+
 Memory ("step MiB") is the peak of TensorFlow's CPU allocator during one
 extra step minus what it held just before (`reset_memory_stats` and
 `get_memory_info("CPU:0")`): the activations, gradients and XLA temporary
@@ -41,7 +47,7 @@ from absl import app, flags  # noqa: E402
 import keras_gradreg as kgr  # noqa: E402
 from keras_gradreg.layers import FastDropout  # noqa: E402
 
-CONFIGS = ("maxout_mlp_bare", "maxout_mlp_preset", "conv_maxout_cifar10")
+CONFIGS = ("maxout_mlp_bare", "maxout_mlp_preset", "conv_maxout_mnist", "conv_maxout_cifar10")
 METHODS = ("plain", "penalty", "adversarial", "finite_difference")
 
 FLAGS = flags.FLAGS
@@ -64,6 +70,15 @@ flags.DEFINE_integer("conv_repetitions", 3, "Repetitions for the conv network.")
 flags.DEFINE_integer("conv_warmup", 1, "Warm-up steps for the conv network.")
 flags.DEFINE_bool("quick", False, "Smoke run: 5 steps x 2 repetitions, MLPs unless --configs.")
 flags.DEFINE_bool("memory", True, "Measure peak allocator memory (one extra step per model).")
+flags.DEFINE_list(
+    "every", ["1"], "Values of GradientRegularizer(every=...) to time each method with."
+)
+flags.DEFINE_list(
+    "fractions", ["1"], "Values of GradientRegularizer(fraction=...) to time each method with."
+)
+flags.DEFINE_bool(
+    "assign_sigma", False, "Also time the penalty step with sigma assigned before every step."
+)
 flags.DEFINE_float("p", 2.0, "Perturbation norm p of the regularizer.")
 flags.DEFINE_float("sigma", 0.1, "Radius sigma of the regularizer.")
 flags.DEFINE_float("learning_rate", 0.1, "SGD learning rate.")
@@ -89,6 +104,9 @@ OWN_FLAGS = (
     "conv_warmup",
     "quick",
     "memory",
+    "every",
+    "fractions",
+    "assign_sigma",
     "p",
     "sigma",
     "learning_rate",
@@ -107,6 +125,38 @@ flags.register_validator(
 )
 
 
+def _all(values: list[str], kind: type, check) -> bool:
+    try:
+        return all(check(kind(v)) for v in values)
+    except ValueError:
+        return False
+
+
+flags.register_validator(
+    "every", lambda v: _all(v, int, lambda k: k >= 1), "--every: integers >= 1"
+)
+flags.register_validator(
+    "fractions", lambda v: _all(v, float, lambda f: 0 < f <= 1), "--fractions: numbers in (0, 1]"
+)
+
+
+def lazy_settings() -> list[tuple[int, float]]:
+    """The (every, fraction) pairs to time each regularized method with."""
+    return [(int(k), float(f)) for k in FLAGS.every for f in FLAGS.fractions]
+
+
+def step_name(method: str, every: int, fraction: float, assign: bool = False) -> str:
+    """'penalty', 'penalty every=4', 'penalty every=4 fraction=0.25', ..."""
+    parts = [method]
+    if every != 1:
+        parts.append(f"every={every}")
+    if fraction != 1.0:
+        parts.append(f"fraction={fraction:g}")
+    if assign:
+        parts.append("sigma assigned each step")
+    return " ".join(parts)
+
+
 def network(config: str) -> tuple[keras.Model, tuple[int, ...], bool]:
     """The untrained network of a configuration, its input shape, and momentum use."""
     if config == "maxout_mlp_bare":
@@ -114,6 +164,8 @@ def network(config: str) -> tuple[keras.Model, tuple[int, ...], bool]:
         return net, (784,), False
     if config == "maxout_mlp_preset":
         return kgr.networks.maxout_mlp((784,)), (784,), True
+    if config == "conv_maxout_mnist":
+        return kgr.networks.conv_maxout_mnist((28, 28, 1)), (28, 28, 1), True
     if config == "conv_maxout_cifar10":
         return kgr.networks.conv_maxout_cifar10((32, 32, 3)), (32, 32, 3), True
     raise ValueError(f"Unknown configuration. Received: config={config!r}")
@@ -137,13 +189,18 @@ def has_dropout(net: keras.Model) -> bool:
     return any(isinstance(layer, keras.layers.Dropout) for layer in net.layers)
 
 
-def make_model(net: keras.Model, method: str, xla: bool, momentum: bool) -> keras.Model:
+def make_model(
+    net: keras.Model, method: str, xla: bool, momentum: bool, every: int = 1, fraction: float = 1.0
+) -> keras.Model:
     """A compiled model over `net`'s layers: plain Keras or RegularizedModel."""
     if method == "plain":
         model = keras.Model(net.inputs, net.outputs, name="plain")
     else:
-        regularizer = kgr.GradientRegularizer(p=FLAGS.p, sigma=FLAGS.sigma, method=method)
-        model = kgr.RegularizedModel(net.inputs, net.outputs, regularizer=regularizer, name=method)
+        regularizer = kgr.GradientRegularizer(
+            p=FLAGS.p, sigma=FLAGS.sigma, method=method, every=every, fraction=fraction
+        )
+        name = f"{method}_every{every}_fraction{fraction:g}".replace(".", "_")
+        model = kgr.RegularizedModel(net.inputs, net.outputs, regularizer=regularizer, name=name)
     optimizer = keras.optimizers.SGD(
         FLAGS.learning_rate, momentum=FLAGS.momentum if momentum else 0.0
     )
@@ -158,9 +215,11 @@ def make_model(net: keras.Model, method: str, xla: bool, momentum: bool) -> kera
 class Runner:
     """Runs training steps of one compiled model on one fixed batch."""
 
-    def __init__(self, model: keras.Model, x: tf.Tensor, y: tf.Tensor):
+    def __init__(self, model: keras.Model, x: tf.Tensor, y: tf.Tensor, assign_sigma=False):
         self.model = model
         self.x, self.y = x, y
+        # Alternates sigma between two values before every step (a schedule's worst case).
+        self.sigmas = itertools.cycle([FLAGS.sigma, 0.5 * FLAGS.sigma]) if assign_sigma else None
         start = time.perf_counter()
         model.train_on_batch(x, y)  # Builds, traces and compiles.
         self.first_step_s = time.perf_counter() - start
@@ -173,19 +232,21 @@ class Runner:
         """Runs `steps` steps and returns the wall time in seconds."""
         start = time.perf_counter()
         for _ in range(steps):
+            if self.sigmas is not None:
+                self.model.regularizer.sigma = next(self.sigmas)
             logs = self.model.train_function(self._batches)
         float(logs["loss"])  # Waits for the last step.
         return time.perf_counter() - start
 
-    def peak_memory(self) -> tuple[int, int] | None:
-        """Bytes held before one step and peak bytes above that during it.
+    def peak_memory(self, steps: int = 1) -> tuple[int, int] | None:
+        """Bytes held before `steps` steps and peak bytes above that during them.
 
         Both from TensorFlow's CPU allocator; None where it keeps no stats.
         """
         try:
             tf.config.experimental.reset_memory_stats("CPU:0")
             resident = tf.config.experimental.get_memory_info("CPU:0")["current"]
-            self.run(1)
+            self.run(steps)
             peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
         except (ValueError, tf.errors.OpError):
             return None
@@ -210,10 +271,19 @@ def bench_config(config: str, dropout: str | None, counts: dict[str, int]) -> li
         label = f"{config}[keras.Dropout]"
     elif dropout == "fast":
         label = f"{config}[FastDropout:{FLAGS.fast_rng_alg}]"
+    steps = [("plain", 1, 1.0, False)] if "plain" in FLAGS.methods else []
+    for method in FLAGS.methods:
+        if method != "plain":
+            steps += [(method, every, fraction, False) for every, fraction in lazy_settings()]
+    if FLAGS.assign_sigma and "penalty" in FLAGS.methods:
+        steps.append(("penalty", 1, 1.0, True))
     runners = {}
-    for xla, method in itertools.product(FLAGS.xla, FLAGS.methods):
-        runners[xla, method] = Runner(make_model(net, method, xla == "on", momentum), x, y)
-        print(f"  {label} xla={xla} {method}: first step {runners[xla, method].first_step_s:.1f} s")
+    for xla, (method, every, fraction, assign) in itertools.product(FLAGS.xla, steps):
+        name = step_name(method, every, fraction, assign)
+        model = make_model(net, method, xla == "on", momentum, every, fraction)
+        runners[xla, name] = Runner(model, x, y, assign_sigma=assign)
+        runners[xla, name].every = every
+        print(f"  {label} xla={xla} {name}: first step {runners[xla, name].first_step_s:.1f} s")
     for runner in runners.values():
         runner.run(counts["warmup"]) if counts["warmup"] else None
     load_before = os.getloadavg()
@@ -222,7 +292,7 @@ def bench_config(config: str, dropout: str | None, counts: dict[str, int]) -> li
         for key, runner in runners.items():
             times[key].append(runner.run(counts["steps"]) / counts["steps"])
     load_after = os.getloadavg()
-    memory = {key: r.peak_memory() if FLAGS.memory else None for key, r in runners.items()}
+    memory = {key: r.peak_memory(r.every) if FLAGS.memory else None for key, r in runners.items()}
     rows = []
     for (xla, method), samples in times.items():
         best = min(samples)
@@ -233,9 +303,13 @@ def bench_config(config: str, dropout: str | None, counts: dict[str, int]) -> li
                 "config": label,
                 "xla": xla,
                 "method": method,
+                "every": runners[xla, method].every,
                 "ms_per_step": 1e3 * best,
                 "median_ms_per_step": 1e3 * float(np.median(samples)),
                 "ratio_to_plain": best / plain if plain else None,
+                "median_ratio_to_plain": (
+                    float(np.median(samples) / np.median(times[xla, "plain"])) if plain else None
+                ),
                 "xla_speedup": no_xla / best if xla == "on" and no_xla else None,
                 "examples_per_s": FLAGS.batch_size / best,
                 "step_memory_mib": mib(memory[xla, method], 1),
@@ -258,15 +332,17 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """The results as a Markdown table."""
+    """The results as a Markdown table (ms/step and ratios: best repetition; median ratio too)."""
     lines = [
-        "| configuration | XLA | step | ms/step | x plain | XLA speed-up | examples/s | step MiB |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| configuration | XLA | step | ms/step | x plain | x plain (median) | XLA speed-up "
+        "| examples/s | step MiB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r['config']} | {r['xla']} | {r['method']} | {r['ms_per_step']:.1f} "
-            f"| {_fmt(r['ratio_to_plain'], '.2f')} | {_fmt(r['xla_speedup'], '.2f')} "
+            f"| {_fmt(r['ratio_to_plain'], '.2f')} | {_fmt(r.get('median_ratio_to_plain'), '.2f')} "
+            f"| {_fmt(r['xla_speedup'], '.2f')} "
             f"| {r['examples_per_s']:.0f} | {_fmt(r['step_memory_mib'], '.1f')} |"
         )
     return "\n".join(lines)
@@ -302,6 +378,16 @@ def main(argv: list[str]) -> None:
     if FLAGS.quick:
         mlp = {"steps": 5, "repetitions": 2, "warmup": 1}
         conv = {"steps": 1, "repetitions": 1, "warmup": 0}
+    for config in configs:
+        steps = FLAGS.conv_steps if config.startswith("conv") else FLAGS.steps
+        if FLAGS.quick:
+            steps = 1 if config.startswith("conv") else 5
+        uneven = [k for k, _ in lazy_settings() if steps % k]
+        if uneven:
+            raise app.UsageError(
+                f"A repetition must hold whole cycles of `every` steps: {steps} steps per "
+                f"repetition of {config} is not a multiple of every={uneven}."
+            )
     info = machine()
     print(
         f"{info['cpu']}, {info['cpu_count']} CPUs, TF {info['tensorflow']}, "

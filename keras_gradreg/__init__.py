@@ -4,7 +4,7 @@ Lyu, Huang and Liang (2015): train on L + sigma * ||grad_x L||_q, the
 linearised worst case of the loss over a p-norm ball of radius sigma.
 """
 
-from keras_gradreg import _internals, attacks, layers, networks, objective, visualize
+from keras_gradreg import _internals, attacks, callbacks, layers, networks, objective, visualize
 from keras_gradreg.gradients import LossAndGradient, input_gradients, loss_and_input_gradient
 from keras_gradreg.model import RegularizedModel, regularize
 from keras_gradreg.norms import dual_exponent, dual_norm, worst_case_perturbation
@@ -23,6 +23,7 @@ __all__ = [
     "RegularizedModel",
     "RobustnessReport",
     "attacks",
+    "callbacks",
     "dual_exponent",
     "dual_norm",
     "evaluate_robustness",

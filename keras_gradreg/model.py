@@ -8,12 +8,20 @@ import keras
 import tensorflow as tf
 
 from keras_gradreg import _internals, randomness
-from keras_gradreg.objective import RegularizedLoss, regularized_objective, unscale_for_replicas
+from keras_gradreg.objective import (
+    RegularizedLoss,
+    check_subset_reduction,
+    logged_objective,
+    objective_branches,
+    unscale_for_replicas,
+)
 from keras_gradreg.regularizer import GradientRegularizer, as_regularizer
+from keras_gradreg.subsets import gather_rows
 from keras_gradreg.train_function import make_distributed_function
 
 _EVAL_ONLY_EXCLUDED = ("data_loss", "penalty")
 _SEED_STATE_KEY = "seed_generator_state_"
+_REGULARIZER_KEY = "regularizer_"
 
 
 class StepResult(NamedTuple):
@@ -24,10 +32,16 @@ class StepResult(NamedTuple):
             the order of `trainable_weights`.
         loss: The `kgr.RegularizedLoss` of the batch, as Keras computes
             losses: divided by the number of replicas under a strategy.
+        objective: The value `fit` logs as `loss`: the objective L + T, the
+            term not multiplied by `every` (`objective.logged_objective`).
+        counted: Whether the step is one of the regularizer's `every`-th
+            steps, whose `loss` and `penalty` `fit` logs (a bool tensor).
     """
 
     gradients: list
     loss: RegularizedLoss
+    objective: tf.Tensor
+    counted: tf.Tensor
 
 
 def _batch_size(x) -> tf.Tensor:
@@ -83,8 +97,11 @@ class RegularizedModel(keras.Model):
     input, the norm running over all of them together. `fit` logs `loss`
     (the regularised objective), `data_loss` (the clean loss) and `penalty`
     (sigma * ||g||_q for "penalty" and "finite_difference"; the loss at
-    x + r* for "adversarial"). `evaluate` reports clean metrics only. All
-    forward passes of one step share the step's dropout masks.
+    x + r* for "adversarial"). With the regularizer's `every` > 1, `loss`
+    and `penalty` are means over the steps that compute the term (the
+    optimizer's `iterations` % every == 0), not multiplied by `every`;
+    `data_loss` is the mean over all steps. `evaluate` reports clean metrics
+    only. All forward passes of one step share the step's dropout masks.
 
     Args:
         *args: As for `keras.Model` (`inputs, outputs` for a functional model).
@@ -106,22 +123,32 @@ class RegularizedModel(keras.Model):
             _internals.init_functional(self, args, kwargs)
         else:
             keras.Model.__init__(self, *args, **kwargs)
-        self._regularizer = regularizer
+        self._set_regularizer(regularizer)
         self._data_loss_tracker = keras.metrics.Mean(name="data_loss")
         self._penalty_tracker = keras.metrics.Mean(name="penalty")
 
     @property
     def regularizer(self) -> GradientRegularizer:
-        """The `kgr.GradientRegularizer` used by `fit`."""
+        """The `kgr.GradientRegularizer` used by `fit`.
+
+        Assigning its `sigma` or `clean_weight` (`model.regularizer.sigma =
+        0.3`) changes the next step without retracing. Assigning a new
+        regularizer rebuilds (retraces) the training step.
+        """
         return self._regularizer
 
     @regularizer.setter
     def regularizer(self, value: Any) -> None:
-        self._regularizer = as_regularizer(value)
+        self._set_regularizer(as_regularizer(value))
         if self.train_function is not None:
             # Rebuilt, not dropped: `fit` calls `self.train_function` each step,
             # so a callback may change the regularizer between epochs.
             self.make_train_function(force=True)
+
+    def _set_regularizer(self, regularizer: GradientRegularizer) -> None:
+        # Its variables live in this model's strategy, as the model's own do.
+        regularizer.build(self.distribute_strategy)
+        self._regularizer = regularizer
 
     # ------------------------------------------------------------------ #
     # Training.
@@ -199,24 +226,31 @@ class RegularizedModel(keras.Model):
                 "it needs one: call `model.compile(loss=...)` with a loss before "
                 "`fit`. Received: loss=None"
             )
+        if self._regularizer.fraction < 1.0:
+            check_subset_reduction(self.loss, "loss")
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         self._check_has_loss()
         step = getattr(self, "_replica_step", None) or self.regularized_step
-        gradients, loss = step(x, y, sample_weight)
-        self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
-        self._log_losses(loss, _batch_size(x))
-        return self.compute_metrics(x, y, loss.y_pred, sample_weight=sample_weight)
+        result = step(x, y, sample_weight)
+        self.optimizer.apply_gradients(zip(result.gradients, self.trainable_weights))
+        self._log_losses(result, _batch_size(x))
+        return self.compute_metrics(x, y, result.loss.y_pred, sample_weight=sample_weight)
 
     def regularized_step(self, x, y, sample_weight=None) -> StepResult:
         """Computes the regularised loss and its gradients for one batch.
 
-        The loss is `kgr.objective.regularized_objective` of the compiled
-        loss (`Model.compute_loss`, with sample and class weights). Updates no
-        weights (only the state a forward pass updates: seed generators,
-        BatchNorm statistics, loss trackers), so it can be compiled on its
-        own (per replica) and the optimizer applied outside.
+        The loss is `kgr.objective`'s regularised objective of the compiled
+        loss (`Model.compute_loss`, with sample and class weights). Whether
+        the step computes the term (sigma > 0, and with `every` > 1 the
+        optimizer's `iterations` % every == 0) is decided at run time by a
+        `tf.switch_case` whose branches each take their own gradients, so
+        one trace serves every step and a plain step costs about what a
+        plain Keras step does. Updates no weights (only the state a forward
+        pass updates: seed generators, BatchNorm statistics, loss trackers),
+        so it can be compiled on its own (per replica) and the optimizer
+        applied outside.
 
         Args:
             x: Model input.
@@ -228,26 +262,56 @@ class RegularizedModel(keras.Model):
             optimizer (loss scaling under mixed precision).
         """
 
-        def forward(inputs):
+        def forward(inputs, rows=None):
+            targets, weights = (y, sample_weight)
+            if rows is not None:
+                targets, weights = gather_rows((y, sample_weight), rows)
             y_pred = _internals.call_model(self, inputs, training=True)
-            loss = _internals.compute_loss(self, inputs, y, y_pred, sample_weight, training=True)
+            loss = _internals.compute_loss(self, inputs, targets, y_pred, weights, training=True)
             return y_pred, loss
 
-        with tf.GradientTape() as tape:
-            loss = regularized_objective(
-                self,
-                forward,
-                x,
-                self._regularizer,
-                loss_scale=self._loss_scale(),
-                extra_state=_internals.compiled_loss_variables(self),
-            )
-            scaled = self._scale(loss.total)
-        return StepResult(tape.gradient(scaled, self.trainable_weights), loss)
+        branches = objective_branches(
+            self,
+            forward,
+            x,
+            self._regularizer,
+            loss_scale=self._loss_scale(),
+            extra_state=_internals.compiled_loss_variables(self),
+            step=None if self.optimizer is None else self.optimizer.iterations,
+        )
+        unused = []  # Per traced branch, the weights it has no gradient for.
 
-    def _log_losses(self, loss: RegularizedLoss, batch_size: tf.Tensor) -> None:
-        """Adds one step's losses to the epoch means, weighted by its batch size."""
-        overflowed = None
+        def with_gradients(objective):
+            def branch():
+                with tf.GradientTape() as tape:
+                    loss = objective()
+                    scaled = self._scale(loss.total)
+                gradients = tape.gradient(scaled, self.trainable_weights)
+                unused.append({i for i, g in enumerate(gradients) if g is None})
+                # Branches must return the same structure: zeros for now.
+                zeros = [
+                    tf.zeros_like(w) if g is None else g
+                    for g, w in zip(gradients, self.trainable_weights)
+                ]
+                return zeros, loss
+
+            return branch
+
+        gradients, loss = branches.run(with_gradients)
+        unused = set.intersection(*unused)
+        gradients = [None if i in unused else g for i, g in enumerate(gradients)]
+        computed = tf.greater(branches.index, 0)
+        objective = logged_objective(loss, self._regularizer, computed)
+        return StepResult(gradients, loss, objective, tf.convert_to_tensor(branches.counted))
+
+    def _log_losses(self, result: StepResult, batch_size: tf.Tensor) -> None:
+        """Adds one step's losses to the epoch means, weighted by its batch size.
+
+        `loss` and `penalty` leave out the steps that `every` skips, and
+        steps the optimizer skips for an overflowed loss scale.
+        """
+        loss = result.loss
+        left_out = tf.logical_not(result.counted)
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             # A loss-scaled input gradient that overflowed (the dynamic loss
             # scale's normal search) makes the penalty NaN while the clean loss
@@ -257,16 +321,17 @@ class RegularizedModel(keras.Model):
                 tf.logical_not(tf.math.is_finite(loss.penalty)),
                 tf.math.is_finite(loss.data_loss),
             )
+            left_out = tf.logical_or(left_out, overflowed)
         for tracker, value, maskable in (
-            (_internals.loss_tracker(self), loss.total, True),
+            (_internals.loss_tracker(self), result.objective, True),
             (self._data_loss_tracker, loss.data_loss, False),
             (self._penalty_tracker, loss.penalty, True),
         ):
             value = unscale_for_replicas(value)
             weight = tf.cast(batch_size, value.dtype)
-            if overflowed is not None and maskable:
-                value = tf.where(overflowed, tf.zeros_like(value), value)
-                weight = tf.where(overflowed, tf.zeros_like(weight), weight)
+            if maskable:
+                value = tf.where(left_out, tf.zeros_like(value), value)
+                weight = tf.where(left_out, tf.zeros_like(weight), weight)
             tracker.update_state(value, sample_weight=weight)
 
     def test_step(self, data):
@@ -308,14 +373,24 @@ class RegularizedModel(keras.Model):
         super().save_own_variables(store)
         for index, generator in enumerate(randomness.seed_generators(self, include_global=False)):
             store[f"{_SEED_STATE_KEY}{index}"] = generator.state
+        for name, value in self._regularizer.save_state().items():
+            store[f"{_REGULARIZER_KEY}{name}"] = value
 
     def load_own_variables(self, store) -> None:
-        own = {key: store[key] for key in store.keys() if not key.startswith(_SEED_STATE_KEY)}
+        extra = (_SEED_STATE_KEY, _REGULARIZER_KEY)
+        own = {key: store[key] for key in store.keys() if not key.startswith(extra)}
         super().load_own_variables(own)
         for index, generator in enumerate(randomness.seed_generators(self, include_global=False)):
             key = f"{_SEED_STATE_KEY}{index}"
             if key in store.keys():
                 generator.state.assign(store[key])
+        self._regularizer.load_state(
+            {
+                key[len(_REGULARIZER_KEY) :]: store[key]
+                for key in store.keys()
+                if key.startswith(_REGULARIZER_KEY)
+            }
+        )
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
@@ -327,7 +402,7 @@ class RegularizedModel(keras.Model):
         config = dict(config)
         regularizer = as_regularizer(config.pop("regularizer", None))
         model = super().from_config(config, custom_objects=custom_objects)
-        model._regularizer = regularizer
+        model._set_regularizer(regularizer)
         return model
 
 

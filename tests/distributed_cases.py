@@ -4,6 +4,7 @@ Logical devices must be configured before TensorFlow runs anything, so the
 tests run this file in a subprocess:
 
     python tests/distributed_cases.py mirrored OUT.json
+    python tests/distributed_cases.py lazy OUT.json      # every, fraction, schedules
     python tests/distributed_cases.py worker OUT.npz   # with TF_CONFIG set
     python tests/distributed_cases.py single OUT.npz
 """
@@ -18,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 
-if sys.argv[1] == "mirrored":
+if sys.argv[1] in ("mirrored", "lazy"):
     _cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
@@ -124,6 +125,126 @@ def mirrored(out_path: str) -> None:
         json.dump(results, f)
 
 
+class CountingModel(kgr.RegularizedModel):
+    """Counts the Python calls of its step functions: they run only while tracing."""
+
+    calls: list = []
+
+    def train_step(self, data):
+        CountingModel.calls.append(("train_step", self.name))
+        return super().train_step(data)
+
+    def regularized_step(self, *args, **kwargs):
+        CountingModel.calls.append(("regularized_step", self.name))
+        return super().regularized_step(*args, **kwargs)
+
+
+def traces(name: str) -> int:
+    return sum(1 for _, model in CountingModel.calls if model == name)
+
+
+def lazy_fit(strategy, method, name, steps_per_execution=1, every=2, fraction=1.0, epochs=3):
+    """fit with `every`/`fraction`, sigma changed each epoch; traces after epoch 1 and in all."""
+    x, y = problem()
+    weights = np.linspace(0.5, 1.5, len(y)).astype("float32")
+    settings = dict(p=2, sigma=0.5, method=method, clean_weight=0.3, every=every, fraction=fraction)
+    with strategy.scope():
+        plain = plain_model()
+        model = CountingModel(plain.inputs, plain.outputs, regularizer=settings, name=name)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1, momentum=0.5),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=True,
+            steps_per_execution=steps_per_execution,
+        )
+    initial_seed = None
+    if fraction < 1.0:
+        initial_seed = model.regularizer.subset_seed_generator().state.numpy().tolist()
+    schedule = kgr.callbacks.RegularizerSchedule(lambda epoch: {"sigma": (0.5, 0.2, 0.8)[epoch]})
+    first = {}
+
+    class AfterFirstEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            first.setdefault("traces", traces(name))
+
+    history = model.fit(
+        x,
+        y,
+        sample_weight=weights,
+        batch_size=GLOBAL_BATCH,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=[schedule, AfterFirstEpoch()],
+    ).history
+    return {
+        "weights": [w.tolist() for w in model.get_weights()],
+        "logs": {k: [float(v) for v in values] for k, values in history.items()},
+        "traces_after_first_epoch": first["traces"],
+        "traces": traces(name),
+        "num_replicas": strategy.num_replicas_in_sync,
+        "initial_seed": initial_seed,
+    }
+
+
+def subset_reference(method, initial_seed, replicas=2, epochs=3):
+    """What two replicas with fraction=0.5 compute, on one device: each replica's rows.
+
+    Each replica draws the same positions of its local batch of 8 from the
+    same seed; its term, reduced over its rows and divided by the replicas,
+    sums over the replicas to the term on the union of the rows, reduced
+    over the union. The data loss uses the whole global batch.
+    """
+    x, y = problem()
+    weights = np.linspace(0.5, 1.5, len(y)).astype("float32")
+    model = plain_model()
+    optimizer = keras.optimizers.SGD(0.1, momentum=0.5)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    local = GLOBAL_BATCH // replicas
+    draws = 0
+    for epoch in range(epochs):
+        sigma = (0.5, 0.2, 0.8)[epoch]
+        reg = kgr.GradientRegularizer(p=2, sigma=sigma, method=method, clean_weight=0.3)
+        for batch in range(STEPS):
+            rows = slice(batch * GLOBAL_BATCH, (batch + 1) * GLOBAL_BATCH)
+            xb, yb, wb = x[rows], y[rows], weights[rows]
+            counted = (epoch * STEPS + batch) % 2 == 0
+            seed = np.array(initial_seed) + np.array([0, draws])
+            picked = kgr.subsets.subset_rows(seed, local, 0.5).numpy()
+            union = np.concatenate([picked + r * local for r in range(replicas)])
+            with tf.GradientTape() as tape:
+                data = kgr.regularized_loss(
+                    model, xb, yb, loss_fn, {"sigma": 0.0}, sample_weight=wb
+                )
+                total = data.total
+                if counted:
+                    term = kgr.regularized_loss(
+                        model, xb[union], yb[union], loss_fn, reg, sample_weight=wb[union]
+                    )
+                    total = total + 2 * (term.total - term.data_loss)
+            draws += int(counted)
+            gradients = tape.gradient(total, model.trainable_variables)
+            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+    return [w.tolist() for w in model.get_weights()]
+
+
+def lazy(out_path: str) -> None:
+    results = {}
+    mirrored_strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    for method in METHODS:
+        for name, strategy, spe in (
+            ("one_device", tf.distribute.get_strategy(), 1),
+            ("two_replicas", mirrored_strategy, 1),
+            ("two_replicas_spe3", mirrored_strategy, 3),
+        ):
+            results[f"{method}/every/{name}"] = lazy_fit(strategy, method, f"{method}_{name}", spe)
+        fraction = lazy_fit(mirrored_strategy, method, f"{method}_fraction", fraction=0.5)
+        fraction["reference"] = subset_reference(method, fraction["initial_seed"])
+        results[f"{method}/fraction/two_replicas"] = fraction
+    with open(out_path, "w") as f:
+        json.dump(results, f)
+
+
 def multi_worker(out_path: str) -> None:
     """One of two workers; each global batch is split between them by TF."""
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
@@ -146,4 +267,5 @@ def single(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    {"mirrored": mirrored, "worker": multi_worker, "single": single}[sys.argv[1]](sys.argv[2])
+    cases = {"mirrored": mirrored, "lazy": lazy, "worker": multi_worker, "single": single}
+    cases[sys.argv[1]](sys.argv[2])

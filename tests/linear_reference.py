@@ -117,3 +117,49 @@ def one_step(x, y, w, b, *, p, sigma, method, clean_weight=0.0, fd_step=0.01, lr
         raise ValueError(method)
     logs = {"loss": total, "data_loss": data_loss, "penalty": penalty}
     return w - lr * grad_w, b - lr * grad_b, logs
+
+
+def objective_gradients(x, y, w, b, weights=None, **settings):
+    """Gradients of the whole objective L + T with respect to (w, b), and its logs."""
+    new_w, new_b, logs = one_step(x, y, w, b, lr=1.0, weights=weights, **settings)
+    return w - new_w, b - new_b, logs
+
+
+def scaled_term_gradients(x, y, w, b, *, scale, weights=None, term_rows=None, **settings):
+    """Gradients of L(x) + scale * T, T on the rows `term_rows` (all if None).
+
+    T = objective - L, each reduced by the mean over its own rows with the
+    rows' weights (what Keras's default reduction does on a subset).
+    Returns (grad_w, grad_b, logs) with the term's logs (`penalty`) and the
+    whole batch's `data_loss`.
+    """
+    rows = np.arange(len(y)) if term_rows is None else np.asarray(term_rows)
+    weights = np.ones(len(y)) if weights is None else np.asarray(weights, np.float64)
+    gw, gb = loss_gradients(x, y, w, b, weights)
+    sub = (x[rows], y[rows], w, b)
+    ow, ob, logs = objective_gradients(*sub, weights=weights[rows], **settings)
+    lw, lb = loss_gradients(*sub, weights[rows])
+    logs = {**logs, "data_loss": mean(per_example_loss(x, y, w, b), weights)}
+    return gw + scale * (ow - lw), gb + scale * (ob - lb), logs
+
+
+# The subset hash of keras_gradreg/subsets.py, in NumPy: an independent check of its rows.
+_MASK = 0xFFFFFFFF
+
+
+def _mix(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _MASK
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK
+    return h ^ (h >> 16)
+
+
+def subset_rows(seed, batch_size: int, fraction: float) -> np.ndarray:
+    """Rows ceil(fraction * batch_size) with the largest hash keys, ascending."""
+    s0, s1 = (int(v) & _MASK for v in seed)
+    base = _mix(s0 ^ _mix((s1 + 0x9E3779B9) & _MASK))
+    keys = [_mix((i * 0x9E3779B9 + base) & _MASK) >> 8 for i in range(batch_size)]
+    m = max(1, math.ceil(fraction * batch_size - 1e-6))
+    order = sorted(range(batch_size), key=lambda i: (-keys[i], i))
+    return np.sort(order[:m])

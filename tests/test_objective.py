@@ -73,18 +73,29 @@ def test_readme_example_runs_as_written(custom_loop):
         dict(method="adversarial", p=math.inf, clean_weight=0.5),
         dict(method="finite_difference", p=2, fd_step=0.05),
         dict(method="penalty", p=2, sigma=0.0),
+        dict(method="penalty", p=2, every=3, fraction=0.5),
+        dict(method="adversarial", p=2, clean_weight=0.0, every=2),
+        dict(method="finite_difference", p=2, fd_step=0.05, every=2, fraction=0.4),
     ],
     ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()),
 )
 def test_readme_loop_matches_fit(custom_loop, settings, capsys):
-    """The README's train_custom and fit end with the same weights (1e-6), with dropout."""
+    """The README's train_custom and fit end with the same weights (1e-6), with dropout.
+
+    With `every` and `fraction` too: the loop passes the optimizer's
+    iterations as the step, and both draw their subsets from the
+    regularizer's seed generator, reset in between.
+    """
     reg = kgr.GradientRegularizer(**{"sigma": 0.5, **settings})
+    reg.build()
+    initial_state = reg.save_state()
     x, y = data()
     plain = dropout_mlp()
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
     custom_loop["train_custom"](plain, dataset, reg, keras.optimizers.SGD(0.1, momentum=0.5), 2)
     printed = capsys.readouterr().out.strip().splitlines()
 
+    reg.load_state(initial_state)
     fitted = kgr.regularize(dropout_mlp(), reg)
     fitted.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.5), loss=LOSS)
     history = fitted.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0).history

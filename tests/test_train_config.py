@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -180,3 +181,35 @@ def test_bad_flag_fails_before_any_work(tmp_path):
         assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
         assert "Traceback" not in result.stderr
         assert not workdir.exists()
+
+
+def test_every_and_fraction_flags_are_typed_and_validated(parse):
+    """`--helpfull` lists --every as an integer and --fraction as a number, both validated."""
+    import keras_gradreg as kgr
+
+    result = subprocess.run(
+        [sys.executable, "-m", "train.main", "--helpfull"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]  # absl's help flags exit with 1.
+    for name, kind in (("every", "(an integer)"), ("fraction", "(a number)")):
+        entry = result.stdout[result.stdout.index(f"--{name}:") :]
+        entry = entry[: entry.index("\n  --")]
+        assert "[regularization]" in entry and kind in entry, entry
+    assert "(default: '1')" in result.stdout[result.stdout.index("--every:") :]
+    config = parse("--every=4", "--fraction=0.25")
+    assert (config.every, config.fraction) == (4, 0.25)
+    assert config.regularizer() == kgr.GradientRegularizer(every=4, fraction=0.25)
+    main.FLAGS.unparse_flags()
+    for arg, message in (
+        ("--every=0", "flag --every=0: `every` must be an integer >= 1. Received: every=0"),
+        ("--every=2.5", "flag --every=2.5: invalid literal for int()"),
+        ("--fraction=0", "flag --fraction=0.0: `fraction` must be a number in (0, 1]"),
+        ("--fraction=1.5", "flag --fraction=1.5: `fraction` must be a number in (0, 1]"),
+    ):
+        with pytest.raises(flags.IllegalFlagValueError, match=re.escape(message)):
+            parse(arg)
+        main.FLAGS.unparse_flags()
