@@ -224,13 +224,13 @@ def publish_pictures(records: list[dict[str, Any]], results_dir: str) -> list[st
     return written
 
 
-def update_readme(path: str, text: str) -> None:
-    """Replaces the README's text between the table markers by `text`."""
+def update_readme(path: str, text: str, start: str = README_START, end: str = README_END) -> None:
+    """Replaces the README's text between the markers `start` and `end` by `text`."""
     with open(path) as f:
         readme = f.read()
-    if README_START not in readme or README_END not in readme:
-        raise ValueError(f"{path} has no {README_START} ... {README_END} markers.")
-    before, rest = readme.split(README_START, 1)
-    _, after = rest.split(README_END, 1)
+    if start not in readme or end not in readme:
+        raise ValueError(f"{path} has no {start} ... {end} markers.")
+    before, rest = readme.split(start, 1)
+    _, after = rest.split(end, 1)
     with open(path, "w") as f:
-        f.write(f"{before}{README_START}\n{text}{README_END}{after}")
+        f.write(f"{before}{start}\n{text}{end}{after}")
