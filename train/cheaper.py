@@ -111,7 +111,8 @@ def job(row: Row) -> jobs_lib.Job:
     overrides.update(epochs=FLAGS.cheaper_epochs, pictures=False)
     for name in SHARED_FLAGS[1:]:
         if FLAGS[name].present:
-            overrides[name] = FLAGS[name].value
+            value = FLAGS[name].value
+            overrides[name] = tuple(map(float, value)) if isinstance(value, list) else value
     return jobs_lib.Job(row.name, "mnist_maxout_mlp", overrides)
 
 

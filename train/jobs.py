@@ -57,7 +57,7 @@ def command_arguments(preset: str, overrides: dict[str, Any]) -> list[str]:
         if isinstance(value, float) and math.isinf(value):
             value = "inf"
         if isinstance(value, (tuple, list)):
-            value = ",".join("inf" if math.isinf(v) else str(v) for v in value)
+            value = ",".join("inf" if v == math.inf else str(v) for v in value)
         if isinstance(value, bool):
             arguments.append(f"--{key}" if value else f"--no{key}")
         else:
