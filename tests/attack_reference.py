@@ -130,9 +130,7 @@ def two_live_classes(seed=0, n=300, d=12, image=None):
     x = rng.normal(size=(n, d)).astype("float32")
     y = rng.integers(0, 2, size=n)
     shape = (d,) if image is None else image
-    model = keras.Sequential(
-        [keras.Input(shape), keras.layers.Flatten(), keras.layers.Dense(4)]
-    )
+    model = keras.Sequential([keras.Input(shape), keras.layers.Flatten(), keras.layers.Dense(4)])
     model.layers[-1].set_weights([weights, bias])
     return model, x.reshape((n, *shape)), y, weights, bias
 

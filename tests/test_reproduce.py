@@ -78,6 +78,32 @@ def test_table_row_and_markdown_show_the_worst_case_and_the_attacks():
     assert "Conv: sigma chosen on validation" in text and "sigma=0.1: 2.00/1.50" in text
 
 
+def test_rows_of_an_earlier_run_are_kept_marked_and_in_table_order():
+    new = {"name": "conv_pinf_penalty", "label": "conv", "evaluation": "APGD-CE (200)"}
+    earlier = {
+        "pgd_steps": 40,
+        "selection": {"title": "x", "chosen_sigma": 0.03},
+        "rows": [
+            {"name": "maxout_plain_long", "evaluation": "APGD-CE (1000)"},
+            {"name": "conv_pinf_penalty", "robustness_examples": 200},
+            {"name": "maxout_plain", "robustness_examples": 1000},
+        ],
+    }
+    results = {"rows": [new], "selections": {"conv": {"title": "Conv", "chosen_sigma": 0.1}}}
+    order = ["maxout_plain", "conv_pinf_penalty", "maxout_plain_long"]
+    merged = mnist_table.merge_earlier(earlier, results, order)
+    assert [r["name"] for r in merged["rows"]] == order
+    assert merged["rows"][1] is new and merged["pgd_steps"] == 40
+    assert mnist_table._evaluation(merged["rows"][0], 40) == "PGD-40 alone (1000), an earlier run"
+    assert mnist_table._evaluation(merged["rows"][1], 40) == "APGD-CE (200)"
+    assert mnist_table._evaluation(merged["rows"][2], 40) == "APGD-CE (1000), an earlier run"
+    stages = mnist_table.selection_stages(merged)
+    assert [(title, s["chosen_sigma"]) for title, s in stages] == [
+        ("sigma for p=2 (an earlier run)", 0.03),
+        ("Conv", 0.1),
+    ]
+
+
 def test_update_readme_replaces_only_between_markers(tmp_path):
     path = tmp_path / "README.md"
     path.write_text(f"intro\n{mnist_table.README_START}\nold\n{mnist_table.README_END}\noutro\n")

@@ -428,17 +428,19 @@ def test_flag_logic_on_constructed_numbers():
     quiet = [r for r in rows if r["attack"] in ("pgd", "worst_case")]
     assert flags_lib.sanity_flags(quiet, _evidence()) == {}
     masked = flags_lib.sanity_flags(quiet, _evidence(masked={("inf", 0.1): 0.02}))
-    assert set(masked) == {"gradient_masking"} and "p=inf epsilon=0.1: 2.00%" in masked[
-        "gradient_masking"
-    ]
+    assert (
+        set(masked) == {"gradient_masking"}
+        and "p=inf epsilon=0.1: 2.00%" in masked["gradient_masking"]
+    )
     assert flags_lib.sanity_flags(quiet, _evidence(masked={("inf", 0.1): 0.004})) == {}
     assert set(flags_lib.sanity_flags(quiet, _evidence(output_change=1e-3))) == {
         "randomized_outputs"
     }
     large = flags_lib.sanity_flags(quiet, _evidence(large_epsilon=(1.0, 0.03, 100)))
-    assert set(large) == {"large_epsilon_not_broken"} and "3.00% of 100" in large[
-        "large_epsilon_not_broken"
-    ]
+    assert (
+        set(large) == {"large_epsilon_not_broken"}
+        and "3.00% of 100" in large["large_epsilon_not_broken"]
+    )
     assert flags_lib.sanity_flags(quiet, _evidence(large_epsilon=(1.0, 0.0, 100))) == {}
     # PGD above FGSM only counts when both ran on every example.
     swapped = [dict(r, attack={"fgsm": "pgd", "pgd": "fgsm"}[r["attack"]]) for r in rows[:4]]

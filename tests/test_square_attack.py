@@ -122,9 +122,9 @@ def test_more_queries_and_restarts_never_raise_correctness(image_net, p, epsilon
     few = attacks.square_with_correct(model, x, y, epsilon, queries=40, **args)[1].numpy()
     many = attacks.square_with_correct(model, x, y, epsilon, queries=600, **args)[1].numpy()
     assert np.all(many <= few) and np.sum(many) < np.sum(few)
-    more = attacks.square_with_correct(
-        model, x, y, epsilon, queries=40, restarts=3, **args
-    )[1].numpy()
+    more = attacks.square_with_correct(model, x, y, epsilon, queries=40, restarts=3, **args)[
+        1
+    ].numpy()
     assert np.all(more <= few)
 
 

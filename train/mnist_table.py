@@ -91,9 +91,47 @@ def robust(record: dict[str, Any], p: str, epsilon: float) -> float | None:
 
 
 def _evaluation(record: dict[str, Any], pgd_steps: Any) -> str:
-    if "evaluation" in record:
-        return record["evaluation"]
-    return f"PGD-{pgd_steps} alone ({record.get('robustness_examples')}), an earlier run"
+    if "evaluation" not in record:  # Records of an earlier format: PGD alone.
+        return f"PGD-{pgd_steps} alone ({record.get('robustness_examples')}), an earlier run"
+    return record["evaluation"] + (", an earlier run" if record.get("earlier") else "")
+
+
+def merge_earlier(earlier: dict[str, Any], results: dict[str, Any], order: list[str]) -> dict:
+    """`results` with the rows and selections of `earlier` that it does not replace.
+
+    Kept rows are marked as from an earlier run; rows are sorted by their
+    name's place in `order` (names not in it last).
+    """
+    names = {r["name"] for r in results["rows"]}
+    rows = results["rows"] + [
+        dict(r, earlier=True) for r in earlier.get("rows", []) if r["name"] not in names
+    ]
+    rank = {name: i for i, name in enumerate(order)}
+    rows.sort(key=lambda r: rank.get(r["name"], len(order)))
+    selections = {
+        key: dict(selection, earlier=True)
+        for key, selection in _selections(earlier).items()
+        if key not in results["selections"]
+    }
+    merged = dict(results, rows=rows, selections={**selections, **results["selections"]})
+    if "pgd_steps" in earlier:
+        merged["pgd_steps"] = earlier["pgd_steps"]
+    return merged
+
+
+def _selections(results: dict[str, Any]) -> dict[str, Any]:
+    """The selection stages of `results` by key, either format."""
+    if "selections" in results:
+        return results["selections"]
+    old = {
+        "screen": ("sigma for p=2", "selection"),
+        "long_penalty": ("Long stage: sigma", "long_selection"),
+    }
+    return {
+        key: dict(results[name], title=title)
+        for key, (title, name) in old.items()
+        if results.get(name)
+    }
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -148,11 +186,11 @@ def markdown(results: dict[str, Any]) -> str:
 
 def selection_stages(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(title, selection) of every selection stage of `results`."""
-    if "selections" in results:
-        return [(s["title"], s) for s in results["selections"].values() if s]
-    stages = [("sigma for p=2", results.get("selection"))]
-    stages.append(("Long stage: sigma", results.get("long_selection")))
-    return [(title, s) for title, s in stages if s]
+    return [
+        (s["title"] + (" (an earlier run)" if s.get("earlier") else ""), s)
+        for s in _selections(results).values()
+        if s
+    ]
 
 
 def selection_text(title: str, selection: dict[str, Any] | None, shown: int = 10) -> str:

@@ -80,14 +80,18 @@ flags.DEFINE_list(
     "Sigmas of the conv maxout network chosen between on validation at "
     "--conv_select_epochs (empty: the preset's sigma).",
 )
-flags.DEFINE_integer(
-    "conv_select_epochs", 1, "Epochs of each conv selection run.", lower_bound=1
-)
+flags.DEFINE_integer("conv_select_epochs", 1, "Epochs of each conv selection run.", lower_bound=1)
 flags.DEFINE_bool(
     "conv_jit_compile",
     False,
     "XLA for the conv network's runs (off by default: on CPU, XLA's convolutions were "
     "slower than oneDNN's; bench/README.md).",
+)
+flags.DEFINE_bool(
+    "keep_earlier_rows",
+    True,
+    "Keep the rows and selections of an existing mnist.json in --results_dir that this "
+    "run does not produce (marked as from an earlier run).",
 )
 flags.DEFINE_integer("parallel", 1, "Runs at a time (above 1: subprocesses).", lower_bound=1)
 
@@ -373,15 +377,20 @@ def main(argv: list[str]) -> None:
             record["label"] += " (long stage)"
         records.append(record)
     logging.info("All runs finished; writing the results.")
-    write_results(
-        {
-            "table": FLAGS.table,
-            "hardware": hardware(),
-            "eval_examples": FLAGS.eval_examples,
-            "selections": selections,
-            "rows": records,
-        }
-    )
+    results = {
+        "table": FLAGS.table,
+        "hardware": hardware(),
+        "eval_examples": FLAGS.eval_examples,
+        "selections": selections,
+        "rows": records,
+    }
+    earlier_path = os.path.join(FLAGS.results_dir, "mnist.json")
+    if FLAGS.keep_earlier_rows and os.path.exists(earlier_path):
+        with open(earlier_path) as f:
+            earlier = json.load(f)
+        order = [row.name for row in ROWS] + [f"{row.name}_long" for row in ROWS]
+        results = mnist_table.merge_earlier(earlier, results, order)
+    write_results(results)
 
 
 def write_results(results: dict[str, Any]) -> None:
