@@ -334,6 +334,25 @@ class RegularizedModel(keras.Model):
                 weight = tf.where(left_out, tf.zeros_like(weight), weight)
             tracker.update_state(value, sample_weight=weight)
 
+    def get_metrics_result(self):
+        """The metrics' results; `loss` and `penalty` are NaN while no step has computed them.
+
+        With `every` > 1 an epoch (or `steps_per_execution` window) may hold
+        no counted step: its means are then undefined, not 0, which callbacks
+        watching `loss` would take for the best value yet.
+        """
+        logs = super().get_metrics_result()
+        for name, tracker in (
+            ("loss", _internals.loss_tracker(self)),
+            ("penalty", self._penalty_tracker),
+        ):
+            if name in logs:
+                value = tf.convert_to_tensor(logs[name])
+                logs[name] = tf.where(
+                    tracker.count > 0, value, tf.constant(float("nan"), value.dtype)
+                )
+        return logs
+
     def test_step(self, data):
         forward = getattr(self, "_replica_forward", None)
         if forward is None:

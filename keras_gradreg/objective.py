@@ -146,7 +146,7 @@ def regularized_loss(
             floating-point tensor while sigma > 0.
     """
     _check_layer_and_training(model, training)
-    regularizer = as_regularizer(regularizer)
+    regularizer = _shared_regularizer(regularizer)
     reduced_loss = _reduced_loss(loss_fn)
     if regularizer.fraction < 1.0:
         check_subset_reduction(reduced_loss, "loss_fn")
@@ -163,6 +163,22 @@ def regularized_loss(
         return y_pred, loss
 
     return regularized_objective(model, forward, x, regularizer, loss_scale=loss_scale, step=step)
+
+
+_SHARED: dict[str, GradientRegularizer] = {}
+
+
+def _shared_regularizer(regularizer: Any) -> GradientRegularizer:
+    """`regularizer`, or for a dict or None one `GradientRegularizer` per distinct config.
+
+    Reused across calls, so that every trace of a `tf.function` calling
+    `regularized_loss` reads the same variables (a `tf.function` may create
+    variables in its first trace only).
+    """
+    if isinstance(regularizer, GradientRegularizer):
+        return regularizer
+    converted = as_regularizer(regularizer)
+    return _SHARED.setdefault(repr(sorted(converted.get_config().items())), converted)
 
 
 def regularized_objective(

@@ -100,7 +100,22 @@ def test_the_step_counter_is_the_optimizers_iterations():
     logs = model.fit(x, y, batch_size=8, epochs=1, verbose=0).history
     gw, gb = ref.loss_gradients(*f64(x), y, *f64(w, b))
     np.testing.assert_allclose(model.get_weights()[0], w - 0.1 * gw, rtol=1e-5, atol=1e-6)
-    assert logs["penalty"] == [0.0] and int(model.optimizer.iterations) == 2
+    assert int(model.optimizer.iterations) == 2
+    # No step of this epoch computed the term: its means are undefined (NaN), not 0.
+    assert math.isnan(logs["penalty"][0]) and math.isnan(logs["loss"][0])
+    np.testing.assert_allclose(
+        logs["data_loss"][0], ref.per_example_loss(*f64(x), y, *f64(w, b)).mean(), rtol=1e-5
+    )
+
+
+def test_an_epoch_without_a_counted_step_logs_nan_loss_and_penalty():
+    """every=8 and 3 steps per epoch: steps 0 and 8 are counted, epoch 2 (steps 3-5) has none."""
+    x, y, w, b, weights = problem(12)
+    model = compile_sgd(linear_model("functional", {"every": 8, **SETTINGS["penalty"]}, w, b))
+    logs = model.fit(x, y, batch_size=4, epochs=3, shuffle=False, verbose=0).history
+    assert [math.isnan(v) for v in logs["loss"]] == [False, True, False]
+    assert [math.isnan(v) for v in logs["penalty"]] == [False, True, False]
+    assert not any(math.isnan(v) for v in logs["data_loss"])
 
 
 @pytest.mark.parametrize("method", sorted(SETTINGS))

@@ -193,9 +193,12 @@ def test_adversarial_pass_shares_dropout_masks():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_eager_graph_and_xla_agree(method):
+@pytest.mark.parametrize("form", ["object", "dict"])
+def test_eager_graph_and_xla_agree(method, form):
+    """Also with the regularizer given as a dict: each trace must read the same variables."""
     x, y = data(16)
-    reg = kgr.GradientRegularizer(p=2, sigma=0.5, method=method, fd_step=0.1)
+    arguments = {"p": 2, "sigma": 0.5, "method": method, "fd_step": 0.1}
+    reg = kgr.GradientRegularizer(**arguments) if form == "object" else arguments
     results = []
     for wrap in (lambda f: f, tf.function, lambda f: tf.function(f, jit_compile=True)):
         model = dropout_mlp()

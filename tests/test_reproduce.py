@@ -144,6 +144,9 @@ def test_validation_plot_is_written_smoke(tmp_path):
     path = tmp_path / "validation.png"
     mnist_table.plot_validation({"selection": stage, "long_selection": stage}, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    nothing = tmp_path / "none.png"
+    mnist_table.plot_validation({"selections": {}, "rows": []}, str(nothing))
+    assert not nothing.exists()  # No stage ran (e.g. --rows=maxout_plain): no picture.
 
 
 def test_both_pictures_come_from_the_same_stage(tmp_path):

@@ -9,8 +9,9 @@ penalty, the penalty with `every` 4 and 16 and with `fraction` 0.25, and the
 adversarial estimator in full and with `every` 4. Each run is evaluated on
 the test set (error, and the robustness report: by default the standard
 attack suite). The step cost of each row is the bench's (`--bench_json`,
-written by bench/step_time.py: the mean cost per step over a cycle of
-`every` steps, relative to the plain Keras step of the same bench run),
+written by bench/step_time.py: the mean time per step over whole cycles of
+`every` steps relative to the plain Keras step of the same bench run, the
+median over its repetitions),
 since the runs' own wall times are shared with other jobs.
 
 Every run is a `train.main` run in its own workdir, so an interrupted run of
@@ -43,6 +44,8 @@ flags.DEFINE_string(
     "bench/step_time.py output with the rows' step costs ('' for none).",
 )
 
+# The bench configuration that the binary's maxout MLP preset trains.
+BENCH_CONFIG = "maxout_mlp_preset[FastDropout:auto]"
 README_START = "<!-- cheaper-table:start -->"
 README_END = "<!-- cheaper-table:end -->"
 SHARED_FLAGS = (
@@ -64,23 +67,21 @@ class Row:
     every: int = 1
     fraction: float = 1.0
 
+    def _settings(self) -> list[str]:
+        return [f"every={self.every}"] * (self.every != 1) + [f"fraction={self.fraction:g}"] * (
+            self.fraction != 1.0
+        )
+
     @property
     def label(self) -> str:
         if self.method == "plain":
             return "plain (sigma=0)"
-        parts = [f"p=2 {self.method}"]
-        parts += [f"every={self.every}"] if self.every != 1 else []
-        parts += [f"fraction={self.fraction:g}"] if self.fraction != 1.0 else []
-        return ", ".join(parts)
+        return ", ".join([f"p=2 {self.method}", *self._settings()])
 
     @property
     def bench_method(self) -> str:
-        """The row's name in bench/step_time.py's output."""
-        suffix = "".join(
-            [f" every={self.every}"] * (self.every != 1)
-            + [f" fraction={self.fraction:g}"] * (self.fraction != 1.0)
-        )
-        return self.method + suffix
+        """The row's name in bench/step_time.py's output, e.g. "penalty every=4"."""
+        return " ".join([self.method, *self._settings()])
 
 
 ROWS = (  # In the order they run: the comparisons the issue asks for first.
@@ -117,12 +118,20 @@ def job(row: Row) -> jobs_lib.Job:
 
 
 def bench_ratios(path: str) -> dict[str, float]:
-    """bench method name -> median step cost relative to the plain step (empty without a file)."""
+    """bench method name -> step cost relative to the plain step, for BENCH_CONFIG with XLA.
+
+    The cost is the median over the bench's repetitions of the mean time per
+    step over whole cycles of `every` steps. Empty without a file.
+    """
     if not path:
         return {}
     with open(path) as f:
         bench = json.load(f)
-    return {r["method"]: r["median_ratio_to_plain"] for r in bench["rows"] if r["xla"] == "on"}
+    return {
+        r["method"]: r["median_ratio_to_plain"]
+        for r in bench["rows"]
+        if r["xla"] == "on" and r["config"] == BENCH_CONFIG
+    }
 
 
 def record(row: Row, result: dict[str, Any], ratios: dict[str, float]) -> dict[str, Any]:
@@ -136,10 +145,7 @@ def record(row: Row, result: dict[str, Any], ratios: dict[str, float]) -> dict[s
 
 def markdown(results: dict[str, Any]) -> str:
     """The table of the rows as Markdown."""
-
-    def percent(value):
-        return "-" if value is None else f"{100 * value:.1f}"
-
+    percent = mnist_table.percent
     lines = [
         "| row | test error % | robust % L-inf .1 | robust % L2 1 | step cost (bench) "
         "| train time | attacks (images) |",
@@ -156,11 +162,11 @@ def markdown(results: dict[str, Any]) -> str:
     return (
         f"Maxout MLP on all 60k MNIST images, p=2, sigma={results['sigma']:g} for every "
         f"regularized row, {results['epochs']} epochs, one seed. Robust accuracy: the worst "
-        "case per test image over the standard suite (APGD-CE, APGD-T with 9 targets, "
-        "Square) on the first test images. Step cost: the median cost per step over a "
-        f"cycle of `every` steps relative to the plain Keras step, from {results['bench']} "
-        "(XLA on, batch 128). Train time is wall time shared with other jobs, not a cost "
-        f"comparison. Hardware: {results['hardware']}.\n\n"
+        "case per test image over the attacks named in the row, on the first test images. "
+        "Step cost: the mean time per step over whole cycles of `every` steps relative to "
+        f"the plain Keras step (median over repetitions), from {results['bench']} "
+        f"({BENCH_CONFIG}, XLA on). Train time is wall time shared with other jobs, not a "
+        f"cost comparison. Hardware: {results['hardware']}.\n\n"
         + "\n".join(lines)
         + f"\n\nCommands (with `--workdir=...`):\n\n{commands}\n"
     )

@@ -114,7 +114,7 @@ def merge_earlier(earlier: dict[str, Any], results: dict[str, Any], order: list[
         if key not in results["selections"]
     }
     merged = dict(results, rows=rows, selections={**selections, **results["selections"]})
-    if "pgd_steps" in earlier:
+    if "pgd_steps" in earlier and "pgd_steps" not in results:
         merged["pgd_steps"] = earlier["pgd_steps"]
     return merged
 
@@ -134,12 +134,13 @@ def _selections(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def percent(value: float | None) -> str:
+    """An accuracy as a percentage with one decimal, "-" for None."""
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The table, its flags, the selections and the commands, as Markdown."""
-
-    def percent(value):
-        return "-" if value is None else f"{100 * value:.1f}"
-
     header = (
         "| model | sigma | epochs | test error % | robust % L-inf .1/.2/.3 | robust % L2 1/2 "
         "| attacks (images) | train time |\n"
@@ -214,11 +215,13 @@ def selection_text(title: str, selection: dict[str, Any] | None, shown: int = 10
 
 
 def plot_validation(results: dict[str, Any], path: str) -> None:
-    """Writes the validation curves of every selection stage as a PNG."""
+    """Writes the validation curves of every selection stage as a PNG (none: no file)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     stages = selection_stages(results)
+    if not stages:
+        return
     figure = Figure(figsize=(5 * len(stages), 3.5))
     axes = figure.subplots(1, len(stages), squeeze=False)[0]
     for axis, (title, selection) in zip(axes, stages):

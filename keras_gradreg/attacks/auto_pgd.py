@@ -66,8 +66,9 @@ def checkpoints(steps: int) -> list[int]:
         point = math.ceil(current * steps)
         if point >= 1 and (not found or point > found[-1]):
             found.append(point)
-        previous, current = current, current + max(
-            current - previous - Fraction(3, 100), Fraction(6, 100)
+        previous, current = (
+            current,
+            current + max(current - previous - Fraction(3, 100), Fraction(6, 100)),
         )
     return found
 
@@ -378,7 +379,13 @@ def _run_all(kernel, x, clean, epsilon, low, high, seed, rank, restarts, jit_com
             targets = tf.gather(clean.ranking[:, target_rank], active) if rank else labels
             run_seed = tf.random.experimental.stateless_fold_in(target_seed, restart, alg=ALG)
             result = kernel(
-                tf.gather(x, active), labels, targets, epsilon, low, high, run_seed,
+                tf.gather(x, active),
+                labels,
+                targets,
+                epsilon,
+                low,
+                high,
+                run_seed,
                 jit_compile=jit_compile,
             )
             run_correct = result.correct.numpy()

@@ -215,9 +215,9 @@ def _plan(
         cascade=cascade,
         attack_settings=settings,
         batch_size=counts["batch_size"],
-        max_examples=None if max_examples is None else _checks.check_count(
-            max_examples, "max_examples"
-        ),
+        max_examples=None
+        if max_examples is None
+        else _checks.check_count(max_examples, "max_examples"),
         seed=int(seed),
         tolerance=_checks.check_nonnegative(tolerance, "tolerance"),
         zero_gradient_threshold=_checks.check_nonnegative(

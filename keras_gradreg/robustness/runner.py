@@ -179,7 +179,5 @@ def run_attacks(
             progress.update(first + len(chosen), broken)
         progress.finish(broken)
         robust &= correct
-        outcomes.append(
-            AttackOutcome(name, correct, len(candidates), time.perf_counter() - start)
-        )
+        outcomes.append(AttackOutcome(name, correct, len(candidates), time.perf_counter() - start))
     return outcomes
