@@ -136,6 +136,13 @@ def test_a_finished_run_with_other_settings_is_not_reused():
     jobs.check_same_settings("runs/x", recorded, same)
     with pytest.raises(ValueError, match=r"runs/x .*epochs=40 \(wanted 200\)"):
         jobs.check_same_settings("runs/x", recorded, {**same, "epochs": 200})
+    # Evaluation settings: fixed once the run is evaluated, free while it trains.
+    recorded["eval_examples"] = 200
+    with pytest.raises(ValueError, match=r"eval_examples=200 \(wanted 100\)"):
+        jobs.check_same_settings("runs/x", recorded, {**same, "eval_examples": 100})
+    jobs.check_same_settings("runs/x", recorded, {**same, "eval_examples": 100}, finished=False)
+    with pytest.raises(ValueError, match=r"epochs=40 \(wanted 200\)"):
+        jobs.check_same_settings("runs/x", recorded, {**same, "epochs": 200}, finished=False)
 
 
 def test_validation_plot_is_written_smoke(tmp_path):

@@ -23,7 +23,7 @@ from absl import logging
 
 from train import config as config_lib
 from train import train_lib
-from train.workdir import METRICS_FILE
+from train.workdir import EVALUATION_FIELDS, METRICS_FILE
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATH_FLAGS = frozenset({"data_npz", "tfds_data_dir"})
@@ -70,8 +70,16 @@ def command_line(preset: str, overrides: dict[str, Any]) -> str:
     return " ".join(["python -m train.main", *command_arguments(preset, overrides)])
 
 
-def check_same_settings(workdir: str, recorded: dict[str, Any], wanted: dict[str, Any]) -> None:
-    """Raises if a run directory holds a run with other settings than `wanted`."""
+def check_same_settings(
+    workdir: str, recorded: dict[str, Any], wanted: dict[str, Any], finished: bool = True
+) -> None:
+    """Raises if a run directory holds a run with other settings than `wanted`.
+
+    Where the data is and how the run executes may differ; for a run that has
+    not finished, its evaluation settings too (it has not been evaluated yet,
+    and train.main resumes it with the new ones).
+    """
+    free = RUN_LOCATION_FIELDS | (set() if finished else {*EVALUATION_FIELDS, "pictures"})
 
     def same(a, b):
         a, b = (float(v) if v in ("inf", "-inf") else v for v in (a, b))  # JSON has no inf.
@@ -82,9 +90,7 @@ def check_same_settings(workdir: str, recorded: dict[str, Any], wanted: dict[str
         return a == b
 
     differing = sorted(
-        k
-        for k in wanted
-        if k not in RUN_LOCATION_FIELDS and k in recorded and not same(recorded[k], wanted[k])
+        k for k in wanted if k not in free and k in recorded and not same(recorded[k], wanted[k])
     )
     if differing:
         raise ValueError(
@@ -103,8 +109,9 @@ def _finished(root: str, job: Job) -> dict[str, Any] | None:
         return None
     with open(path) as f:
         done = json.load(f)
-    check_same_settings(workdir, done.get("flags", {}), dataclasses.asdict(config))
-    return done if done.get("status") == "done" else None
+    finished = done.get("status") == "done"
+    check_same_settings(workdir, done.get("flags", {}), dataclasses.asdict(config), finished)
+    return done if finished else None
 
 
 def _result(root: str, job: Job, metrics: dict[str, Any]) -> dict[str, Any]:
