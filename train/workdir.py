@@ -9,6 +9,7 @@ and nothing is created until every check has passed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -145,15 +146,20 @@ def check_same_run(previous: dict[str, Any] | None, config: Config, workdir: str
     if not previous or "flags" not in previous:
         return
     current = config.to_dict()
+    # A setting added after the run was recorded had its default value then.
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(config)
+        if f.default is not dataclasses.MISSING
+    }
+    recorded = {**{k: v for k, v in defaults.items() if k in current}, **previous["flags"]}
     changed = sorted(
         key
-        for key in set(current) | set(previous["flags"])
-        if key not in RESUMABLE_FIELDS and previous["flags"].get(key) != current.get(key)
+        for key in set(current) | set(recorded)
+        if key not in RESUMABLE_FIELDS and recorded.get(key) != current.get(key)
     )
     if changed:
-        details = ", ".join(
-            f"{k}: {previous['flags'].get(k)!r} -> {current.get(k)!r}" for k in changed
-        )
+        details = ", ".join(f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in changed)
         raise InputError(
             f"--workdir={workdir} holds a run with other settings ({details}). "
             "Use a new --workdir, or the same settings to resume."
