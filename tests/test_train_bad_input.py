@@ -287,3 +287,19 @@ def test_a_workdir_in_use_by_another_run_is_refused(tmp_path, capsys):
         )  # fmt: skip
         assert sorted(str(p) for p in tmp_path.rglob("*")) == before
     _assert_one_line_error(capsys, code, "is in use by another run", f"--workdir={workdir}")
+
+
+def test_a_run_recorded_before_a_setting_existed_resumes_with_its_default(tmp_path):
+    """metrics.json written before `every`/`fraction` existed: equal to the defaults, not other."""
+    from train import workdir as workdir_lib
+
+    _previous_run(tmp_path / "old")
+    record = json.loads((tmp_path / "old" / "metrics.json").read_text())
+    for name in ("every", "fraction"):
+        del record["flags"][name]
+    config = config_lib.make_config("mnist_maxout_mlp", batch_size=8)
+    workdir_lib.check_same_run(record, config, "old")  # every=1, fraction=1.0: the same run.
+    with pytest.raises(Exception, match=r"other settings \(every: 1 -> 4\)"):
+        workdir_lib.check_same_run(
+            record, config_lib.make_config("mnist_maxout_mlp", batch_size=8, every=4), "old"
+        )
