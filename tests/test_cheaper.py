@@ -67,3 +67,17 @@ def test_markdown_shows_error_robustness_and_the_bench_cost():
         "| p=2 penalty, fraction=0.25 | 1.23 | 50.0 | - | 1.74x | 1.5 min "
         "| APGD-CE, APGD-T, Square 5000q (1000) |" in text
     )
+
+
+def test_readme_and_results_hold_what_the_generator_writes():
+    """The published table is markdown(results/cheaper.json), with paths relative."""
+    import json
+
+    with open(os.path.join(jobs.CHECKOUT, "results", "cheaper.json")) as f:
+        text = cheaper.markdown(json.load(f))
+    with open(os.path.join(jobs.CHECKOUT, "README.md")) as f:
+        readme = f.read()
+    assert readme.split(cheaper.README_START + "\n")[1].split(cheaper.README_END)[0] == text
+    with open(os.path.join(jobs.CHECKOUT, "results", "cheaper.md")) as f:
+        assert f.read() == text
+    assert "--data_npz=../shared/data/mnist.npz" in text and "/work/" not in text
