@@ -89,11 +89,17 @@ def test_rows_of_an_earlier_run_are_kept_marked_and_in_table_order():
             {"name": "maxout_plain", "robustness_examples": 1000},
         ],
     }
-    results = {"rows": [new], "selections": {"conv": {"title": "Conv", "chosen_sigma": 0.1}}}
+    earlier["hardware"] = "AMD"
+    results = {
+        "rows": [new],
+        "hardware": "Intel",
+        "selections": {"conv": {"title": "Conv", "chosen_sigma": 0.1}},
+    }
     order = ["maxout_plain", "conv_pinf_penalty", "maxout_plain_long"]
     merged = mnist_table.merge_earlier(earlier, results, order)
     assert [r["name"] for r in merged["rows"]] == order
     assert merged["rows"][1] is new and merged["pgd_steps"] == 40
+    assert merged["hardware"] == "Intel; rows of an earlier run: AMD"
     assert mnist_table._evaluation(merged["rows"][0], 40) == "PGD-40 alone (1000), an earlier run"
     assert mnist_table._evaluation(merged["rows"][1], 40) == "APGD-CE (200)"
     assert mnist_table._evaluation(merged["rows"][2], 40) == "APGD-CE (1000), an earlier run"

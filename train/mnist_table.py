@@ -116,6 +116,9 @@ def merge_earlier(earlier: dict[str, Any], results: dict[str, Any], order: list[
     merged = dict(results, rows=rows, selections={**selections, **results["selections"]})
     if "pgd_steps" in earlier and "pgd_steps" not in results:
         merged["pgd_steps"] = earlier["pgd_steps"]
+    hardware = earlier.get("hardware")
+    if hardware and hardware != results.get("hardware") and len(rows) > len(results["rows"]):
+        merged["hardware"] = f"{results.get('hardware')}; rows of an earlier run: {hardware}"
     return merged
 
 
