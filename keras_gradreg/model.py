@@ -263,9 +263,7 @@ class RegularizedModel(keras.Model):
         """
 
         def forward(inputs, rows=None):
-            targets, weights = (y, sample_weight)
-            if rows is not None:
-                targets, weights = gather_rows((y, sample_weight), rows)
+            targets, weights = gather_rows((y, sample_weight), rows)
             y_pred = _internals.call_model(self, inputs, training=True)
             loss = _internals.compute_loss(self, inputs, targets, y_pred, weights, training=True)
             return y_pred, loss

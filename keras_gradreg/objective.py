@@ -155,9 +155,7 @@ def regularized_loss(
     x = tf.nest.map_structure(_as_tensor, x)
 
     def forward(inputs, rows=None):
-        targets, weights = (
-            (y, sample_weight) if rows is None else gather_rows((y, sample_weight), rows)
-        )
+        targets, weights = gather_rows((y, sample_weight), rows)
         y_pred = _internals.call_model(model, inputs, training)
         loss = _with_model_losses(model, reduced_loss(targets, y_pred, sample_weight=weights))
         return y_pred, loss

@@ -70,6 +70,11 @@ def batch_size_of(x: Any) -> int | tf.Tensor:
     return int(static) if static is not None else tf.shape(first)[0]
 
 
-def gather_rows(structure: Any, rows: tf.Tensor) -> Any:
-    """Every tensor of `structure` (None kept) restricted to `rows` of its first axis."""
+def gather_rows(structure: Any, rows: tf.Tensor | None) -> Any:
+    """Every tensor of `structure` (None kept) restricted to `rows` of its first axis.
+
+    `rows=None` means the whole batch: `structure` itself.
+    """
+    if rows is None:
+        return structure
     return tf.nest.map_structure(lambda t: None if t is None else tf.gather(t, rows), structure)

@@ -16,15 +16,20 @@ NUM_FEATURES = 6
 NUM_CLASSES = 3
 
 
-@pytest.fixture
-def linear_problem():
-    """Data and weights of a linear softmax model with no ties in |g|."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(16, NUM_FEATURES)).astype("float32")
-    y = rng.integers(0, NUM_CLASSES, size=16)
+def linear_data(n: int = 16, seed: int = 0):
+    """n examples (x, y) and weights (w, b) of a linear softmax model, from `seed`."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, NUM_FEATURES)).astype("float32")
+    y = rng.integers(0, NUM_CLASSES, size=n)
     w = rng.normal(scale=0.5, size=(NUM_FEATURES, NUM_CLASSES)).astype("float32")
     b = rng.normal(scale=0.1, size=(NUM_CLASSES,)).astype("float32")
     return x, y, w, b
+
+
+@pytest.fixture
+def linear_problem():
+    """Data and weights of a linear softmax model with no ties in |g|."""
+    return linear_data(16)
 
 
 @keras.saving.register_keras_serializable(package="keras_gradreg_tests")

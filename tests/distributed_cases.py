@@ -99,15 +99,20 @@ def custom_loop(strategy, method: str) -> list:
     return [w.tolist() for w in model.get_weights()]
 
 
+def replica_settings(mirrored_strategy):
+    """(name, strategy, steps_per_execution) of the runs compared with each other."""
+    return (
+        ("one_device", tf.distribute.get_strategy(), 1),
+        ("two_replicas", mirrored_strategy, 1),
+        ("two_replicas_spe3", mirrored_strategy, 3),
+    )
+
+
 def mirrored(out_path: str) -> None:
     results = {}
     mirrored_strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     for method in METHODS:
-        for name, strategy, spe in (
-            ("one_device", tf.distribute.get_strategy(), 1),
-            ("two_replicas", mirrored_strategy, 1),
-            ("two_replicas_spe3", mirrored_strategy, 3),
-        ):
+        for name, strategy, spe in replica_settings(mirrored_strategy):
             model, logs = train(strategy, method, spe)
             x, y = problem()
             evaluation = model.evaluate(x, y, batch_size=GLOBAL_BATCH, verbose=0, return_dict=True)
@@ -232,11 +237,7 @@ def lazy(out_path: str) -> None:
     results = {}
     mirrored_strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     for method in METHODS:
-        for name, strategy, spe in (
-            ("one_device", tf.distribute.get_strategy(), 1),
-            ("two_replicas", mirrored_strategy, 1),
-            ("two_replicas_spe3", mirrored_strategy, 3),
-        ):
+        for name, strategy, spe in replica_settings(mirrored_strategy):
             results[f"{method}/every/{name}"] = lazy_fit(strategy, method, f"{method}_{name}", spe)
         fraction = lazy_fit(mirrored_strategy, method, f"{method}_fraction", fraction=0.5)
         fraction["reference"] = subset_reference(method, fraction["initial_seed"])

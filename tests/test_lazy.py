@@ -9,7 +9,7 @@ import linear_reference as ref
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import NUM_CLASSES, NUM_FEATURES, compile_sgd, linear_model
+from conftest import NUM_CLASSES, NUM_FEATURES, compile_sgd, linear_data, linear_model
 
 import keras_gradreg as kgr
 from keras_gradreg import subsets
@@ -23,13 +23,8 @@ SETTINGS = {
 
 
 def problem(n=24, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, NUM_FEATURES)).astype("float32")
-    y = rng.integers(0, NUM_CLASSES, size=n)
-    w = rng.normal(scale=0.5, size=(NUM_FEATURES, NUM_CLASSES)).astype("float32")
-    b = rng.normal(scale=0.1, size=(NUM_CLASSES,)).astype("float32")
-    weights = np.linspace(0.2, 2.0, n)
-    return x, y, w, b, weights
+    """`linear_data` and per-example sample weights."""
+    return (*linear_data(n, seed), np.linspace(0.2, 2.0, n))
 
 
 def f64(*arrays):

@@ -8,7 +8,7 @@ import keras
 import linear_reference as ref
 import numpy as np
 import pytest
-from conftest import NUM_CLASSES, NUM_FEATURES
+from conftest import NUM_CLASSES, NUM_FEATURES, linear_data
 
 import keras_gradreg as kgr
 
@@ -40,12 +40,7 @@ def traces_of(name: str) -> int:
 
 
 def problem(n=12, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, NUM_FEATURES)).astype("float32")
-    y = rng.integers(0, NUM_CLASSES, size=n)
-    w = rng.normal(scale=0.5, size=(NUM_FEATURES, NUM_CLASSES)).astype("float32")
-    b = rng.normal(scale=0.1, size=(NUM_CLASSES,)).astype("float32")
-    return x, y, w, b
+    return linear_data(n, seed)
 
 
 def numpy_step(x, y, w, b, lr, scale=1, **settings):

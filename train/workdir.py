@@ -9,7 +9,6 @@ and nothing is created until every check has passed.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import json
 import os
@@ -147,12 +146,7 @@ def check_same_run(previous: dict[str, Any] | None, config: Config, workdir: str
         return
     current = config.to_dict()
     # A setting added after the run was recorded had its default value then.
-    defaults = {
-        f.name: f.default
-        for f in dataclasses.fields(config)
-        if f.default is not dataclasses.MISSING
-    }
-    recorded = {**{k: v for k, v in defaults.items() if k in current}, **previous["flags"]}
+    recorded = {**type(config)().to_dict(), **previous["flags"]}
     changed = sorted(
         key
         for key in set(current) | set(recorded)
