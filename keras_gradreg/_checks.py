@@ -69,6 +69,13 @@ def check_count(value: Any, name: str) -> int:
     return int(value)
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """True or False (a NumPy bool too), as a bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
+    return bool(value)
+
+
 def check_seed(value: Any, name: str = "seed") -> int | None:
     """An integer seed or None."""
     if value is None:

@@ -12,9 +12,21 @@ import numpy as np
 import tensorflow as tf
 
 from keras_gradreg import _checks
+from keras_gradreg.balls import BALL_NORMS
 from keras_gradreg.norms import PValue, canonical_p, dual_exponent
 
-METHODS = ("penalty", "adversarial", "finite_difference")
+METHODS = ("penalty", "adversarial", "finite_difference", "trades")
+# The methods that search for their perturbation by ascent steps in the ball.
+ASCENT_METHODS = ("adversarial", "trades")
+DEFAULT_CLEAN_WEIGHT = 0.0
+DEFAULT_FD_STEP = 0.01
+DEFAULT_BETA = 6.0
+DEFAULT_TRADES_STEPS = 10
+DEFAULT_TRADES_STEP_SIZE = 0.25
+# Wong et al.'s fast FGSM training: one step of 1.25 sigma from a random start.
+FAST_FGSM_STEP_SIZE = 1.25
+# Madry et al.'s PGD: k steps of 2.5 sigma / k.
+PGD_STEP_SIZE_TIMES_STEPS = 2.5
 
 
 @keras.saving.register_keras_serializable(package="keras_gradreg")
@@ -33,8 +45,24 @@ class GradientRegularizer:
     - `"finite_difference"`: `L(x) + sigma * (L(x + h d) - L(x)) / h` with
       d = r* / sigma held constant and h = `fd_step`.
 
+    - `"trades"`: TRADES (Zhang et al. 2019), `L(x) + beta KL(f(x) || f(x + r))`
+      with r found by `steps` ascent steps on the KL in the ball (and the
+      `clip` box), started at 0.001 N(0, 1); the parameter gradient flows
+      through both f(x) and f(x + r).
+
+    **Multi-step ascent** (`"adversarial"`): with `steps=1` and no random start
+    r is the closed-form r* above. Otherwise r is the last iterate of `steps`
+    steps of projected steepest ascent on each example's loss in the p-ball
+    of radius sigma (and the `clip` box), each step of length `step_size *
+    sigma`, from x (or, with `random_start`, a uniform point of the ball).
+    The ascent runs in training mode with the step's dropout masks, and r is
+    held constant. With `p=inf`, `clean_weight=0` and `random_start=True` this
+    is Madry et al.'s PGD adversarial training (`steps=1`: Wong et al.'s fast
+    FGSM training, step 1.25 sigma).
+
     Each is the clean loss L(x) plus a term T: sigma ||g||_q, its finite
-    difference, or (1 - clean_weight) (L(x + r*) - L(x)) for "adversarial".
+    difference, (1 - clean_weight) (L(x + r) - L(x)) for "adversarial", or
+    beta KL(f(x) || f(x + r)) for "trades".
 
     **Cheaper regularization.** `every` and `fraction` compute T less often
     or on fewer examples, scaled so that the expected objective (over steps
@@ -63,16 +91,26 @@ class GradientRegularizer:
     Args:
         p: Norm of the perturbation ball: a number >= 1, `math.inf` or "inf".
         sigma: Radius of the ball, >= 0. `sigma=0` trains like a plain model.
-        method: One of "penalty", "adversarial", "finite_difference".
-        clean_weight: Weight of the clean loss in "adversarial", in [0, 1].
+        method: One of "penalty", "adversarial", "finite_difference", "trades".
+        clean_weight: Weight of the clean loss in "adversarial", in [0, 1];
+            None: 0. Not for "trades".
         fd_step: Step h of "finite_difference", > 0, in input units along a
-            direction of unit p-norm.
+            direction of unit p-norm; None: 0.01. Not for "trades".
         every: Compute the regularised term on every `every`-th step only,
             multiplied by `every` (the other steps are plain steps); an
             integer >= 1.
         fraction: Compute the term on a random ceil(fraction * batch)
             examples of each batch, scaled to the full batch's expectation;
             in (0, 1].
+        steps: Ascent steps of "adversarial" and "trades", an integer >= 1;
+            None: 1 ("adversarial"), 10 ("trades"). Above 1 needs p in {1, 2, inf}.
+        step_size: Length of each ascent step relative to sigma, > 0; None:
+            2.5 / steps, 1.25 for one step from a random start, 0.25 for "trades".
+        random_start: Start the ascent of "adversarial" at a uniform random
+            point of the ball (needs p in {1, 2, inf}).
+        clip: The box (low, high) the perturbed inputs stay in during the
+            ascent of "adversarial" and "trades", or None for no box.
+        beta: Weight of the KL term of "trades", >= 0; None: 6.
     """
 
     def __init__(
@@ -80,18 +118,43 @@ class GradientRegularizer:
         p: PValue = 2.0,
         sigma: float = 0.1,
         method: str = "penalty",
-        clean_weight: float = 0.0,
-        fd_step: float = 0.01,
+        clean_weight: float | None = None,
+        fd_step: float | None = None,
         every: int = 1,
         fraction: float = 1.0,
+        steps: int | None = None,
+        step_size: float | None = None,
+        random_start: bool = False,
+        clip: tuple[float, float] | None = None,
+        beta: float | None = None,
     ):
         self._p = canonical_p(p)
         self._sigma = _checks.check_nonnegative(sigma, "sigma")
         self._method = _checks.check_choice(method, "method", METHODS)
-        self._clean_weight = _checks.check_unit_interval(clean_weight, "clean_weight")
-        self._fd_step = _checks.check_positive(fd_step, "fd_step")
+        _check_applies(self._method, clean_weight=clean_weight, fd_step=fd_step)
+        _check_applies(self._method, steps=steps, step_size=step_size, clip=clip, beta=beta)
+        _check_applies(self._method, random_start=random_start or None)
+        self._clean_weight = _checks.check_unit_interval(
+            DEFAULT_CLEAN_WEIGHT if clean_weight is None else clean_weight, "clean_weight"
+        )
+        self._fd_step = _checks.check_positive(
+            DEFAULT_FD_STEP if fd_step is None else fd_step, "fd_step"
+        )
         self._every = _checks.check_count(every, "every")
         self._fraction = _checks.check_fraction(fraction, "fraction")
+        self._random_start = _checks.check_bool(random_start, "random_start")
+        self._steps = _checks.check_count(_default_steps(self._method, steps), "steps")
+        self._step_size = _checks.check_positive(
+            _default_step_size(self._method, self._steps, self._random_start, step_size),
+            "step_size",
+        )
+        self._clip = _checks.check_clip(clip)
+        self._beta = _checks.check_nonnegative(DEFAULT_BETA if beta is None else beta, "beta")
+        if self.ascends and self._p not in BALL_NORMS:
+            raise ValueError(
+                f"{self._ascent_description()} needs a ball with an exact projection: "
+                f"p must be 1, 2 or inf. Received: p={p!r}"
+            )
         self._state: _State | None = None
 
     p = property(lambda self: self._p, doc="Perturbation norm p (float, inf allowed).")
@@ -99,6 +162,31 @@ class GradientRegularizer:
     fd_step = property(lambda self: self._fd_step, doc="Finite-difference step h.")
     every = property(lambda self: self._every, doc="The term is computed every `every` steps.")
     fraction = property(lambda self: self._fraction, doc="Share of each batch the term uses.")
+    steps = property(lambda self: self._steps, doc="Ascent steps (1 for the other methods).")
+    step_size = property(lambda self: self._step_size, doc="Ascent step length / sigma.")
+    random_start = property(lambda self: self._random_start, doc="Ascent from a random point.")
+    clip = property(lambda self: self._clip, doc="The ascent's box (low, high), or None.")
+    beta = property(lambda self: self._beta, doc='Weight of the KL term of "trades".')
+
+    @property
+    def ascends(self) -> bool:
+        """Whether r comes from ascent steps rather than the closed-form r*.
+
+        "trades" always; "adversarial" with `steps > 1` or a random start.
+        """
+        return self._method == "trades" or (
+            self._method == "adversarial" and (self._steps > 1 or self._random_start)
+        )
+
+    @property
+    def draws_starts(self) -> bool:
+        """Whether the ascent starts at a random point (drawn from the step's seed)."""
+        return self._method == "trades" or self._random_start
+
+    def _ascent_description(self) -> str:
+        if self._method == "trades":
+            return 'method="trades"'
+        return f"steps={self._steps}" if self._steps > 1 else "random_start=True"
 
     @property
     def sigma(self) -> float:
@@ -128,7 +216,8 @@ class GradientRegularizer:
         return dual_exponent(self._p)
 
     def get_config(self) -> dict[str, Any]:
-        return {
+        """The arguments; those a method does not take are left out (loading fills the defaults)."""
+        config = {
             "p": "inf" if math.isinf(self._p) else self._p,
             "sigma": self._sigma,
             "method": self._method,
@@ -136,7 +225,14 @@ class GradientRegularizer:
             "fd_step": self._fd_step,
             "every": self._every,
             "fraction": self._fraction,
+            "steps": self._steps,
+            "step_size": self._step_size,
+            "random_start": self._random_start,
+            "clip": None if self._clip is None else [np.asarray(b).tolist() for b in self._clip],
+            "beta": self._beta,
         }
+        taken = _ARGUMENTS_OF[self._method]
+        return {key: value for key, value in config.items() if key in taken}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> GradientRegularizer:
@@ -149,7 +245,9 @@ class GradientRegularizer:
         # The fixed fields only: sigma and clean_weight may change (equal
         # regularizers still hash alike), and tf.function keys its traces of a
         # regularizer argument on its hash and identity.
-        return hash((self._p, self._method, self._fd_step, self._every, self._fraction))
+        config = self.get_config()
+        fixed = [key for key in config if key not in ("sigma", "clean_weight")]
+        return hash(tuple((key, repr(config[key])) for key in fixed))
 
     # ------------------------------------------------------------------ #
     # Variables read by compiled steps.
@@ -173,8 +271,8 @@ class GradientRegularizer:
         strategy = strategy or tf.distribute.get_strategy()
         if self._state is not None and self._state.strategy is strategy:
             return
-        seed_state = None if self._state is None else self._state.seed_state()
-        self._state = _State(self, strategy, seed_state)
+        seed_states = None if self._state is None else self._state.seed_states()
+        self._state = _State(self, strategy, seed_states)
 
     def _variables(self) -> _State:
         """The variables, created in the current scope if missing."""
@@ -194,6 +292,10 @@ class GradientRegularizer:
         """The `SeedGenerator` that draws the subsets of `fraction < 1`."""
         return self._variables().seed_generator
 
+    def start_seed_generator(self) -> keras.random.SeedGenerator:
+        """The `SeedGenerator` that draws the ascent's random starts (see `draws_starts`)."""
+        return self._variables().start_seed_generator
+
     def save_state(self) -> dict[str, np.ndarray]:
         """sigma, clean_weight and the subset seed state, as arrays (float64 values are exact)."""
         state = {
@@ -202,6 +304,9 @@ class GradientRegularizer:
         }
         if self._fraction < 1.0:
             state["subset_seed"] = np.asarray(self._variables().seed_generator.state.numpy())
+        if self.draws_starts:
+            generator = self._variables().start_seed_generator
+            state["start_seed"] = np.asarray(generator.state.numpy())
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -212,6 +317,8 @@ class GradientRegularizer:
             self.clean_weight = float(np.asarray(state["clean_weight"]))
         if "subset_seed" in state and self._fraction < 1.0:
             self._variables().seed_generator.state.assign(np.asarray(state["subset_seed"]))
+        if "start_seed" in state and self.draws_starts:
+            self._variables().start_seed_generator.state.assign(np.asarray(state["start_seed"]))
 
     def __repr__(self) -> str:
         args = ", ".join(f"{key}={value!r}" for key, value in self.get_config().items())
@@ -248,22 +355,79 @@ def as_regularizer(regularizer: Any) -> GradientRegularizer:
 class _State:
     """The variables of one `GradientRegularizer`, created in one strategy's scope."""
 
-    def __init__(self, regularizer: GradientRegularizer, strategy, seed_state=None):
+    def __init__(self, regularizer: GradientRegularizer, strategy, seed_states=None):
         self.strategy = strategy
+        seed_states = seed_states or (None, None)
         # init_scope: created eagerly even when first needed inside a traced step
         # (also in a replica context, where the strategy's scope is already in effect).
         current = tf.distribute.get_strategy() is strategy
         with tf.init_scope(), contextlib.nullcontext() if current else strategy.scope():
             self.sigma = _scalar(regularizer.sigma, "sigma")
             self.clean_weight = _scalar(regularizer.clean_weight, "clean_weight")
-            self.seed_generator = None
-            if regularizer.fraction < 1.0:
-                self.seed_generator = keras.random.SeedGenerator(name="subset_seed")
-                if seed_state is not None:
-                    self.seed_generator.state.assign(seed_state)
+            self.seed_generator = _seed_generator(
+                regularizer.fraction < 1.0, "subset_seed", seed_states[0]
+            )
+            self.start_seed_generator = _seed_generator(
+                regularizer.draws_starts, "start_seed", seed_states[1]
+            )
 
-    def seed_state(self):
-        return None if self.seed_generator is None else self.seed_generator.state.numpy()
+    def seed_states(self) -> tuple:
+        return tuple(
+            None if generator is None else generator.state.numpy()
+            for generator in (self.seed_generator, self.start_seed_generator)
+        )
+
+
+def _seed_generator(needed: bool, name: str, state) -> keras.random.SeedGenerator | None:
+    if not needed:
+        return None
+    generator = keras.random.SeedGenerator(name=name)
+    if state is not None:
+        generator.state.assign(state)
+    return generator
+
+
+# The arguments each method takes (the others must be left at None / False).
+_COMMON = ("p", "sigma", "method", "every", "fraction")
+_ARGUMENTS_OF = {
+    "penalty": (*_COMMON, "clean_weight", "fd_step"),
+    "finite_difference": (*_COMMON, "clean_weight", "fd_step"),
+    "adversarial": (
+        *_COMMON, "clean_weight", "fd_step", "steps", "step_size", "random_start", "clip"
+    ),
+    "trades": (*_COMMON, "steps", "step_size", "clip", "beta"),
+}
+
+
+def _check_applies(method: str, **arguments: Any) -> None:
+    """Raises ValueError for an argument set (not None) that `method` does not take.
+
+    "penalty" and "finite_difference" keep accepting clean_weight and
+    fd_step, as saved configs from before hold them.
+    """
+    for name, value in arguments.items():
+        if value is not None and name not in _ARGUMENTS_OF[method]:
+            takers = [m for m in METHODS if name in _ARGUMENTS_OF[m] and m in ASCENT_METHODS]
+            raise ValueError(
+                f"`{name}` does not apply to method={method!r} (it is an argument of "
+                f"{' and '.join(repr(m) for m in takers)}). Received: {name}={value!r}"
+            )
+
+
+def _default_steps(method: str, steps: int | None) -> Any:
+    if steps is not None:
+        return steps
+    return DEFAULT_TRADES_STEPS if method == "trades" else 1
+
+
+def _default_step_size(method: str, steps: int, random_start: bool, step_size) -> Any:
+    if step_size is not None:
+        return step_size
+    if method == "trades":
+        return DEFAULT_TRADES_STEP_SIZE
+    if steps == 1 and random_start:
+        return FAST_FGSM_STEP_SIZE
+    return PGD_STEP_SIZE_TIMES_STEPS / steps
 
 
 def _scalar(value: float, name: str) -> keras.Variable:
