@@ -2,7 +2,8 @@
 
 Axis 0 is the batch everywhere. The L1 projection is the exact sort-based
 algorithm of Duchi et al. (2008). Random draws are stateless, from a seed of
-shape (2,).
+shape (2,); points in the ball come from an integer hash (`keras_gradreg.hashing`),
+so they are the same eagerly, in graphs and under XLA.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 
 import tensorflow as tf
 
+from keras_gradreg import hashing
 from keras_gradreg.norms import PValue, canonical_p
 
 BALL_NORMS = (1.0, 2.0, math.inf)
@@ -102,38 +104,41 @@ def project_ball(delta: tf.Tensor, p: PValue, radius) -> tf.Tensor:
     return project_l2(delta, radius) if p == 2.0 else project_l1(delta, radius)
 
 
-def random_in_ball(shape, p: PValue, radius, seed, dtype=tf.float32) -> tf.Tensor:
-    """Points drawn uniformly from the p-ball of `radius` (stateless).
+def random_in_ball(shape, p: PValue, radius, seed, dtype=tf.float32, positions=None) -> tf.Tensor:
+    """Points drawn uniformly from the p-ball of `radius`, the same in every mode.
+
+    The numbers come from `keras_gradreg.hashing`, keyed by each row's
+    position: eager, graph and XLA calls give the same points, and a row's
+    point does not depend on the rest of the batch.
 
     Args:
         shape: Shape of the batch of points (batch on axis 0).
         p: 1, 2 or inf.
         radius: Scalar radius.
-        seed: A stateless seed, shape (2,) integers.
+        seed: Two integers.
         dtype: Floating dtype of the result.
+        positions: Each row's key, shape (batch,); None: 0, 1, ..., batch - 1.
     """
     p = ball_norm(p)
     shape = tf.convert_to_tensor(shape)
     size = tf.reduce_prod(shape[1:])
-    flat_shape = tf.stack([shape[0], size])
-    radius = tf.cast(radius, dtype)
+    if positions is None:
+        positions = tf.range(shape[0])
+    radius = tf.cast(radius, tf.float32)
     if math.isinf(p):
-        return radius * tf.random.stateless_uniform(shape, seed, -1.0, 1.0, dtype=dtype, alg=ALG)
-    seeds = tf.random.experimental.stateless_split(seed, 3, alg=ALG)
-    if p == 2.0:
-        direction = tf.random.stateless_normal(flat_shape, seeds[0], dtype=dtype, alg=ALG)
+        flat = radius * (2.0 * hashing.uniform(seed, positions, size) - 1.0)
+    elif p == 2.0:
+        direction = hashing.normal(seed, positions, size)
         direction /= tf.maximum(tf.norm(direction, axis=1, keepdims=True), 1e-12)
-        u = tf.random.stateless_uniform([shape[0], 1], seeds[1], dtype=dtype, alg=ALG)
-        scale = tf.pow(u, 1.0 / tf.cast(size, dtype))
-        return tf.reshape(radius * scale * direction, shape)
-    # Uniform on the L1 ball: d + 1 exponentials normalised, the last dropped.
-    u = tf.random.stateless_uniform(
-        tf.stack([shape[0], size + 1]), seeds[0], 1e-12, 1.0, dtype=dtype, alg=ALG
-    )
-    exponential = -tf.math.log(u)
-    point = exponential[:, :-1] / tf.reduce_sum(exponential, axis=1, keepdims=True)
-    signs = random_signs(flat_shape, seeds[1], dtype)
-    return tf.reshape(radius * signs * point, shape)
+        u = hashing.uniform(seed, positions, 1, stream=2)
+        flat = radius * tf.pow(u, 1.0 / tf.cast(size, tf.float32)) * direction
+    else:
+        # Uniform on the L1 ball: d + 1 exponentials normalised, the last dropped.
+        exponential = -tf.math.log(1.0 - hashing.uniform(seed, positions, size + 1))
+        point = exponential[:, :-1] / tf.reduce_sum(exponential, axis=1, keepdims=True)
+        signs = tf.where(hashing.uniform(seed, positions, size, stream=1) < 0.5, -1.0, 1.0)
+        flat = radius * signs * point
+    return tf.cast(tf.reshape(flat, shape), dtype)
 
 
 def random_on_sphere(shape, p: PValue, radius, seed, dtype=tf.float32) -> tf.Tensor:

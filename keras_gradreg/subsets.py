@@ -3,8 +3,8 @@
 The subset of a step is a function of a two-number seed (drawn from the
 regularizer's `keras.random.SeedGenerator`, so `keras.utils.set_random_seed`
 makes runs reproduce and a saved model resumes the sequence) and of the
-batch size. Each row gets a key from an integer hash (MurmurHash3's 32-bit
-finaliser) of the seed and the row's index, and the m rows with the largest
+batch size. Each row gets a key from an integer hash (`keras_gradreg.hashing`)
+of the seed and the row's index, and the m rows with the largest
 keys form the subset: a uniformly random subset of size m, without
 replacement. Integer arithmetic gives the same rows eagerly, in graphs and
 under XLA (TensorFlow's stateless random ops do not: XLA's Philox differs
@@ -18,7 +18,8 @@ from typing import Any
 
 import tensorflow as tf
 
-_GOLDEN = 0x9E3779B9  # 2**32 / golden ratio: spreads consecutive indices.
+from keras_gradreg.hashing import GOLDEN, mix, seed_base
+
 # A fraction times a batch size that is an integer up to float rounding
 # (0.3 * 100 = 30.000000000000004) must not round up to the next integer.
 _ROUNDING = 1e-6
@@ -32,15 +33,6 @@ def subset_size(batch_size: int | tf.Tensor, fraction: float) -> int | tf.Tensor
     return tf.maximum(1, tf.cast(tf.math.ceil(product), tf.int32))
 
 
-def _mix(h: tf.Tensor) -> tf.Tensor:
-    """MurmurHash3's 32-bit finaliser (uint32 in, uint32 out)."""
-    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
-    h = h * tf.constant(0x85EBCA6B, tf.uint32)
-    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 13))
-    h = h * tf.constant(0xC2B2AE35, tf.uint32)
-    return tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
-
-
 def row_keys(seed: tf.Tensor, batch_size: int | tf.Tensor) -> tf.Tensor:
     """One pseudo-random key in [0, 1) per row (float32, 24 random bits), from `seed`.
 
@@ -48,11 +40,8 @@ def row_keys(seed: tf.Tensor, batch_size: int | tf.Tensor) -> tf.Tensor:
         seed: Two integers (any integer dtype; only their low 32 bits count).
         batch_size: Number of rows.
     """
-    words = tf.cast(tf.math.floormod(tf.cast(seed, tf.int64), 2**32), tf.uint32)
-    golden = tf.constant(_GOLDEN, tf.uint32)
-    base = _mix(tf.bitwise.bitwise_xor(words[0], _mix(words[1] + golden)))
     index = tf.cast(tf.range(batch_size), tf.uint32)
-    keys = _mix(index * golden + base)
+    keys = mix(index * tf.constant(GOLDEN, tf.uint32) + seed_base(seed))
     return tf.cast(tf.bitwise.right_shift(keys, 8), tf.float32) * (2.0**-24)
 
 

@@ -20,6 +20,7 @@ import keras
 import tensorflow as tf
 
 from keras_gradreg._checks import Clip, check_seed
+from keras_gradreg.ascent import box  # noqa: F401  (the attacks' box, re-exported)
 from keras_gradreg.gradients import LossLike, resolve_loss
 
 # ---------------------------------------------------------------------- #
@@ -58,9 +59,6 @@ def bounds(clip: Clip, x: tf.Tensor):
     return tuple(tf.cast(tf.convert_to_tensor(bound), x.dtype) for bound in clip)
 
 
-def box(x: tf.Tensor, low, high) -> tf.Tensor:
-    """`x` clipped to the box (unchanged without one)."""
-    return x if low is None else tf.clip_by_value(x, low, high)
 
 
 # ---------------------------------------------------------------------- #
@@ -143,6 +141,16 @@ def _loss_key(loss: LossLike) -> Any:
     return loss
 
 
+def _batch_spec(value: Any, batch: int) -> Any:
+    """A tensor's spec with dimension 0 unknown if it is `batch` long; other values as they are."""
+    if not tf.is_tensor(value):
+        return value
+    shape = value.shape
+    if shape.rank and shape[0] == batch:
+        shape = tf.TensorShape([None]).concatenate(shape[1:])
+    return tf.TensorSpec(shape, value.dtype)
+
+
 class Kernel:
     """A Python attack function traced as a graph, with XLA where it helps.
 
@@ -156,6 +164,25 @@ class Kernel:
         self._graph = tf.function(fn, reduce_retracing=True)
         self._xla = tf.function(fn, jit_compile=True, reduce_retracing=True)
         self._xla_works: bool | None = None
+        self._traced: set = set()
+
+    def _run(self, function, args):
+        """Traces `function` for any batch size before its first call with these shapes.
+
+        Without this, tf.function traces the first batch size it sees, then
+        again for a generalised one (and TensorFlow warns about frequent
+        retracing, counting every kernel of the same Python function). Here
+        dimension 0 of every tensor as long as the batch is left unknown, so
+        a kernel traces once per input shape, whatever the batch sizes.
+        """
+        if tf.executing_eagerly() and args and tf.is_tensor(args[0]) and args[0].shape.rank:
+            batch = args[0].shape[0]
+            specs = tf.nest.map_structure(lambda value: _batch_spec(value, batch), args)
+            key = (id(function), repr(specs))
+            if key not in self._traced:
+                function.get_concrete_function(*specs)
+                self._traced.add(key)
+        return function(*args)
 
     def __call__(self, *args, jit_compile: bool | None = None):
         if jit_compile is None:
@@ -165,9 +192,9 @@ class Kernel:
                 and bool(tf.config.list_logical_devices("GPU"))
             )
             if not jit_compile:
-                return self._graph(*args)
+                return self._run(self._graph, args)
             try:
-                result = self._xla(*args)
+                result = self._run(self._xla, args)
             except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as error:
                 if self._xla_works:
                     raise
@@ -176,10 +203,10 @@ class Kernel:
                     f"The attack could not be compiled with XLA; running it without. ({error})",
                     stacklevel=3,
                 )
-                return self._graph(*args)
+                return self._run(self._graph, args)
             self._xla_works = True
             return result
-        return self._xla(*args) if jit_compile else self._graph(*args)
+        return self._run(self._xla, args) if jit_compile else self._run(self._graph, args)
 
 
 _FROM_LOSS = "from the loss"

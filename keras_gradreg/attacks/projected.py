@@ -19,7 +19,9 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from keras_gradreg._checks import Clip, check_clip, check_count, check_nonnegative
+from keras_gradreg import hashing
+from keras_gradreg._checks import Clip, check_choice, check_clip, check_count, check_nonnegative
+from keras_gradreg.ascent import ascent_step
 from keras_gradreg.attacks.common import (
     bounds,
     box,
@@ -28,7 +30,7 @@ from keras_gradreg.attacks.common import (
     correct_predictions,
     seed_tensor,
 )
-from keras_gradreg.balls import ALG, ball_norm, project_ball, random_in_ball
+from keras_gradreg.balls import ball_norm, random_in_ball
 from keras_gradreg.gradients import LossLike, loss_and_input_gradient, per_example_loss
 from keras_gradreg.norms import PValue, canonical_p, worst_case_perturbation
 
@@ -50,7 +52,7 @@ def _fgsm_fn(model_ref, loss_fn, from_logits, p):
     return run
 
 
-def _pgd_fn(model_ref, loss_fn, from_logits, p, steps, restarts, random_start):
+def _pgd_fn(model_ref, loss_fn, from_logits, p, steps, restarts, random_start, keep):
     def keep_best(best, x_adv, losses, correct):
         """Per example: a misclassified point beats a correct one, then the higher loss."""
         best_x, best_loss, best_correct = best
@@ -63,19 +65,24 @@ def _pgd_fn(model_ref, loss_fn, from_logits, p, steps, restarts, random_start):
             tf.where(better, correct, best_correct),
         )
 
-    def move(x, x_adv, gradient, step_size, epsilon, low, high):
-        """One steepest-ascent step of length `step_size`, projected onto the ball and box."""
-        if low is not None and not math.isinf(p):
-            # Only move along coordinates that can still move inside the box.
-            blocked = ((x_adv >= high) & (gradient > 0)) | ((x_adv <= low) & (gradient < 0))
-            gradient = tf.where(blocked, tf.zeros_like(gradient), gradient)
-        x_adv = x_adv + worst_case_perturbation(gradient, p, step_size)
-        return box(x + project_ball(x_adv - x, p, epsilon), low, high)
-
     def run(x, y, epsilon, step_size, low, high, seed):
         model = model_ref()
         epsilon = tf.cast(epsilon, x.dtype)
         step_size = tf.cast(step_size, x.dtype)
+
+        def start_point(restart):
+            if not random_start:
+                return x
+            start = random_in_ball(tf.shape(x), p, epsilon, hashing.fold_in(seed, restart), x.dtype)
+            return box(x + start, low, high)
+
+        if keep == "last":
+            x_adv = start_point(0)
+            for _ in tf.range(steps):
+                _, _, gradient = loss_and_gradient(model, loss_fn, from_logits, x_adv, y)
+                x_adv = ascent_step(x, x_adv, gradient, p, step_size, epsilon, low, high)
+            return x_adv, correct_predictions(y, model(x_adv, training=False), from_logits)
+
         y_pred = model(x, training=False)
         best = (
             x,
@@ -83,16 +90,11 @@ def _pgd_fn(model_ref, loss_fn, from_logits, p, steps, restarts, random_start):
             correct_predictions(y, y_pred, from_logits),
         )
         for restart in tf.range(restarts):
-            if random_start:
-                restart_seed = tf.random.experimental.stateless_fold_in(seed, restart, alg=ALG)
-                start = random_in_ball(tf.shape(x), p, epsilon, restart_seed, x.dtype)
-                x_adv = box(x + start, low, high)
-            else:
-                x_adv = x
+            x_adv = start_point(restart)
             for _ in tf.range(steps):
                 losses, correct, gradient = loss_and_gradient(model, loss_fn, from_logits, x_adv, y)
                 best = keep_best(best, x_adv, losses, correct)
-                x_adv = move(x, x_adv, gradient, step_size, epsilon, low, high)
+                x_adv = ascent_step(x, x_adv, gradient, p, step_size, epsilon, low, high)
             y_pred = model(x_adv, training=False)
             losses = per_example_loss(loss_fn, y, y_pred)
             best = keep_best(best, x_adv, losses, correct_predictions(y, y_pred, from_logits))
@@ -164,6 +166,7 @@ def pgd_with_correct(
     loss=None,
     clip=(0.0, 1.0),
     seed=None,
+    keep="best",
     **kw,
 ):
     """`pgd` that also returns the per-example correctness at the result."""
@@ -175,6 +178,12 @@ def pgd_with_correct(
         step_size = 2.5 * epsilon / steps
     else:
         step_size = check_nonnegative(step_size, "step_size")
+    keep = check_choice(keep, "keep", ("best", "last"))
+    if keep == "last" and restarts > 1:
+        raise ValueError(
+            "`keep='last'` returns one run's last iterate: it takes `restarts=1`. "
+            f"Received: restarts={restarts}"
+        )
     if restarts > 1 and not random_start:
         raise ValueError(
             "Restarts without a random start repeat the same attack: set "
@@ -185,7 +194,14 @@ def pgd_with_correct(
     x, y = check_inputs(x, y)
     low, high = bounds(clip, x)
     kernel = compiled_kernel(
-        model, loss, _pgd_fn, p=p, steps=steps, restarts=restarts, random_start=bool(random_start)
+        model,
+        loss,
+        _pgd_fn,
+        p=p,
+        steps=steps,
+        restarts=restarts,
+        random_start=bool(random_start),
+        keep=keep,
     )
     return kernel(
         x,
@@ -212,6 +228,7 @@ def pgd(
     loss: LossLike = None,
     clip: Clip = (0.0, 1.0),
     seed: int | None = None,
+    keep: str = "best",
     *,
     jit_compile: bool | None = None,
 ) -> tf.Tensor:
@@ -222,7 +239,10 @@ def pgd(
     for 1; coordinates pushing against the box are skipped for p = 1, 2),
     then projects exactly onto the p-ball around `x` and clips to the box.
     Per example, the strongest point over all steps and restarts is returned:
-    misclassified if any was (the clean input counts), else the highest loss.
+    misclassified if any was (the clean input counts), else the highest loss
+    (`keep="last"`: the last iterate, as the multi-step members of the family
+    train on). The step and the random start are those of the family's
+    multi-step members (`keras_gradreg.ascent`).
 
     Args:
         model: A Keras classifier (logits or probabilities).
@@ -238,6 +258,8 @@ def pgd(
         loss: A Keras loss or callable; None for the model's compiled loss.
         clip: The box (low, high) inputs live in, or None for no box.
         seed: Integer for reproducible random starts; None draws a fresh seed.
+            The same seed gives the same starts eagerly, in graphs and under XLA.
+        keep: "best" (the strongest point) or "last" (the last iterate; one restart).
         jit_compile: True/False to force XLA on or off; None uses XLA only
             for eager calls with a GPU visible (on CPU it was slower).
 
@@ -257,5 +279,6 @@ def pgd(
         loss,
         clip,
         seed,
+        keep,
         jit_compile=jit_compile,
     )[0]
