@@ -367,7 +367,8 @@ def _run_all(kernel, x, clean, epsilon, low, high, seed, rank, restarts, jit_com
     """Runs every (target, restart) on the examples still classified correctly."""
     x_adv = x.numpy().copy()
     correct = clean.correct.numpy().copy()
-    best_loss = np.full(len(correct), -np.inf, np.float32)
+    # float64 holds float32 and float64 losses exactly: runs compare at full precision.
+    best_loss = np.full(len(correct), -np.inf, np.float64)
     epsilon = tf.constant(epsilon, x.dtype)
     for target_rank in range(max(rank, 1)):
         target_seed = tf.random.experimental.stateless_fold_in(seed, target_rank, alg=ALG)
