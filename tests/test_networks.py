@@ -297,3 +297,202 @@ def test_layers_saved_under_the_old_train_names_still_load():
         ContrastNormalizeZCA
     )
     assert kgr.layers.CeilMaxPooling2D is CeilMaxPooling2D
+
+
+# --------------------------------------------------------------------------- #
+# kgr.networks.cnn: Madry et al.'s MNIST CNN.
+# --------------------------------------------------------------------------- #
+
+
+def _cnn_params(channels, dense, pieces=1, kernel=5, image=(28, 28, 1), classes=10):
+    """Parameters of `cnn` counted by hand: two 'same' convs, two 2x2 pools, dense, logits."""
+    count, depth = 0, image[2]
+    for c in channels:
+        count += kernel * kernel * depth * c * pieces + c * pieces
+        depth = c
+    side_h, side_w = image[0], image[1]
+    for _ in channels:
+        side_h, side_w = math.ceil(side_h / 2), math.ceil(side_w / 2)
+    flat = side_h * side_w * depth
+    return count + flat * dense * pieces + dense * pieces + dense * classes + classes
+
+
+def test_cnn_is_madrys_network_and_its_narrow_and_maxout_variants():
+    model = networks.cnn()
+    assert _layer_shapes(model, "conv") == [(28, 28, 32), (14, 14, 64)]
+    assert _layer_shapes(model, "pool") == [(14, 14, 32), (7, 7, 64)]
+    # 5*5*32 + 32, 5*5*32*64 + 64, 7*7*64*1024 + 1024, 1024*10 + 10.
+    assert model.count_params() == 832 + 51_264 + 3_212_288 + 10_250 == 3_274_634
+    assert model.count_params() == _cnn_params((32, 64), 1024)
+    assert not [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+    narrow = networks.cnn(conv_channels=(16, 32), dense_units=128)
+    # 5*5*16 + 16, 5*5*16*32 + 32, 7*7*32*128 + 128, 128*10 + 10.
+    assert narrow.count_params() == 416 + 12_832 + 200_832 + 1_290
+    assert narrow.count_params() == _cnn_params((16, 32), 128)
+    maxout = networks.cnn(conv_channels=(16, 32), dense_units=128, activation="maxout", pieces=3)
+    # Each layer computes 3 pieces per unit: 5*5*48 + 48, 5*5*16*96 + 96, 1568*384 + 384.
+    assert maxout.count_params() == 1_248 + 38_496 + 602_496 + 1_290
+    assert maxout.count_params() == _cnn_params((16, 32), 128, pieces=3)
+    assert _layer_shapes(maxout, "maxout") == [(28, 28, 16), (14, 14, 32), (128,)]
+    # Odd sizes: 'same' pooling rounds up, 9 -> 5 -> 3.
+    odd = networks.cnn((9, 9, 3), 4, conv_channels=(2, 3), dense_units=5, kernel=3)
+    assert _layer_shapes(odd, "pool") == [(5, 5, 2), (3, 3, 3)]
+    assert odd.count_params() == _cnn_params((2, 3), 5, kernel=3, image=(9, 9, 3), classes=4)
+
+
+def _conv_same(x, kernel, bias):
+    k = kernel.shape[0]
+    padded = np.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (k, k), axis=(1, 2))
+    # windows: (n, h, w, c_in, k, k); kernel: (k, k, c_in, c_out).
+    return np.einsum("nhwcij,ijco->nhwo", windows, kernel) + bias
+
+
+def _pool_same(x):
+    """2x2 max-pooling, stride 2, 'same': the last window of an odd side holds one row."""
+    n, h, w, c = x.shape
+    padded = np.full((n, h + h % 2, w + w % 2, c), -np.inf)
+    padded[:, :h, :w] = x
+    return padded.reshape(n, padded.shape[1] // 2, 2, padded.shape[2] // 2, 2, c).max(axis=(2, 4))
+
+
+_ERF = np.vectorize(math.erf)
+NUMPY_ACTIVATIONS = {
+    "relu": lambda z, pieces: np.maximum(z, 0.0),
+    "gelu": lambda z, pieces: 0.5 * z * (1.0 + _ERF(z / math.sqrt(2.0))),
+    "softplus": lambda z, pieces: np.logaddexp(0.0, z),
+    # pylearn2's grouping: channels [i * k, (i + 1) * k) feed unit i.
+    "maxout": lambda z, pieces: z.reshape(*z.shape[:-1], -1, pieces).max(axis=-1),
+}
+
+
+@pytest.mark.parametrize("activation", list(NUMPY_ACTIVATIONS))
+def test_cnn_forward_pass_matches_numpy(activation):
+    """The whole network in float64 NumPy: 'same' convs, activation, pooling, dense, logits."""
+    pieces = 3
+    model = networks.cnn(
+        (7, 7, 2), 4, conv_channels=(3, 4), dense_units=5, activation=activation, pieces=pieces
+    )
+    rng = np.random.default_rng(7)
+    # Weights of both signs and scale ~1, so every activation's curved part is used.
+    model.set_weights([rng.normal(scale=0.5, size=w.shape) for w in model.get_weights()])
+    x = rng.uniform(size=(3, 7, 7, 2))
+    weights = [w.astype(np.float64) for w in model.get_weights()]
+    act = NUMPY_ACTIVATIONS[activation]
+    h = x
+    for i in range(2):
+        h = _pool_same(act(_conv_same(h, weights[2 * i], weights[2 * i + 1]), pieces))
+    assert h.shape == (3, 2, 2, 4)  # 7 -> 4 -> 2.
+    h = act(h.reshape(3, -1) @ weights[4] + weights[5], pieces)
+    expected = h @ weights[6] + weights[7]
+    got = np.asarray(model(x.astype("float32"), training=True))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # One layer's activation alone, on a pre-activation of both signs.
+    layer = model.get_layer("maxout_0" if activation == "maxout" else "conv_0")
+    probe = keras.Model(model.input, [model.get_layer("conv_0").output, layer.output])
+    if activation != "maxout":
+        linear = np.asarray(
+            keras.ops.conv(x.astype("float32"), model.get_layer("conv_0").kernel, padding="same")
+            + model.get_layer("conv_0").bias
+        )
+        assert (linear < 0).any() and (linear > 0).any()
+        np.testing.assert_allclose(
+            np.asarray(probe(x.astype("float32"))[1]), act(linear.astype(np.float64), pieces),
+            rtol=1e-5, atol=1e-5,
+        )  # fmt: skip
+    else:
+        pre, out = (np.asarray(t, np.float64) for t in probe(x.astype("float32")))
+        np.testing.assert_array_equal(out, act(pre, pieces))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"activation": "swirl"}, "Received: activation='swirl'"),
+        ({"activation": 3}, "Received: activation=3"),
+        ({"activation": "maxout", "pieces": 0}, r"Received: pieces=\(0,\)"),
+        ({"conv_channels": ()}, r"Received: conv_channels=\(\)"),
+        ({"conv_channels": (16, 0)}, r"Received: conv_channels=\(16, 0\)"),
+        ({"dense_units": 0}, r"Received: dense_units=\(0,\)"),
+        ({"dense_units": 2.5}, r"Received: dense_units=\(2.5,\)"),
+        ({"kernel": 0}, r"Received: kernel=\(0,\)"),
+        ({"hidden_dropout": 1.0}, "Received: hidden_dropout=1.0"),
+        ({"max_norm": -1.0}, "Received: max_norm=-1.0"),
+        ({"input_shape": (784,)}, r"Received: input_shape=\(784,\)"),
+        ({"num_classes": 1}, "Received: num_classes=1"),
+    ],
+)
+def test_cnn_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        networks.cnn(**kwargs)
+
+
+def test_cnn_dropout_and_max_norm_when_asked():
+    model = networks.cnn(
+        conv_channels=(4, 8), dense_units=16, input_dropout=0.1, hidden_dropout=0.3, max_norm=2.0
+    )
+    rates = [layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+    assert rates == [0.1, 0.3, 0.3, 0.3]  # image, conv_1, dense_2, logits.
+    assert all(
+        isinstance(layer, kgr.layers.FastDropout) for layer in model.layers if "drop" in layer.name
+    )
+    norms = [layer.kernel_constraint.max_value for layer in model.layers if "kernel" in dir(layer)]
+    assert norms == [2.0, 2.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("activation", ["gelu", "maxout"])
+def test_cnn_saving_round_trip(tmp_path, activation):
+    reg = kgr.GradientRegularizer(p=math.inf, sigma=0.3, method="adversarial")
+    model = networks.cnn(
+        conv_channels=(4, 8), dense_units=16, activation=activation, hidden_dropout=0.5,
+        regularizer=reg,
+    )  # fmt: skip
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    path = str(tmp_path / "cnn.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    x = np.random.default_rng(8).uniform(size=(4, 28, 28, 1)).astype("float32")
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+    assert loaded.regularizer == reg and loaded.count_params() == model.count_params()
+    assert [layer.name for layer in loaded.layers] == [layer.name for layer in model.layers]
+
+
+def _penalty_steps(activation, mode):
+    """Weights after two SGD steps of p=inf's exact penalty on a small `cnn`, from fixed weights."""
+    rng = np.random.default_rng(9)
+    x = rng.uniform(size=(16, 12, 12, 1)).astype("float32")
+    y = rng.integers(0, 3, size=16)
+    model = networks.cnn(
+        (12, 12, 1), 3, conv_channels=(3, 4), dense_units=8, activation=activation,
+        regularizer=kgr.GradientRegularizer(p=math.inf, sigma=0.3),
+    )  # fmt: skip
+    model.set_weights([rng.normal(scale=0.3, size=w.shape) for w in model.get_weights()])
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.5),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        run_eagerly=mode == "eager",
+        jit_compile=mode == "xla",
+    )
+    logs = model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0).history
+    assert logs["penalty"][0] > 0
+    return model.get_weights()
+
+
+# tf2xla's MaxPoolGradGrad (tensorflow/compiler/tf2xla/kernels/pooling_ops.cc)
+# picks each window's maximum by the input rounded to bfloat16 and takes the
+# later of tied values where TensorFlow's kernel takes the first: under XLA
+# the penalty's parameter gradient through max-pooling is not the exact one
+# (1.2% relative error on a small ReLU network here). A pooling written as a
+# maximum over strided slices is exact; until kgr.layers.CeilMaxPooling2D is,
+# this case fails (strict: the marker must go when it passes).
+_XLA_POOLING = pytest.mark.xfail(
+    strict=True, reason="XLA's MaxPoolGradGrad selects by bfloat16-rounded inputs"
+)
+
+
+@pytest.mark.parametrize("activation", ["relu", "maxout"])
+@pytest.mark.parametrize("mode", ["graph", pytest.param("xla", marks=_XLA_POOLING)])
+def test_cnn_penalty_steps_through_max_pooling_agree_with_eager(activation, mode):
+    """The exact penalty differentiates max-pooling's gradient (its double backward)."""
+    for a, b in zip(_penalty_steps(activation, "eager"), _penalty_steps(activation, mode)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
