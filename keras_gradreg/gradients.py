@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -71,6 +73,38 @@ def resolve_loss(model: keras.Model, loss: LossLike) -> Callable:
     if callable(loss):
         return loss
     raise ValueError(f"`loss` must be a Keras loss or a callable. Received: loss={loss!r}")
+
+
+def loss_from_logits(model: keras.Model, loss: LossLike = None) -> bool | None:
+    """Whether `loss` (the compiled loss if None) expects logits.
+
+    Returns:
+        True or False as read from the loss's `from_logits` (a Keras loss
+        object, a loss name, a Keras loss function or a `functools.partial`
+        of one), or None when the loss has no such setting.
+    """
+    if loss is None:
+        loss = getattr(model, "loss", None)
+    if isinstance(loss, str):
+        try:
+            loss = keras.losses.get(loss)
+        except ValueError:
+            return None
+    if isinstance(loss, keras.losses.Loss):
+        config = loss.get_config()
+        return bool(config["from_logits"]) if "from_logits" in config else None
+    if isinstance(loss, functools.partial):
+        if "from_logits" in loss.keywords:
+            return bool(loss.keywords["from_logits"])
+        loss = loss.func
+    if callable(loss):
+        try:
+            parameter = inspect.signature(loss).parameters.get("from_logits")
+        except (TypeError, ValueError):
+            return None
+        if parameter is not None and parameter.default is not inspect.Parameter.empty:
+            return bool(parameter.default)
+    return None
 
 
 def per_example_loss(loss_fn: Callable, y: Any, y_pred: Any) -> tf.Tensor:

@@ -33,14 +33,18 @@ from typing import Any, NamedTuple
 import keras
 import tensorflow as tf
 
-from keras_gradreg import _checks, _internals, randomness
+from keras_gradreg import _checks, _internals, hashing, randomness
+from keras_gradreg.ascent import ascent_step, box
+from keras_gradreg.balls import random_in_ball
 from keras_gradreg.gradients import (
     concat_per_example,
     differentiate_inputs,
     floating_inputs,
+    loss_from_logits,
     replace_floating_inputs,
     split_per_example,
 )
+from keras_gradreg.kl import KLDivergence
 from keras_gradreg.norms import dual_norm, worst_case_perturbation
 from keras_gradreg.regularizer import GradientRegularizer, as_regularizer
 from keras_gradreg.subsets import batch_size_of, gather_rows, subset_rows
@@ -152,6 +156,9 @@ def regularized_loss(
         check_subset_reduction(reduced_loss, "loss_fn")
     if loss_scale is not None and not tf.is_tensor(loss_scale):
         loss_scale = _checks.check_positive(loss_scale, "loss_scale")
+    divergence = None
+    if regularizer.method == "trades":
+        divergence = trades_divergence(loss_fn, sample_weight, "loss_fn")
     x = tf.nest.map_structure(_as_tensor, x)
 
     def forward(inputs, rows=None):
@@ -160,7 +167,9 @@ def regularized_loss(
         loss = _with_model_losses(model, reduced_loss(targets, y_pred, sample_weight=weights))
         return y_pred, loss
 
-    return regularized_objective(model, forward, x, regularizer, loss_scale=loss_scale, step=step)
+    return regularized_objective(
+        model, forward, x, regularizer, loss_scale=loss_scale, step=step, divergence=divergence
+    )
 
 
 _SHARED: dict[str, GradientRegularizer] = {}
@@ -187,6 +196,7 @@ def regularized_objective(
     loss_scale: float | tf.Tensor | None = None,
     extra_state: list | tuple = (),
     step: int | tf.Tensor | tf.Variable | None = None,
+    divergence: KLDivergence | None = None,
 ) -> RegularizedLoss:
     """The regularised objective of one batch, by the regularizer's estimator.
 
@@ -204,11 +214,17 @@ def regularized_objective(
         extra_state: More variables a forward pass changes that a probing
             pass must leave untouched (e.g. per-output loss trackers).
         step: The training step's index; needed when `regularizer.every > 1`.
+        divergence: The KL of "trades" (`trades_divergence`); None otherwise.
 
     Returns:
         A `RegularizedLoss`.
     """
-    return objective_branches(model, forward, x, regularizer, loss_scale, extra_state, step).run()
+    branches = objective_branches(
+        model, forward, x, regularizer, loss_scale, extra_state, step, divergence
+    )
+    if regularizer.every == 1 and regularizer.fraction == 1.0 and len(branches.functions) > 1:
+        return _term_unless_sigma(branches.functions[1], regularizer)
+    return branches.run()
 
 
 class Branches(NamedTuple):
@@ -245,6 +261,7 @@ def objective_branches(
     loss_scale: float | tf.Tensor | None = None,
     extra_state: list | tuple = (),
     step: int | tf.Tensor | tf.Variable | None = None,
+    divergence: KLDivergence | None = None,
 ) -> Branches:
     """The objectives of `regularized_objective` and the run-time choice between them.
 
@@ -264,8 +281,20 @@ def objective_branches(
         return Branches(
             0, (functools.partial(_plain_unless_sigma, forward, x, regularizer),), counted
         )
+    if regularizer.method == "trades" and divergence is None:
+        raise ValueError(
+            'method="trades" needs the KL of the model\'s outputs: pass `divergence` '
+            "(kgr.objective.trades_divergence). Received: divergence=None"
+        )
     term = functools.partial(
-        term_objective, model, forward, x, regularizer, loss_scale, extra_state
+        term_objective,
+        model,
+        forward,
+        x,
+        regularizer,
+        loss_scale,
+        extra_state,
+        divergence=divergence,
     )
     regularize = tf.logical_and(counted, regularizer.sigma_tensor() > 0.0)
     index = tf.cast(regularize, tf.int32)
@@ -324,10 +353,13 @@ def term_objective(
     loss_scale: float | tf.Tensor | None = None,
     extra_state: list | tuple = (),
     clean_gradient: bool = True,
+    divergence: KLDivergence | None = None,
 ) -> RegularizedLoss:
     """The regularised objective with the term multiplied by `every`, on the batch or a subset."""
     if regularizer.fraction < 1.0:
-        return subset_objective(model, forward, x, regularizer, loss_scale, extra_state)
+        return subset_objective(
+            model, forward, x, regularizer, loss_scale, extra_state, divergence
+        )
     if regularizer.method == "penalty":
         return penalty_objective(forward, x, regularizer, loss_scale, scale=regularizer.every)
     return perturbed_objective(
@@ -339,6 +371,7 @@ def term_objective(
         extra_state,
         scale=regularizer.every,
         clean_gradient=clean_gradient,
+        divergence=divergence,
     )
 
 
@@ -369,25 +402,31 @@ def perturbed_objective(
     extra_state: list | tuple = (),
     scale: int = 1,
     clean_gradient: bool = True,
+    divergence: KLDivergence | None = None,
 ) -> RegularizedLoss:
-    """The "adversarial" and "finite_difference" estimators: a second pass at x + r.
+    """The "adversarial", "finite_difference" and "trades" estimators: a second pass at x + r.
 
-    r = r*(g) with radius sigma ("adversarial") or `fd_step`
-    ("finite_difference"), held constant. The second pass draws the clean
+    r is r*(g) with radius sigma ("adversarial") or `fd_step`
+    ("finite_difference"), or the last iterate of the ascent (multi-step
+    "adversarial", "trades"), held constant. The second pass draws the clean
     pass's dropout masks and leaves no trace in the model's state. The term
     is multiplied by `scale`; `clean_gradient=False` drops the clean loss's
     gradient, valid only where its weight is 0 ("adversarial", clean_weight
     0, scale 1).
     """
-    y_pred, loss, moved_loss = _clean_and_moved_losses(
-        model, forward, x, regularizer, loss_scale, extra_state
+    clean, moved = _clean_and_moved_passes(
+        model, forward, x, regularizer, loss_scale, extra_state, divergence
     )
+    (y_pred, loss), (moved_pred, moved_loss) = clean, moved
     if regularizer.method == "adversarial":
-        clean = loss if clean_gradient else tf.stop_gradient(loss)
+        clean_loss = loss if clean_gradient else tf.stop_gradient(loss)
         clean_weight, moved_weight = _adversarial_weights(regularizer, scale, loss.dtype)
-        total = clean_weight * clean + moved_weight * moved_loss
+        total = clean_weight * clean_loss + moved_weight * moved_loss
         return RegularizedLoss(total, loss, moved_loss, y_pred)
-    penalty = _finite_difference(regularizer, moved_loss, loss)
+    if regularizer.method == "trades":
+        penalty = _trades_term(regularizer, divergence, y_pred, moved_pred, loss.dtype)
+    else:
+        penalty = _finite_difference(regularizer, moved_loss, loss)
     return RegularizedLoss(loss + _times(scale, penalty), loss, penalty, y_pred)
 
 
@@ -398,6 +437,7 @@ def subset_objective(
     regularizer: GradientRegularizer,
     loss_scale: float | tf.Tensor | None = None,
     extra_state: list | tuple = (),
+    divergence: KLDivergence | None = None,
 ) -> RegularizedLoss:
     """L(x) on the whole batch + `every` * T on a random subset of rows (`fraction < 1`).
 
@@ -424,12 +464,25 @@ def subset_objective(
         penalty = _penalty(gradient_rows, regularizer, loss.dtype)
         term, overflow = penalty, _nan_gradient_unless_finite(penalty, loss)
     else:
-        _, rows_loss, moved_loss = _clean_and_moved_losses(
-            model, forward_rows, x_rows, regularizer, loss_scale, extra_state
+        (rows_pred, rows_loss), (moved_pred, moved_loss) = _clean_and_moved_passes(
+            model,
+            forward_rows,
+            x_rows,
+            regularizer,
+            loss_scale,
+            extra_state,
+            divergence,
+            positions=global_positions(batch_size_of(x), rows),
+            kl_rows=rows,
         )
         if regularizer.method == "adversarial":
             weight = 1.0 - tf.cast(regularizer.clean_weight_tensor(), loss.dtype)
             penalty, term = moved_loss, weight * (moved_loss - rows_loss)
+        elif regularizer.method == "trades":
+            penalty = _trades_term(
+                regularizer, divergence, rows_pred, moved_pred, loss.dtype, rows
+            )
+            term = penalty
         else:
             penalty = _finite_difference(regularizer, moved_loss, rows_loss)
             term = penalty
@@ -481,27 +534,190 @@ def _clean_pass_and_input_gradient(forward: Forward, x: Any, loss_scale):
     return y_pred, loss, rows
 
 
-def _clean_and_moved_losses(model, forward: Forward, x: Any, regularizer, loss_scale, extra_state):
-    """The clean pass and the pass at x + r (same masks, no trace): (y_pred, loss, moved loss)."""
+def _clean_and_moved_passes(
+    model,
+    forward: Forward,
+    x: Any,
+    regularizer,
+    loss_scale,
+    extra_state,
+    divergence=None,
+    positions=None,
+    kl_rows=None,
+):
+    """The clean pass and the pass at x + r, same masks, no trace: ((y_pred, loss), moved).
+
+    `moved` is the pair (predictions, loss) at x + r. Every pass after the
+    clean one (the ascent's and the moved one) redraws the clean pass's
+    dropout masks, and they leave no trace in the model's state (BatchNorm
+    statistics) or in `extra_state`. A NaN r (overflowed input gradient)
+    makes the moved loss, hence the parameter gradients, NaN.
+
+    Args:
+        positions: The rows' positions in the global batch (random starts
+            are keyed by them); None: this replica's rows of the batch.
+        kl_rows: The batch's rows `x` holds (for the KL's sample weights).
+    """
+    del kl_rows  # The ascent's KL is summed: its direction needs no weights.
     seed_states = [generator.state for generator in randomness.seed_generators(model)]
     step_randomness = randomness.snapshot(seed_states)
-    y_pred, loss, rows = _clean_pass_and_input_gradient(forward, x, loss_scale)
-    adversarial = regularizer.method == "adversarial"
-    radius = regularizer.sigma_tensor() if adversarial else regularizer.fd_step
-    step = tf.stop_gradient(worst_case_perturbation(rows, regularizer.p, radius))
-    inputs = floating_inputs(x)
-    steps = split_per_example(step, inputs)
-    x_moved = replace_floating_inputs(x, [t + s for t, s in zip(inputs, steps)])
-    # The moved pass is a probe: it redraws the clean pass's masks and
-    # leaves no trace in the model's state (BatchNorm statistics) or in
-    # `extra_state`. A NaN r* (overflowed input gradient) makes its loss,
-    # hence the parameter gradients, NaN.
+    if regularizer.draws_starts:  # The ascent does not start at x: no gradient needed there.
+        (y_pred, loss), rows = forward(x), None
+    else:
+        y_pred, loss, rows = _clean_pass_and_input_gradient(forward, x, loss_scale)
     side_state = _state_outside(model, seed_states, extra_state)
     kept_state = randomness.snapshot(side_state)
-    randomness.restore(seed_states, step_randomness)
-    _, moved_loss = forward(x_moved)
+
+    def replay(inputs):
+        randomness.restore(seed_states, step_randomness)
+        return forward(inputs)
+
+    inputs = floating_inputs(x)
+    if regularizer.ascends:
+        if positions is None:
+            positions = global_positions(batch_size_of(x))
+        ascent = _Ascent(replay, x, regularizer, loss_scale, divergence, y_pred)
+        r = ascent.run(rows, positions)
+    else:
+        r = _closed_form_perturbation(rows, inputs, regularizer)
+    steps = split_per_example(tf.stop_gradient(r), inputs)
+    x_moved = replace_floating_inputs(x, [t + step for t, step in zip(inputs, steps)])
+    moved = replay(x_moved)
     randomness.restore(side_state, kept_state)
-    return y_pred, loss, moved_loss
+    return (y_pred, loss), moved
+
+
+def _closed_form_perturbation(rows, inputs, regularizer) -> tf.Tensor:
+    """r* of radius sigma ("adversarial") or `fd_step`, then into the box (flat rows)."""
+    adversarial = regularizer.method == "adversarial"
+    radius = regularizer.sigma_tensor() if adversarial else regularizer.fd_step
+    r = worst_case_perturbation(rows, regularizer.p, radius)
+    if regularizer.clip is None:
+        return r
+    x_flat = concat_per_example(inputs)
+    low, high = _clip_bounds(regularizer)
+    return box(x_flat + r, low, high) - x_flat
+
+
+class _Ascent:
+    """The ascent of multi-step "adversarial" and "trades" on flat per-example rows.
+
+    Args:
+        replay: A forward pass with the step's masks.
+        x: The clean batch.
+        regularizer: The settings.
+        loss_scale: Scales the ascent's objective (mixed precision).
+        divergence: The KL, for "trades".
+        clean_pred: f(x), the KL's fixed first argument.
+    """
+
+    def __init__(self, replay, x, regularizer, loss_scale, divergence, clean_pred):
+        self.replay, self.x, self.regularizer = replay, x, regularizer
+        self.loss_scale, self.divergence = loss_scale, divergence
+        self.clean_pred = tf.nest.map_structure(tf.stop_gradient, clean_pred)
+        self.inputs = floating_inputs(x)
+
+    def run(self, first_gradient, positions) -> tf.Tensor:
+        """r: the last iterate minus x, float32, shape (batch, input size)."""
+        regularizer = self.regularizer
+        x_flat = concat_per_example(self.inputs)
+        sigma = regularizer.sigma_tensor()
+        low, high = _clip_bounds(regularizer)
+        x_adv, gradient = x_flat, first_gradient
+        if regularizer.draws_starts:
+            seed = regularizer.start_seed_generator().next()
+            x_adv, gradient = self._start(seed, x_flat, positions, sigma, low, high), None
+        step_length = regularizer.step_size * sigma
+        for _ in range(regularizer.steps):
+            if gradient is None:
+                gradient = self._gradient(x_adv)
+            x_adv = ascent_step(
+                x_flat, x_adv, gradient, regularizer.p, step_length, sigma, low, high
+            )
+            gradient = None
+        return x_adv - x_flat
+
+    def _start(self, seed, x_flat, positions, sigma, low, high) -> tf.Tensor:
+        size = tf.shape(x_flat)[1]
+        if self.regularizer.method == "trades":
+            # The reference code's start: x + 0.001 N(0, 1), not projected.
+            return x_flat + TRADES_START_SCALE * hashing.normal(seed, positions, size)
+        p = self.regularizer.p
+        start = random_in_ball(tf.shape(x_flat), p, sigma, seed, positions=positions)
+        return box(x_flat + start, low, high)
+
+    def _gradient(self, x_adv: tf.Tensor) -> tf.Tensor:
+        """The gradient of the ascent's objective at `x_adv` (flat rows, float32)."""
+        point = replace_floating_inputs(self.x, split_per_example(x_adv, self.inputs))
+
+        def objective(inputs):
+            y_pred, loss = self.replay(inputs)
+            if self.divergence is not None and self.regularizer.method == "trades":
+                value = tf.reduce_sum(self.divergence.per_example(self.clean_pred, y_pred))
+            else:
+                value = tf.cast(loss, tf.float32)
+            if self.loss_scale is not None:
+                value = value * tf.cast(self.loss_scale, value.dtype)
+            return value, None
+
+        gradients, _ = differentiate_inputs(objective, point)
+        return concat_per_example(gradients)
+
+
+# The scale of TRADES's Gaussian start (Zhang et al.'s code).
+TRADES_START_SCALE = 0.001
+
+
+def global_positions(batch_size, rows: tf.Tensor | None = None) -> tf.Tensor:
+    """Each row's position in the global batch (int32): replica index * batch + row.
+
+    Random starts are keyed by it, so 1 replica and 2 draw the same numbers
+    (a strategy splits the global batch into equal consecutive parts).
+
+    Args:
+        batch_size: This replica's batch size.
+        rows: The rows of this replica's batch to place; None: all of them.
+    """
+    context = tf.distribute.get_replica_context()
+    replica = 0 if context is None else context.replica_id_in_sync_group
+    offset = tf.cast(replica, tf.int32) * tf.cast(batch_size, tf.int32)
+    local = tf.range(batch_size) if rows is None else tf.cast(rows, tf.int32)
+    return offset + local
+
+
+def _clip_bounds(regularizer):
+    """The ascent's box as float32 tensors, or (None, None)."""
+    if regularizer.clip is None:
+        return None, None
+    return tuple(tf.constant(bound, tf.float32) for bound in regularizer.clip)
+
+
+def _trades_term(regularizer, divergence, clean_pred, moved_pred, dtype, rows=None):
+    """beta * KL(f(x) || f(x + r)), reduced like the loss, in `dtype`."""
+    kl = divergence.reduced(clean_pred, moved_pred, rows)
+    return tf.cast(regularizer.beta * kl, dtype)
+
+
+def trades_divergence(loss: Any, sample_weight: Any, name: str = "loss") -> KLDivergence:
+    """The KL of "trades" for a model trained with `loss` (which says whether outputs are logits).
+
+    Raises:
+        ValueError: If `loss` does not say whether it takes logits.
+    """
+    return KLDivergence(trades_from_logits(loss, name), sample_weight)
+
+
+def trades_from_logits(loss: Any, name: str) -> bool:
+    """Whether `loss` takes logits, read from its `from_logits`; raises if it does not say."""
+    from_logits = loss_from_logits(None, loss)
+    if from_logits is None:
+        raise ValueError(
+            'method="trades" needs to know whether the model outputs logits or '
+            "probabilities: use a loss with a `from_logits` setting (e.g. "
+            "keras.losses.SparseCategoricalCrossentropy(from_logits=True)). "
+            f"Received: {name}={loss!r}"
+        )
+    return from_logits
 
 
 def _penalty(rows: tf.Tensor, regularizer: GradientRegularizer, dtype) -> tf.Tensor:
@@ -547,6 +763,25 @@ def _plain_unless_sigma(forward: Forward, x: Any, regularizer: GradientRegulariz
     nan = tf.where(regularizer.sigma_tensor() > 0.0, float("nan"), 0.0)
     total = result.total + tf.cast(nan, result.total.dtype)
     return result._replace(total=total, penalty=result.penalty + tf.cast(nan, result.total.dtype))
+
+
+def _term_unless_sigma(term: Callable[[], RegularizedLoss], regularizer) -> RegularizedLoss:
+    """The regularised objective, always computed; at sigma = 0 the plain objective's values.
+
+    `regularized_objective`'s form when only sigma (and clean_weight) choose
+    (`every=1, fraction=1`): a run-time branch that the caller's tape
+    differentiates through costs more than the term it may skip. XLA's CPU
+    backend runs the convolutions of a conditional's branch as naive loops
+    (76x a plain step on a small CNN); without XLA the differentiated
+    `tf.cond` cost 1.5x the same objective without it (bench/README.md). A
+    sigma = 0 step costs a regularised step here; `fit` skips the term.
+    """
+    result = term()
+    regularize = regularizer.sigma_tensor() > 0.0
+    return result._replace(
+        total=tf.where(regularize, result.total, result.data_loss),
+        penalty=tf.where(regularize, result.penalty, tf.zeros_like(result.penalty)),
+    )
 
 
 def _nan_gradient_unless_finite(penalty: tf.Tensor, loss: tf.Tensor) -> tf.Tensor:

@@ -8,8 +8,6 @@ arguments, so they never retrace.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import warnings
 import weakref
@@ -21,7 +19,7 @@ import tensorflow as tf
 
 from keras_gradreg._checks import Clip, check_seed
 from keras_gradreg.ascent import box  # noqa: F401  (the attacks' box, re-exported)
-from keras_gradreg.gradients import LossLike, resolve_loss
+from keras_gradreg.gradients import LossLike, loss_from_logits, resolve_loss  # noqa: F401
 
 # ---------------------------------------------------------------------- #
 # Inputs, seeds and the box.
@@ -64,38 +62,6 @@ def bounds(clip: Clip, x: tf.Tensor):
 # ---------------------------------------------------------------------- #
 # How to read a classifier's outputs.
 # ---------------------------------------------------------------------- #
-
-
-def loss_from_logits(model: keras.Model, loss: LossLike = None) -> bool | None:
-    """Whether `loss` (the compiled loss if None) expects logits.
-
-    Returns:
-        True or False as read from the loss's `from_logits` (a Keras loss
-        object, a loss name, a Keras loss function or a `functools.partial`
-        of one), or None when the loss has no such setting.
-    """
-    if loss is None:
-        loss = getattr(model, "loss", None)
-    if isinstance(loss, str):
-        try:
-            loss = keras.losses.get(loss)
-        except ValueError:
-            return None
-    if isinstance(loss, keras.losses.Loss):
-        config = loss.get_config()
-        return bool(config["from_logits"]) if "from_logits" in config else None
-    if isinstance(loss, functools.partial):
-        if "from_logits" in loss.keywords:
-            return bool(loss.keywords["from_logits"])
-        loss = loss.func
-    if callable(loss):
-        try:
-            parameter = inspect.signature(loss).parameters.get("from_logits")
-        except (TypeError, ValueError):
-            return None
-        if parameter is not None and parameter.default is not inspect.Parameter.empty:
-            return bool(parameter.default)
-    return None
 
 
 def correct_predictions(y: Any, y_pred: tf.Tensor, from_logits: bool | None) -> tf.Tensor:
