@@ -318,3 +318,77 @@ def test_a_resumed_run_continues_identically(tmp_path, settings):
     resumed.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
     for got, want in zip(resumed.get_weights(), straight.get_weights()):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.fixture
+def mixed_float16():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def test_the_ascent_is_loss_scaled_under_float16(mixed_float16):
+    """Confident predictions: the float16 input gradient underflows unless loss-scaled.
+
+    d loss / d x is about 1e-9 per entry, below float16's smallest subnormal;
+    an unscaled ascent would not move (sign(0) = 0) and log the clean loss.
+    """
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 6)).astype("float32")
+    y = np.zeros(16, "int64")
+    w = (rng.normal(size=(6, 3)) * 2e-4).astype("float32")
+    b = np.array([9.0, 0.0, 0.0], "float32")
+    regularizer = kgr.GradientRegularizer(p="inf", sigma=300.0, method="adversarial", steps=2)
+    inputs = keras.Input((6,))
+    model = kgr.RegularizedModel(inputs, keras.layers.Dense(3)(inputs), regularizer=regularizer)
+    model.set_weights([w, b])
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=LOSS)
+    logs = fit_one_step(model, x, y)
+    x_adv = mref.adversarial_point(
+        *as64(x), y, *as64(w, b), p=math.inf, sigma=300.0, steps=2, step_size=1.25,
+        random_start=False, clip=None, seed=None,
+    )
+    want = ref.mean(ref.per_example_loss(x_adv, y, *as64(w, b)))
+    clean = ref.mean(ref.per_example_loss(*as64(x), y, *as64(w, b)))
+    assert want > 1.5 * clean  # The ascent moves the loss far more than the tolerance.
+    np.testing.assert_allclose(logs["penalty"], want, rtol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(method="adversarial", steps=3, random_start=True, clip=(-2.0, 2.0)),
+        dict(method="trades", steps=2, beta=2.0),
+    ],
+    ids=["pgd", "trades"],
+)
+def test_mixed_float16_update_matches_float32(mixed_float16, settings):
+    """One step's weight update under mixed_float16 is float32's within half precision."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(32, 6)).astype("float32")
+    y = rng.integers(0, 3, size=32)
+
+    def update():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((6,))
+        hidden = keras.layers.Dense(16, activation="tanh")(inputs)
+        regularizer = kgr.GradientRegularizer(p="inf", sigma=0.3, **settings)
+        model = kgr.RegularizedModel(inputs, keras.layers.Dense(3)(hidden), regularizer=regularizer)
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss=LOSS)
+        regularizer.start_seed_generator().state.assign(
+            np.array([3, 0]).astype(regularizer.start_seed_generator().state.dtype)
+        )
+        before = [w.copy() for w in model.get_weights()]
+        fit_one_step(model, x, y)
+        return [after - w for after, w in zip(model.get_weights(), before)]
+
+    mixed = update()
+    keras.mixed_precision.set_global_policy("float32")
+    full = update()
+    # Sign steps amplify half precision where a gradient coordinate is near 0:
+    # TRADES's ascent starts 0.001 from x, where the KL's gradient is tiny.
+    tolerance = 5e-2 if settings["method"] == "trades" else 2e-2
+    for a, b in zip(mixed, full):
+        scale = np.abs(b).max()
+        assert scale > 1e-3  # An update to compare.
+        np.testing.assert_allclose(a, b, atol=tolerance * scale)
