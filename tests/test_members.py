@@ -392,3 +392,78 @@ def test_mixed_float16_update_matches_float32(mixed_float16, settings):
         scale = np.abs(b).max()
         assert scale > 1e-3  # An update to compare.
         np.testing.assert_allclose(a, b, atol=tolerance * scale)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(method="adversarial", steps=3), dict(method="trades", steps=2, beta=2.0)],
+    ids=["pgd", "trades"],
+)
+def test_every_pass_of_the_ascent_shares_the_steps_dropout_mask(settings):
+    """Dropout on the input of a linear model: NumPy with the step's one mask m.
+
+    logits = (x * m / (1 - rate)) W + b in every pass (clean, each ascent step,
+    moved). Fresh masks in the ascent's passes would move x along other
+    coordinates and give other weights.
+    """
+    x, y, w, b = linear_data(16)
+    inputs = keras.Input((6,))
+    dropout = keras.layers.Dropout(0.5, seed=3)
+    regularizer = kgr.GradientRegularizer(p=math.inf, sigma=0.3, **settings)
+    model = kgr.RegularizedModel(
+        inputs, keras.layers.Dense(3)(dropout(inputs)), regularizer=regularizer
+    )
+    model.set_weights([w, b])
+    compile_sgd(model)
+    generators = kgr.randomness.seed_generators(model)
+    before = [g.state.numpy() for g in generators]
+    seed = start_seed(regularizer) if regularizer.draws_starts else None
+    fit_one_step(model, x, y)
+    after = [g.state.numpy() for g in generators]
+    for generator, state in zip(generators, before):
+        generator.state.assign(state)
+    scale = dropout(np.ones_like(x), training=True).numpy().astype("float64")  # m / (1 - rate)
+    for generator, state in zip(generators, after):
+        generator.state.assign(state)
+    assert 0 < (scale == 0).mean() < 1  # A real mask.
+    # The masked model is linear in z = x * scale: run the reference there.
+    # Its input gradient is scale * (softmax - onehot) W^T; per coordinate the
+    # ascent moves z by scale * (step along the gradient in x).
+    x64, w64, b64 = as64(x, w, b)
+    if settings["method"] == "adversarial":
+        x_adv, step = x64, 0.3 * regularizer.step_size
+        for _ in range(3):
+            g = scale * ref.input_gradients(scale * x_adv, y, w64, b64)
+            x_adv = mref.ascent_step(x64, x_adv, g, math.inf, step, 0.3, None)
+        gw, gb = ref.loss_gradients(scale * x_adv, y, w64, b64)
+    else:
+        clean = ref.softmax(scale * x64 @ w64 + b64)
+        x_adv = x64 + 0.001 * mref.normal(seed, np.arange(16), 6)
+        for _ in range(2):
+            g = scale * ((ref.softmax(scale * x_adv @ w64 + b64) - clean) @ w64.T)
+            x_adv = mref.ascent_step(x64, x_adv, g, math.inf, 0.3 * 0.25, 0.3, None)
+        _, tw, tb = mref.trades_term(scale * x64, scale * x_adv, w64, b64, 2.0)
+        lw, lb = ref.loss_gradients(scale * x64, y, w64, b64)
+        gw, gb = lw + tw, lb + tb
+    np.testing.assert_allclose(model.get_weights()[0], w64 - 0.1 * gw, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.get_weights()[1], b64 - 0.1 * gb, rtol=1e-5, atol=1e-6)
+
+
+def test_a_sigma_schedule_scales_the_ascent_without_retracing():
+    """sigma assigned between steps (an epsilon ramp) sets the ball and the step length."""
+    x, y, w, b = linear_data(16)
+    settings = dict(p=math.inf, method="adversarial", steps=3, clip=(-1.0, 1.5))
+    regularizer = kgr.GradientRegularizer(sigma=0.3, **settings)
+    model = compile_sgd(linear_model("functional", regularizer, w, b), lr=0.0)
+    first = fit_one_step(model, x, y)
+    traced = model.train_function
+    regularizer.sigma = 0.1
+    second = fit_one_step(model, x, y)
+    assert model.train_function is traced
+    for sigma, logs in ((0.3, first), (0.1, second)):
+        x_adv = mref.adversarial_point(
+            *as64(x), y, *as64(w, b), p=math.inf, sigma=sigma, steps=3,
+            step_size=regularizer.step_size, random_start=False, clip=(-1.0, 1.5), seed=None,
+        )
+        want = ref.mean(ref.per_example_loss(x_adv, y, *as64(w, b)))
+        np.testing.assert_allclose(logs["penalty"], want, rtol=1e-5)
