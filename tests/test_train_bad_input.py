@@ -238,6 +238,13 @@ def test_bad_workdir(tmp_path, capsys, case, make, message):
         (["--data_npz=/no/such.npz"], "flag --data_npz=/no/such.npz: `data_npz` must be an"),
         (["--preset=mnist_conv_maxout", "--hidden_units=10"], "hidden_units=(10,)"),
         (["--sigmaa=1"], "Unknown command line flag 'sigmaa'"),
+        (["--clip=1,0"], "flag --clip=['1', '0']: `clip` must be a pair (low, high) with low < h"),
+        (["--beta=3"], "`beta` does not apply to method='penalty' (it is an argument of 'trades')"),
+        (["--method=trades", "--clean_weight=0.5"], "`clean_weight` does not apply to method="),
+        (["--preset=mnist_cnn", "--pieces=3"], "`pieces` applies to activation='maxout' only"),
+        (["--preset=mnist_cnn", "--hidden_units=10"], "`hidden_units` does not apply to model="),
+        (["--activation=swirl"], "flag --activation=swirl: `activation` must be one of"),
+        (["--sigma_warmup_epochs=-1"], "flag --sigma_warmup_epochs=-1: `sigma_warmup_epochs` must"),
         (["extra"], "unexpected arguments ['extra']"),
     ],
 )
@@ -303,3 +310,39 @@ def test_a_run_recorded_before_a_setting_existed_resumes_with_its_default(tmp_pa
         workdir_lib.check_same_run(
             record, config_lib.make_config("mnist_maxout_mlp", batch_size=8, every=4), "old"
         )
+
+
+def test_a_run_recorded_before_the_none_defaults_resumes(tmp_path):
+    """clean_weight 0.0 and fd_step 0.01 recorded (the old defaults), no ascent settings."""
+    from train import workdir as workdir_lib
+
+    _previous_run(tmp_path / "old")
+    record = json.loads((tmp_path / "old" / "metrics.json").read_text())
+    record["flags"].update(clean_weight=0.0, fd_step=0.01)
+    for name in ("steps", "step_size", "random_start", "clip", "beta", "sigma_warmup_epochs"):
+        del record["flags"][name]
+    config = config_lib.make_config("mnist_maxout_mlp", batch_size=8)
+    assert config.clean_weight is None and config.fd_step is None
+    workdir_lib.check_same_run(record, config, "old")  # The same run.
+    with pytest.raises(Exception, match=r"other settings \(clean_weight: 0.0 -> 0.5\)"):
+        workdir_lib.check_same_run(record, config.replace(clean_weight=0.5), "old")
+    with pytest.raises(Exception, match=r"other settings \(sigma_warmup_epochs: 0 -> 2\)"):
+        workdir_lib.check_same_run(record, config.replace(sigma_warmup_epochs=2), "old")
+
+
+def test_a_trades_run_resumes_only_with_its_ascent_settings(tmp_path):
+    from train import workdir as workdir_lib
+
+    _previous_run(tmp_path / "t", p="inf", method="trades", steps=5, clip=(0, 1))
+    record = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert record["flags"]["clip"] == [0.0, 1.0] and record["flags"]["beta"] is None
+    config = config_lib.make_config(
+        "mnist_maxout_mlp", batch_size=8, p="inf", method="trades", steps=5, clip=(0.0, 1.0)
+    )
+    workdir_lib.check_same_run(record, config, "t")
+    # beta=6 is what None means for "trades": the same run.
+    workdir_lib.check_same_run(record, config.replace(beta=6.0), "t")
+    with pytest.raises(Exception, match=r"other settings \(steps: 5 -> 7\)"):
+        workdir_lib.check_same_run(record, config.replace(steps=7), "t")
+    with pytest.raises(Exception, match=r"clip: \[0.0, 1.0\] -> None"):
+        workdir_lib.check_same_run(record, config.replace(clip=None), "t")

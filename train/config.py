@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from keras_gradreg.networks import NETWORKS
-from keras_gradreg.regularizer import GradientRegularizer
+from keras_gradreg.networks.cnn import ACTIVATIONS, check_activation
+from keras_gradreg.regularizer import METHODS, GradientRegularizer
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10")
 OPTIMIZERS = ("sgd", "adam")
@@ -73,6 +74,25 @@ def _integer(low: int, requirement: str) -> Callable[[str, Any], int]:
         return value
 
     return check
+
+
+def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    """`check`, letting None through (the network's or the method's default)."""
+
+    def optional_check(name: str, value: Any) -> Any:
+        return None if value is None else check(name, value)
+
+    return optional_check
+
+
+def _activation(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        check_activation(value, 2)
+    except ValueError:
+        _fail(name, f"one of {ACTIVATIONS} or another Keras activation name", value)
+    return value
 
 
 def _boolean(name: str, value: Any) -> bool:
@@ -178,14 +198,53 @@ def _argument_docs(docstring: str) -> dict[str, str]:
     return docs
 
 
-def _regularizer_check(name: str) -> Callable[[str, Any], Any]:
-    """Validates one argument by `kgr.GradientRegularizer` itself."""
+def _regularizer_check(name: str, kind: str) -> Callable[[str, Any], Any]:
+    """Validates one argument by `kgr.GradientRegularizer` itself.
+
+    None (the method's default) passes. Another value is given to a
+    regularizer of the first method that takes the argument (`beta` only
+    exists for "trades"), so a value is refused for being out of range, not
+    for the default method; whether it fits the run's `method` is checked
+    with all the arguments together. A "list" value (`clip`, from a flag:
+    strings) is converted to numbers first.
+    """
 
     def check(field_name: str, value: Any) -> Any:
-        regularizer = GradientRegularizer(**{name: value})
-        return getattr(regularizer, name, value)
+        if value is None:
+            return None
+        if kind == "list":
+            value = _converted_list(name, value, float, "None or two numbers low,high")
+        errors = []
+        for method in (None, *METHODS):
+            arguments = {name: value} if method is None else {"method": method, name: value}
+            try:
+                regularizer = GradientRegularizer(**arguments)
+            except ValueError as error:
+                errors.append(error)
+                continue
+            return value if kind == "list" else getattr(regularizer, name, value)
+        # An error about the value rather than about the method, if any.
+        about_value = [e for e in errors if "does not apply" not in str(e)]
+        raise (about_value or errors)[0]
 
     return check
+
+
+_FLAG_KINDS = {"float": "float", "int": "int", "str": "str", "bool": "bool"}
+
+
+def _flag_kind(annotation: Any) -> str:
+    """The flag type of an annotation, ignoring "| None" ("int | None": "int").
+
+    Tuples are "list" flags; anything else (`p`: a number or "inf") is "str".
+    """
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    base = [part.strip() for part in text.split("|") if part.strip() != "None"]
+    if len(base) != 1:
+        return "str"
+    if base[0].startswith("tuple"):
+        return "list"
+    return _FLAG_KINDS.get(base[0], "str")
 
 
 def regularizer_fields() -> tuple[Field, ...]:
@@ -193,23 +252,25 @@ def regularizer_fields() -> tuple[Field, ...]:
 
     Name, default and help come from its signature and docstring, and its own
     constructor validates each value, so an argument added to it becomes a
-    flag without edits here. An argument whose annotation is not plain
-    float, int, str or bool (`p`: a number or "inf") is a string flag.
+    flag without edits here. The flag's type comes from the annotation:
+    float, int, str and bool as such, with "| None" a flag that also takes
+    "none" (the default None: the method's default), a tuple a list flag
+    (`clip`: low,high), anything else (`p`: a number or "inf") a string.
     """
     docs = _argument_docs(GradientRegularizer.__doc__)
     fields = []
     for parameter in inspect.signature(GradientRegularizer).parameters.values():
         if parameter.kind not in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
             continue
-        plain = parameter.annotation in ("float", "int", "str", "bool", float, int, str, bool)
+        kind = _flag_kind(parameter.annotation)
         fields.append(
             Field(
                 parameter.name,
                 "regularization",
                 parameter.default,
                 docs.get(parameter.name, f"GradientRegularizer's `{parameter.name}`."),
-                _regularizer_check(parameter.name),
-                kind="" if plain else "str",
+                _regularizer_check(parameter.name, kind),
+                kind=kind,
             )
         )
     return tuple(fields)
@@ -278,7 +339,47 @@ FIELDS: tuple[Field, ...] = (
         "MLP hidden layer widths, e.g. 240,240 (empty: the network's default).",
         _int_list,
     ),
+    Field(
+        "conv_channels",
+        "model",
+        (),
+        "CNN convolution widths, e.g. 16,32 (empty: the network's default, 32,64).",
+        _int_list,
+    ),
+    Field(
+        "dense_units",
+        "model",
+        None,
+        "CNN dense layer width, e.g. 128 (default: the network's, 1024).",
+        _optional(_integer(1, "an integer >= 1")),
+        kind="int",
+    ),
+    Field(
+        "activation",
+        "model",
+        None,
+        f"CNN activation, one of {ACTIVATIONS} (or another Keras activation name; "
+        "default: the network's, relu).",
+        _activation,
+        kind="str",
+    ),
+    Field(
+        "pieces",
+        "model",
+        None,
+        "Linear pieces per unit of --activation=maxout (default: the network's, 2).",
+        _optional(_integer(1, "an integer >= 1")),
+        kind="int",
+    ),
     *regularizer_fields(),
+    Field(
+        "sigma_warmup_epochs",
+        "regularization",
+        0,
+        "Raise sigma linearly over this many epochs (kgr.callbacks.linear_warmup: "
+        "sigma * min(1, epoch / N) in epoch 1, 2, ...); 0 for none.",
+        _integer(0, "an integer >= 0"),
+    ),
     # Optimization.
     Field("optimizer", "optimization", "adam", f"One of {OPTIMIZERS}.", _one_of(OPTIMIZERS)),
     Field(
@@ -442,6 +543,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mnist_conv_maxout": _mnist(
         "conv_maxout_mnist", p=math.inf, sigma=0.1, batch_size=128, epochs=50, **_OPTIMIZATION
     ),
+    # Not the paper's: the field's standard MNIST CNN (Madry et al. 2018; no
+    # dropout, no max-norm) at the field's threat model, L-inf 0.3; the
+    # method (the penalty by default), batch and epochs chosen. Narrower:
+    # --conv_channels=16,32 --dense_units=128.
+    "mnist_cnn": _mnist(
+        "cnn",
+        activation="relu",
+        input_dropout=0.0,
+        hidden_dropout=0.0,
+        max_norm=0.0,
+        p=math.inf,
+        sigma=0.3,
+        batch_size=100,
+        epochs=50,
+        **_OPTIMIZATION,
+    ),
     # Batch 128 (maxout paper); p and sigma chosen (2/255 in pixel units);
     # GCN + ZCA whitening inside the model, so attacks are in pixel space.
     "cifar10_conv_maxout": {
@@ -478,11 +595,7 @@ def _post_init(self) -> None:
     for field in FIELDS:
         object.__setattr__(self, field.name, field.check(field.name, getattr(self, field.name)))
     self.regularizer()  # Checks the regularizer's arguments together.
-    if self.hidden_units and self.model not in ("sigmoid_mlp", "maxout_mlp"):
-        raise ValueError(
-            f"`hidden_units` applies to the MLPs only, not to model={self.model!r}. "
-            f"Received: hidden_units={self.hidden_units!r}"
-        )
+    _check_model_fields(self)
     if (
         self.eval_examples
         and self.eval_suite != "none"
@@ -498,6 +611,48 @@ def _post_init(self) -> None:
             f"min_learning_rate={self.min_learning_rate!r}, "
             f"learning_rate={self.learning_rate!r}"
         )
+
+
+MODEL_FIELDS = tuple(f.name for f in FIELDS if f.group == "model" and f.name != "model")
+
+
+def _check_model_fields(config) -> None:
+    """Model settings the network's builder does not take must keep their defaults."""
+    taken = inspect.signature(NETWORKS[config.model]).parameters
+    for name in MODEL_FIELDS:
+        value = getattr(config, name)
+        if name not in taken and value != FIELDS_BY_NAME[name].default:
+            raise ValueError(
+                f"`{name}` does not apply to model={config.model!r} (its builder takes no "
+                f"`{name}`). Received: {name}={value!r}"
+            )
+    activation = config.activation or taken.get("activation", inspect.Parameter).default
+    if config.pieces is not None and activation != "maxout":
+        raise ValueError(
+            "`pieces` applies to activation='maxout' only. "
+            f"Received: pieces={config.pieces!r}, activation={activation!r}"
+        )
+
+
+def comparable_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` (a config's `to_dict()` or a recorded one) with the regularizer's resolved.
+
+    The regularization settings are replaced by what `kgr.GradientRegularizer`
+    makes of them (its `get_config()`; None for an argument the method does
+    not take), so that two records of one run compare equal: e.g.
+    `clean_weight` recorded as 0.0 before its default became None (the
+    method's default, 0.0). Settings that do not make a regularizer are kept
+    as they are.
+    """
+    arguments = {name: values[name] for name in REGULARIZER_FIELDS if name in values}
+    try:
+        resolved = GradientRegularizer(**arguments).get_config()
+    except (TypeError, ValueError):
+        return dict(values)
+    return {
+        key: resolved.get(key) if key in REGULARIZER_FIELDS else value
+        for key, value in values.items()
+    }
 
 
 def _regularizer(self) -> GradientRegularizer:

@@ -110,7 +110,12 @@ def _finished(root: str, job: Job) -> dict[str, Any] | None:
     with open(path) as f:
         done = json.load(f)
     finished = done.get("status") == "done"
-    check_same_settings(workdir, done.get("flags", {}), dataclasses.asdict(config), finished)
+    check_same_settings(
+        workdir,
+        config_lib.comparable_settings(done.get("flags", {})),
+        config_lib.comparable_settings(dataclasses.asdict(config)),
+        finished,
+    )
     return done if finished else None
 
 

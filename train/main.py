@@ -58,24 +58,38 @@ def _group_module(group: str) -> str:
     return f"{config_lib.GROUPS.index(group) + 1}. {group} flags of train.main"
 
 
+class _NoneOr(flags.ArgumentParser):
+    """`parser`'s values, or None for "none" (a setting whose default None means "the default")."""
+
+    def __init__(self, parser: flags.ArgumentParser):
+        self.parser = parser
+
+    def parse(self, argument):
+        if argument is None or (isinstance(argument, str) and argument.strip().lower() == "none"):
+            return None
+        return self.parser.parse(argument)
+
+    def flag_type(self) -> str:
+        return f"{self.parser.flag_type()} or none"
+
+
 def _make_flag(field: config_lib.Field) -> flags.Flag:
     help_text = f"[{field.group}] {field.help}"
     default = field.default
     if field.kind == "bool":
         return flags.BooleanFlag(field.name, default, help_text)
     if field.kind == "list":
-        return flags.Flag(
-            flags.ListParser(),
-            flags.CsvListSerializer(","),
-            field.name,
-            [str(v) for v in default],
-            help_text,
-        )
-    parser = {"int": flags.IntegerParser, "float": flags.FloatParser}.get(
-        field.kind, flags.ArgumentParser
-    )()
-    value = str(default) if field.kind == "str" and default is not None else default
-    return flags.Flag(parser, flags.ArgumentSerializer(), field.name, value, help_text)
+        parser, serializer = flags.ListParser(), flags.CsvListSerializer(",")
+        value = None if default is None else [str(v) for v in default]
+    else:
+        parser = {"int": flags.IntegerParser, "float": flags.FloatParser}.get(
+            field.kind, flags.ArgumentParser
+        )()
+        serializer = flags.ArgumentSerializer()
+        value = str(default) if field.kind == "str" and default is not None else default
+    if default is None and field.kind != "str":
+        parser = _NoneOr(parser)
+    return flags.Flag(parser, serializer, field.name, value, help_text)
 
 
 def _define(field: config_lib.Field) -> None:

@@ -138,8 +138,9 @@ def make_model(config: Config, arrays: data_lib.Arrays) -> kgr.RegularizedModel:
     """Builds (uncompiled) the network of `config`, with CIFAR-10 whitening.
 
     The network is `kgr.networks.NETWORKS[config.model]`, given every config
-    field its builder takes (max-norms of 0 as None, empty `hidden_units` as
-    the builder's default widths); the regularizer is `config.regularizer()`.
+    field its builder takes (max-norms of 0 as None; settings that are None
+    or empty, such as `hidden_units=()` or `activation=None`, leave the
+    builder's default); the regularizer is `config.regularizer()`.
     """
     builder = kgr.networks.NETWORKS[config.model]
     arguments = {
@@ -150,8 +151,9 @@ def make_model(config: Config, arrays: data_lib.Arrays) -> kgr.RegularizedModel:
     for name in ("max_norm", "first_conv_max_norm"):
         if name in arguments and not arguments[name]:
             arguments[name] = None
-    if "hidden_units" in arguments and not arguments["hidden_units"]:
-        del arguments["hidden_units"]
+    for name in config_lib.MODEL_FIELDS:
+        if name in arguments and arguments[name] in (None, ()):
+            del arguments[name]
     preprocessing = None
     if config.dataset == "cifar10":
         preprocessing = kgr.layers.ContrastNormalizeZCA(name="gcn_zca")
@@ -163,6 +165,20 @@ def make_model(config: Config, arrays: data_lib.Arrays) -> kgr.RegularizedModel:
         regularizer=config.regularizer(),
         **arguments,
     )
+
+
+def sigma_warmup(config: Config) -> list[keras.callbacks.Callback]:
+    """The callback of `--sigma_warmup_epochs` (none for 0).
+
+    `kgr.callbacks.RegularizerSchedule` with `kgr.callbacks.linear_warmup`:
+    epoch e (from 0) trains with sigma * min(1, (e + 1) / N), set before its
+    first step and logged as `train/sigma`. A function of the epoch, so a
+    resumed run sets the epoch's value again.
+    """
+    if not config.sigma_warmup_epochs:
+        return []
+    schedule = kgr.callbacks.linear_warmup(config.sigma, config.sigma_warmup_epochs)
+    return [kgr.callbacks.RegularizerSchedule(schedule)]
 
 
 def library_versions() -> dict[str, str]:
@@ -359,7 +375,7 @@ def _run(config, workdir, strategy, arrays, previous, extra_callbacks) -> dict[s
     )
     metrics = _metrics_file(config, workdir, arrays, previous)
     recorder, monitor, callbacks = _fit_callbacks(
-        workdir, metrics, eval_sets, state, extra_callbacks
+        workdir, metrics, eval_sets, state, [*sigma_warmup(config), *extra_callbacks]
     )
     recorder.start(min(done, config.epochs))
     start = time.perf_counter()

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from train.config import Config
+from train.config import Config, comparable_settings
 from train.errors import InputError
 
 METRICS_FILE = "metrics.json"
@@ -144,9 +144,11 @@ def check_same_run(previous: dict[str, Any] | None, config: Config, workdir: str
     """Raises `InputError` if `previous` was run with other (non-resumable) settings."""
     if not previous or "flags" not in previous:
         return
-    current = config.to_dict()
+    # Regularizer settings as the regularizer resolves them (e.g. clean_weight
+    # recorded as 0.0 before its default became None, "the method's").
+    current = comparable_settings(config.to_dict())
     # A setting added after the run was recorded had its default value then.
-    recorded = {**type(config)().to_dict(), **previous["flags"]}
+    recorded = comparable_settings({**type(config)().to_dict(), **previous["flags"]})
     changed = sorted(
         key
         for key in set(current) | set(recorded)
