@@ -453,9 +453,10 @@ FIELDS: tuple[Field, ...] = (
         "eval_suite",
         "evaluation",
         "standard",
-        "Attacks of the robustness report after training: standard (AutoAttack's cascade: "
-        "APGD-CE, APGD-T with 9 targets, Square; up to 1000 gradient steps and "
-        "--eval_square_queries queries per robust example and radius), fast (FGSM and "
+        "Attacks of the robustness report after training: standard (AutoAttack's standard "
+        "version: APGD-CE, APGD-T and FAB-T with 9 targets, Square; up to 1000 APGD steps, "
+        "900 FAB steps and --eval_square_queries queries per robust example and radius), "
+        "fast (FGSM and "
         "--eval_pgd_steps PGD steps, each on every example) or none.",
         _one_of(EVAL_SUITES),
     ),
