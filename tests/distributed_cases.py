@@ -29,6 +29,12 @@ import numpy as np  # noqa: E402
 import keras_gradreg as kgr  # noqa: E402
 
 METHODS = ("penalty", "adversarial", "finite_difference")
+# The multi-step members, compared in the "mirrored" case: their random
+# starts are keyed by each example's position in the global batch.
+MEMBERS = {
+    "pgd": dict(method="adversarial", steps=3, random_start=True, clip=(-2.0, 2.0)),
+    "trades": dict(method="trades", steps=2, beta=2.0),
+}
 GLOBAL_BATCH = 16
 STEPS = 3
 
@@ -41,7 +47,17 @@ def problem():
 
 
 def regularizer(method: str) -> kgr.GradientRegularizer:
+    if method in MEMBERS:
+        return kgr.GradientRegularizer(p=2, sigma=0.5, **MEMBERS[method])
     return kgr.GradientRegularizer(p=2, sigma=0.5, method=method, clean_weight=0.3)
+
+
+def fix_start_seed(reg: kgr.GradientRegularizer) -> None:
+    """The same first random-start seed in every run compared."""
+    if reg.draws_starts:
+        reg.start_seed_generator().state.assign(
+            np.array([7, 0], "int64").astype(reg.start_seed_generator().state.dtype)
+        )
 
 
 def plain_model() -> keras.Model:
@@ -67,6 +83,7 @@ def train(strategy, method: str, steps_per_execution: int = 1):
     x, y = problem()
     with strategy.scope():
         model = build(method, steps_per_execution)
+    fix_start_seed(model.regularizer)
     history = model.fit(x, y, batch_size=GLOBAL_BATCH, shuffle=False, verbose=0)
     logs = {k: float(v[-1]) for k, v in history.history.items()}
     return model, logs
@@ -81,6 +98,8 @@ def custom_loop(strategy, method: str) -> list:
         optimizer.build(model.trainable_variables)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     reg = regularizer(method)
+    reg.build(strategy)
+    fix_start_seed(reg)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
 
     def replica_step(x, y):
@@ -111,7 +130,7 @@ def replica_settings(mirrored_strategy):
 def mirrored(out_path: str) -> None:
     results = {}
     mirrored_strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    for method in METHODS:
+    for method in (*METHODS, *MEMBERS):
         for name, strategy, spe in replica_settings(mirrored_strategy):
             model, logs = train(strategy, method, spe)
             x, y = problem()
