@@ -443,3 +443,40 @@ def test_sigma_warmup_follows_the_linear_ramp_and_resumes(tmp_path):
     resumed, metrics = sigmas(tmp_path / "resumed", 5)  # ... and continued from epoch 3.
     assert metrics["resumed_from_epoch"] == 2
     np.testing.assert_allclose(resumed, ramp, rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(method="trades", steps=2, clip=(0.0, 1.0), beta=3.0),
+        dict(method="adversarial", steps=3, random_start=True, clip=(0.0, 1.0), clean_weight=0.25),
+    ],
+    ids=["trades", "pgd"],
+)
+def test_the_binary_trains_the_ascent_members_on_the_cnn(tmp_path, settings):
+    """Two steps of each new member on a narrow CNN; each epoch's logs fit the objective.
+
+    TRADES: loss = L(x) + beta KL, `penalty` = beta KL. Adversarial: loss =
+    clean_weight L(x) + (1 - clean_weight) L(x + r), `penalty` = L(x + r).
+    """
+    import numpy as np
+
+    from train import train_lib
+
+    config = config_lib.make_config(
+        "mnist_cnn", data_npz=_small_mnist_npz(tmp_path / "d.npz"), conv_channels=(4, 8),
+        dense_units=16, activation="gelu", sigma=0.3, sigma_warmup_epochs=2, epochs=2,
+        batch_size=8, steps_per_epoch=2, eval_suite="none", pictures=False, **settings,
+    )  # fmt: skip
+    metrics = train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+    assert metrics["flags"] == config.to_dict() and metrics["status"] == "done"
+    for record, sigma in zip(metrics["epochs"], (0.15, 0.3)):
+        assert record["train/sigma"] == pytest.approx(sigma)
+        assert record["train/penalty"] > 0
+        clean = config.clean_weight if config.method == "adversarial" else 1.0
+        moved = 1.0 - clean if config.method == "adversarial" else 1.0
+        assert record["train/loss"] == pytest.approx(
+            clean * record["train/data_loss"] + moved * record["train/penalty"], rel=1e-5
+        )
+    assert np.isfinite(metrics["final"]["test/loss"])
