@@ -76,7 +76,7 @@ def suite_report(trained):
 def test_suite_runs_the_cascade_and_counts_what_each_attack_broke(trained, suite_report):
     model, x, y = trained
     report = suite_report
-    assert report.settings["attacks"] == ["apgd-ce", "apgd-t", "square"]
+    assert report.settings["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert report.settings["cascade"] and report.settings["suite"] == "standard"
     assert report.ok, report.flags
     n = report.num_examples
@@ -87,14 +87,18 @@ def test_suite_runs_the_cascade_and_counts_what_each_attack_broke(trained, suite
             # Each attack ran on what the earlier ones left, and broke some of it.
             assert rows["apgd-ce"]["attacked"] == clean
             assert rows["apgd-t"]["attacked"] == clean - rows["apgd-ce"]["broken"]
-            broken = sum(rows[name]["broken"] for name in ("apgd-ce", "apgd-t", "square"))
+            left = rows["apgd-t"]["attacked"] - rows["apgd-t"]["broken"]
+            assert rows["fab-t"]["attacked"] == left
+            names = ("apgd-ce", "apgd-t", "fab-t", "square")
+            broken = sum(rows[name]["broken"] for name in names)
             assert round(rows["worst_case"]["accuracy"] * n) == clean - broken
             assert rows["square"]["accuracy"] == rows["worst_case"]["accuracy"]
             assert report.robust_accuracy(p, epsilon) == rows["worst_case"]["accuracy"]
     # The worst case is that of the per-example results, which the attacks confirm.
     examples = report.examples(math.inf, 0.1)
     np.testing.assert_array_equal(
-        examples["worst_case"], examples["clean"] & examples["apgd-t"] & examples["square"]
+        examples["worst_case"],
+        examples["clean"] & examples["apgd-t"] & examples["fab-t"] & examples["square"],
     )
     assert report.accuracy("apgd-ce", math.inf, 0.1) < report.clean_accuracy
 
@@ -201,17 +205,20 @@ def test_attacks_needing_more_classes_are_skipped_and_said_so():
     x = np.random.default_rng(0).uniform(size=(20, 5)).astype("float32")
     y = np.argmax(model.predict(x, verbose=0), axis=1)
     report = evaluate_robustness(model, (x, y), {math.inf: [0.1]}, square_queries=50, verbose=0)
-    assert report.settings["attacks"] == ["apgd-ce", "square"]
+    assert report.settings["attacks"] == ["apgd-ce", "fab-t", "square"]
     assert "apgd-t" in report.settings["skipped"]
     assert "skipped apgd-t: needs at least 4 classes; the model has 3" in str(report)
 
 
 def test_progress_is_one_line_per_attack_or_silent(trained, capsys):
     model, x, y = trained
-    args = dict(epsilons={math.inf: [0.05]}, square_queries=20, apgd_steps=3, sanity_examples=0)
+    args = dict(
+        epsilons={math.inf: [0.05]}, square_queries=20, apgd_steps=3, fab_steps=3,
+        sanity_examples=0,
+    )  # fmt: skip
     evaluate_robustness(model, (x, y), verbose=2, **args)
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in lines] == ["apgd-ce", "apgd-t", "square"]
+    assert [line.split()[0] for line in lines] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert all("p=inf epsilon=0.05: robust" in line for line in lines)
     evaluate_robustness(model, (x, y), verbose=0, **args)
     assert capsys.readouterr().out == ""
@@ -276,7 +283,10 @@ def test_report_serialises_prints_and_plots(suite_report, tmp_path):
         loaded.examples(math.inf, 0.1)
     text = str(report)
     assert "clean accuracy" in text and "apgd-t" in text and "all passed" in text
-    assert "apgd-t (100 steps x 1 restarts x 9 targets), square (300 queries); cascade" in text
+    assert (
+        "apgd-t (100 steps x 1 restarts x 9 targets), fab-t (100 steps x 1 restarts x 9 targets),"
+        " square (300 queries); cascade"
+    ) in text
     row = report._row("apgd-ce", 2, 1.0)
     assert f"{100 * row['accuracy']:.2f} [{row['broken']}]" in text
     png = str(tmp_path / "report.png")
@@ -316,7 +326,7 @@ def test_dataset_input_and_max_examples_give_the_same_report(trained, report):
 
 def test_reports_reproduce_with_a_seed(trained):
     model, x, y = trained
-    kwargs = dict(epsilons={2: [1.0]}, square_queries=50, apgd_steps=5, verbose=0)
+    kwargs = dict(epsilons={2: [1.0]}, square_queries=50, apgd_steps=5, fab_steps=5, verbose=0)
     first = evaluate_robustness(model, (x, y), seed=3, **kwargs)
     assert first.rows == evaluate_robustness(model, (x, y), seed=3, **kwargs).rows
     fast = dict(epsilons={2: [1.0]}, suite="fast", steps=3, random_start=True, restarts=2)
@@ -459,6 +469,8 @@ def test_flag_logic_on_constructed_numbers():
         (dict(steps=0), r"Received: steps=0"),
         (dict(apgd_steps=0), r"Received: apgd_steps=0"),
         (dict(square_queries=0), r"Received: square_queries=0"),
+        (dict(fab_steps=0), r"Received: fab_steps=0"),
+        (dict(fab_restarts=1.5), r"Received: fab_restarts=1\.5"),
         (dict(target_classes=-1), r"Received: target_classes=-1"),
         (dict(attacks=("cw",)), r"Received: attacks=\('cw',\)"),
         (dict(suite="plus"), r"Received: suite='plus'"),

@@ -1,7 +1,7 @@
 """Robust accuracy, measured the way the field measures it, with checks on the evaluation.
 
 `evaluate_robustness` runs an attack suite (by default AutoAttack's standard
-cascade: APGD-CE, APGD-T, Square) at each norm and radius and returns a
+version: APGD-CE, APGD-T, FAB-T, Square) at each norm and radius and returns a
 `RobustnessReport`, whose flags fire on the published signs of a broken
 evaluation.
 """

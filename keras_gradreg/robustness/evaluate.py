@@ -1,10 +1,11 @@
 """`evaluate_robustness`: robust accuracy measured the way the field measures it, with checks.
 
-The default suite is AutoAttack's "standard" cascade (Croce and Hein 2020):
+The default suite is AutoAttack's "standard" version (Croce and Hein 2020):
 APGD with the cross-entropy loss, then targeted APGD with the DLR loss
-against the 9 classes with the highest scores, then the gradient-free
-Square attack, each only on the examples every earlier attack failed to
-break. An example counts as robust only if no attack broke it.
+against the 9 classes with the highest scores, then targeted FAB against
+the same classes, then the gradient-free Square attack, each only on the
+examples every earlier attack failed to break. An example counts as robust
+only if no attack broke it.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def evaluate_robustness(
     apgd_steps: int = 100,
     apgd_restarts: int = 1,
     target_classes: int = 9,
+    fab_steps: int = 100,
+    fab_restarts: int = 1,
     square_queries: int = 5000,
     batch_size: int = 500,
     max_examples: int | None = None,
@@ -92,13 +95,14 @@ def evaluate_robustness(
     radius (an APGD or PGD step is one forward and backward pass, a Square
     query one forward pass):
 
-    - "standard" (default): AutoAttack's cascade without FAB: APGD-CE
+    - "standard" (default): AutoAttack's standard version: APGD-CE
       (`apgd_steps` = 100 steps), then APGD-T (100 steps for each of 9 target
-      classes), then Square (`square_queries` = 5000 queries); the later
+      classes), then FAB-T (`fab_steps` = 100 steps, each a forward and
+      backward pass and one more forward pass, for each of the same 9
+      targets), then Square (`square_queries` = 5000 queries); the later
       attacks only see the examples still robust. About 100 steps for
-      examples APGD-CE breaks; up to 1000 steps and 5000 queries for robust
-      ones. On the paper's maxout MLP on this project's 2-core CPU, 1000
-      MNIST test images at L-inf 0.1 took the time given in README.md.
+      examples APGD-CE breaks; up to 1000 APGD steps, 900 FAB steps and 5000
+      queries for robust ones. Measured costs are in README.md.
     - "fast": FGSM (1 step) and PGD (`steps` = 40 steps from x), each on
       every example: this project's earlier report, a lower bound on what
       an attacker achieves.
@@ -110,7 +114,8 @@ def evaluate_robustness(
         epsilons: Radii per norm, `{p: [epsilon, ...]}`; p in 2, inf (and 1 for
             FGSM and PGD); None for `DEFAULT_EPSILONS` (inputs in [0, 1]).
         attacks: Attack names run in this order, from "fgsm", "pgd",
-            "apgd-ce", "apgd-dlr", "apgd-t", "square"; None for `suite`'s.
+            "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square"; None for
+            `suite`'s.
         suite: "standard" or "fast" (above); ignored if `attacks` is given.
         cascade: Run each attack only on the examples earlier attacks left
             robust; if False, each attack runs on every example classified
@@ -118,7 +123,7 @@ def evaluate_robustness(
             "standard" suite, False for "fast" and for an explicit `attacks`.
         loss: The loss FGSM and PGD attack and the clean pass differentiates;
             None for the model's compiled loss. Its `from_logits` says how
-            outputs are read (APGD and Square: logits, or probabilities
+            outputs are read (APGD, FAB and Square: logits, or probabilities
             attacked through their logarithm).
         clip: The box (low, high) of valid inputs, or None.
         steps: PGD steps per restart, >= 1.
@@ -127,7 +132,11 @@ def evaluate_robustness(
         random_start: PGD starts at a uniform point of the ball instead of at x.
         apgd_steps: APGD iterations per run, >= 1.
         apgd_restarts: APGD runs (random starts) per target, >= 1.
-        target_classes: Target classes of APGD-T (at most classes - 1).
+        target_classes: Target classes of APGD-T and FAB-T (at most
+            classes - 1).
+        fab_steps: FAB-T iterations per run, >= 1.
+        fab_restarts: FAB-T runs per target, >= 1 (the first from x, the
+            others from random points at distance epsilon / 2).
         square_queries: Queries of the Square attack, >= 1.
         batch_size: Examples per attack call.
         max_examples: Evaluate only the first this many examples (None: all).
@@ -157,9 +166,9 @@ def evaluate_robustness(
     """
     plan = _plan(
         epsilons, attacks, suite, cascade, loss, clip, steps, step_size_factor, restarts,
-        random_start, apgd_steps, apgd_restarts, target_classes, square_queries, batch_size,
-        max_examples, seed, tolerance, zero_gradient_threshold, masking_threshold,
-        sanity_examples, verbose, jit_compile, model,
+        random_start, apgd_steps, apgd_restarts, target_classes, fab_steps, fab_restarts,
+        square_queries, batch_size, max_examples, seed, tolerance, zero_gradient_threshold,
+        masking_threshold, sanity_examples, verbose, jit_compile, model,
     )  # fmt: skip
     x, y = _collect(data, plan.batch_size, plan.max_examples)
     resolve_loss(model, loss)  # Fails early without a usable loss.
@@ -173,9 +182,9 @@ def evaluate_robustness(
 
 def _plan(
     epsilons, attacks, suite, cascade, loss, clip, steps, step_size_factor, restarts,
-    random_start, apgd_steps, apgd_restarts, target_classes, square_queries, batch_size,
-    max_examples, seed, tolerance, zero_gradient_threshold, masking_threshold, sanity_examples,
-    verbose, jit_compile, model,
+    random_start, apgd_steps, apgd_restarts, target_classes, fab_steps, fab_restarts,
+    square_queries, batch_size, max_examples, seed, tolerance, zero_gradient_threshold,
+    masking_threshold, sanity_examples, verbose, jit_compile, model,
 ) -> _Plan:  # fmt: skip
     if suite not in SUITES:
         raise ValueError(f"`suite` must be one of {tuple(SUITES)}. Received: suite={suite!r}")
@@ -190,6 +199,7 @@ def _plan(
         for name, value in (
             ("steps", steps), ("restarts", restarts), ("apgd_steps", apgd_steps),
             ("apgd_restarts", apgd_restarts), ("target_classes", target_classes),
+            ("fab_steps", fab_steps), ("fab_restarts", fab_restarts),
             ("square_queries", square_queries), ("batch_size", batch_size),
         )
     }  # fmt: skip
@@ -204,6 +214,8 @@ def _plan(
         apgd_steps=counts["apgd_steps"],
         apgd_restarts=counts["apgd_restarts"],
         target_classes=counts["target_classes"],
+        fab_steps=counts["fab_steps"],
+        fab_restarts=counts["fab_restarts"],
         square_queries=counts["square_queries"],
         from_logits=common.loss_from_logits(model, loss),
         jit_compile=jit_compile,
@@ -504,6 +516,8 @@ def _assemble(plan, x, clean, rows, per_example, masked, output_change, large, s
         "apgd_steps": settings.apgd_steps,
         "apgd_restarts": settings.apgd_restarts,
         "target_classes": settings.target_classes,
+        "fab_steps": settings.fab_steps,
+        "fab_restarts": settings.fab_restarts,
         "square_queries": settings.square_queries,
         "batch_size": plan.batch_size,
         "seed": plan.seed,

@@ -185,6 +185,8 @@ def describe_attacks(settings: Mapping[str, Any]) -> str:
         "apgd-ce": apgd,
         "apgd-dlr": apgd,
         "apgd-t": f"{apgd} x {settings.get('target_classes')} targets",
+        "fab-t": f"{settings.get('fab_steps')} steps x {settings.get('fab_restarts')} restarts"
+        f" x {settings.get('target_classes')} targets",
         "square": f"{settings.get('square_queries')} queries",
     }
     parts = [f"{name} ({budget.get(name, '?')})" for name in settings.get("attacks", [])]

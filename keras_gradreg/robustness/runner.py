@@ -20,20 +20,23 @@ import numpy as np
 import tensorflow as tf
 
 from keras_gradreg.attacks import auto_pgd as apgd_lib
+from keras_gradreg.attacks import fab_attack as fab_lib
 from keras_gradreg.attacks import projected as pgd_lib
 from keras_gradreg.attacks import square_attack as square_lib
 from keras_gradreg.attacks.common import Clip
 from keras_gradreg.balls import ALG
 from keras_gradreg.gradients import LossLike
 
-ATTACKS = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square")
-SUITES = {"standard": ("apgd-ce", "apgd-t", "square"), "fast": ("fgsm", "pgd")}
+ATTACKS = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
+# "standard" is AutoAttack's standard version (Croce and Hein 2020), in its order.
+SUITES = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"), "fast": ("fgsm", "pgd")}
 GRADIENT_FREE = frozenset({"square"})
 # Norms each attack supports (the others: 1, 2 and inf).
 NORMS = {
     "apgd-ce": apgd_lib.APGD_NORMS,
     "apgd-dlr": apgd_lib.APGD_NORMS,
     "apgd-t": apgd_lib.APGD_NORMS,
+    "fab-t": fab_lib.FAB_NORMS,
     "square": square_lib.SQUARE_NORMS,
 }
 # The fewest classes an attack's loss is defined for.
@@ -53,6 +56,8 @@ class AttackSettings:
     apgd_steps: int
     apgd_restarts: int
     target_classes: int
+    fab_steps: int
+    fab_restarts: int
     square_queries: int
     from_logits: bool | None
     jit_compile: bool | None
@@ -70,6 +75,11 @@ def attack_batch(
         _, correct = pgd_lib.pgd_with_correct(
             model, x, y, epsilon, p, s.steps, step_size, s.random_start, s.restarts, s.loss,
             s.clip, seed, **common,
+        )  # fmt: skip
+    elif name == "fab-t":
+        _, correct = fab_lib.fab_with_correct(
+            model, x, y, epsilon, p, s.target_classes, s.fab_steps, s.fab_restarts, s.clip,
+            seed, from_logits=s.from_logits, **common,
         )  # fmt: skip
     elif name == "square":
         _, correct = square_lib.square_with_correct(
