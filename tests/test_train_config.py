@@ -480,3 +480,24 @@ def test_the_binary_trains_the_ascent_members_on_the_cnn(tmp_path, settings):
             clean * record["train/data_loss"] + moved * record["train/penalty"], rel=1e-5
         )
     assert np.isfinite(metrics["final"]["test/loss"])
+
+
+def test_help_names_the_types_of_the_flags_with_none_defaults():
+    main.FLAGS(["train.main", "--print_config"])
+    try:
+        text = main.FLAGS.get_help()
+    finally:
+        main.FLAGS.unparse_flags()
+    for name, kind in (
+        ("steps", "(an integer or none)"),
+        ("step_size", "(a number or none)"),
+        ("beta", "(a number or none)"),
+        ("clean_weight", "(a number or none)"),
+        ("clip", "(a comma separated list or none)"),
+        ("dense_units", "(an integer or none)"),
+        ("sigma_warmup_epochs", "(an integer)"),
+    ):
+        entry = text[text.index(f"--{name}:") :]
+        entry = " ".join(entry[: entry.index("\n  --")].split())
+        assert kind in entry, entry
+    assert "--[no]random_start:" in text

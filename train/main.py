@@ -63,6 +63,7 @@ class _NoneOr(flags.ArgumentParser):
 
     def __init__(self, parser: flags.ArgumentParser):
         self.parser = parser
+        self.syntactic_help = f"{parser.syntactic_help or parser.flag_type()} or none"
 
     def parse(self, argument):
         if argument is None or (isinstance(argument, str) and argument.strip().lower() == "none"):
