@@ -270,12 +270,13 @@ class _SquareLoop:
         delta = x_best - images
         norm_window1 = _l2_norm(delta * mask1, axis=(1, 2))
         norm_image = _l2_norm(delta)
-        norm_windows = _l2_norm(delta * both)
+        norm_windows = _l2_norm(delta * both, axis=(1, 2))  # per channel, as the authors' code
         top1 = tf.argmax(tf.cast(rows1, tf.int32), axis=1, output_type=tf.int32)
         left1 = tf.argmax(tf.cast(cols1, tf.int32), axis=1, output_type=tf.int32)
         flip = _signs(seeds[4], [n]) > 0
         fresh = self.placed_pattern(top1, left1, flip, iteration)
-        fresh = fresh * _signs(seeds[5], [n, 1, 1, self.c])
+        # Zero outside window 1 (the placement repeats the pattern's edges there).
+        fresh = fresh * mask1 * _signs(seeds[5], [n, 1, 1, self.c])
         update = fresh + delta * mask1 / (1e-12 + norm_window1)
         budget = tf.maximum(epsilon**2 - norm_image**2, 0.0) / self.c + norm_windows**2
         update = update / (1e-12 + _l2_norm(update, axis=(1, 2))) * tf.sqrt(budget)
