@@ -172,3 +172,86 @@ def square_step(x, x_best, best_margin, correct, margin_fn, epsilon, side, draws
     best_margin = np.where(better, new_margin, best_margin)
     correct = np.where(better, new_margin >= 0, correct)
     return x_best, best_margin, correct
+
+
+# ---------------------------------------------------------------------- #
+# Square, L2 (the authors' update, per channel).
+# ---------------------------------------------------------------------- #
+
+
+def square_side_l2(iteration, queries, p_init, h, w):
+    """The L-inf side, at least 3 and made odd, at most the image."""
+    side = max(square_side(iteration, queries, p_init, h, w), 3)
+    side += 1 - side % 2
+    return min(side, min(h, w))
+
+
+def _rectangles(height, width):
+    """Concentric rectangles around the centre, the k-th weighted 1 / (k + 1)^2, unit norm."""
+    delta = np.zeros((height, width))
+    row, col = height // 2, width // 2
+    for k in range(max(height // 2, width // 2) + 1):
+        delta[max(row, 0) : row + 2 * k + 1, max(col, 0) : col + 2 * k + 1] += 1.0 / (k + 1) ** 2
+        row, col = row - 1, col - 1
+    return delta / np.linalg.norm(delta)
+
+
+def l2_pattern(side):
+    """The paper's square pattern: rectangles on the top half, negated ones below."""
+    half = side // 2
+    delta = np.concatenate([_rectangles(half, side), -_rectangles(side - half, side)])
+    return delta / np.linalg.norm(delta)
+
+
+def square_l2_draws(seed, iteration, n, h, w, c, side):
+    """(top1, left1, top2, left2, transposed, signs) of one iteration, from TensorFlow's draws."""
+    seeds = tf.random.experimental.stateless_split(fold_in(seed, iteration), 6)
+
+    def corner(s, size):
+        return tf.random.stateless_uniform([n], s, 0, size - side + 1, tf.int32, alg=ALG).numpy()
+
+    bits = tf.random.stateless_uniform([n], seeds[4], 0, 2, tf.int32, alg=ALG).numpy()
+    signs = tf.random.stateless_uniform([n, c], seeds[5], 0, 2, tf.int32, alg=ALG).numpy()
+    return (
+        corner(seeds[0], h),
+        corner(seeds[1], w),
+        corner(seeds[2], h),
+        corner(seeds[3], w),
+        bits == 1,
+        2.0 * signs - 1.0,
+    )
+
+
+def square_l2_step(x, x_best, best_margin, correct, margin_fn, epsilon, side, draws, clip):
+    """One L2 iteration as the authors' code does it, per example and per channel:
+    the new window 1 is a fresh signed pattern plus window 1's old perturbation
+    (normalised), scaled so that it takes window 1's and window 2's mass (per
+    channel) and a 1/c share of the budget left in the ball; window 2 is emptied;
+    the whole perturbation is rescaled to norm eps and clipped to the box."""
+    top1, left1, top2, left2, transposed, signs = draws
+    c = x.shape[-1]
+    proposal = x_best.copy()
+    for i in range(len(x)):
+        delta = x_best[i] - x[i]
+        w1 = (slice(top1[i], top1[i] + side), slice(left1[i], left1[i] + side))
+        w2 = (slice(top2[i], top2[i] + side), slice(left2[i], left2[i] + side))
+        both = np.zeros(delta.shape[:2], bool)
+        both[w1] = both[w2] = True
+        pattern = l2_pattern(side).T if transposed[i] else l2_pattern(side)
+        image_norm = np.linalg.norm(delta)
+        new = np.empty((side, side, c))
+        for ch in range(c):
+            old = delta[w1][:, :, ch]
+            fresh = signs[i, ch] * pattern + old / (1e-12 + np.linalg.norm(old))
+            windows = np.linalg.norm(delta[:, :, ch][both])
+            budget = max(epsilon**2 - image_norm**2, 0.0) / c + windows**2
+            new[:, :, ch] = fresh / np.linalg.norm(fresh) * np.sqrt(budget)
+        delta[w2] = 0.0
+        delta[w1] = new
+        proposal[i] = np.clip(x[i] + epsilon * delta / np.linalg.norm(delta), *clip)
+    new_margin = margin_fn(proposal)
+    better = correct & ((new_margin < best_margin) | (new_margin < 0))
+    x_best = np.where(better[:, None, None, None], proposal, x_best)
+    best_margin = np.where(better, new_margin, best_margin)
+    correct = np.where(better, new_margin >= 0, correct)
+    return x_best, best_margin, correct

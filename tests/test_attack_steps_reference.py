@@ -261,3 +261,73 @@ def test_square_run_matches_numpy(square_problem):
     np.testing.assert_array_equal(correct.numpy(), want_correct)
     np.testing.assert_allclose(x_adv.numpy(), want_x, atol=1e-7)
     assert 0 < np.sum(want_correct) < np.sum(margin_fn(x, y) > 0)  # the run broke some
+
+
+# ---------------------------------------------------------------------- #
+# Square, L2: one step on colour images.
+# ---------------------------------------------------------------------- #
+
+L2_SHAPE = (8, 8, 3)
+
+
+@pytest.fixture(scope="module")
+def colour_problem():
+    """A float32 tanh net on (8, 8, 3) images in [0, 1], and its float64 NumPy mirror."""
+    rng = np.random.default_rng(5)
+    size = int(np.prod(L2_SHAPE))
+    w1 = rng.normal(scale=0.2, size=(size, 8)).astype("float32")
+    b1 = rng.normal(scale=0.1, size=8).astype("float32")
+    w2 = rng.normal(scale=0.8, size=(8, 5)).astype("float32")
+    b2 = rng.normal(scale=0.1, size=5).astype("float32")
+    model = keras.Sequential(
+        [
+            keras.Input(L2_SHAPE),
+            keras.layers.Flatten(),
+            keras.layers.Dense(8, activation="tanh"),
+            keras.layers.Dense(5),
+        ]
+    )
+    model.set_weights([w1, b1, w2, b2])
+
+    def logits(images):
+        flat = images.reshape(len(images), -1).astype("float64")
+        return np.tanh(flat @ w1 + b1) @ w2.astype("float64") + b2
+
+    x = rng.uniform(size=(24, *L2_SHAPE)).astype("float32")
+    return model, logits, x, np.argmax(logits(x), axis=1)
+
+
+@pytest.mark.parametrize("iteration", [0, 5, 30])
+def test_one_l2_square_step_matches_the_authors_update(colour_problem, iteration):
+    """From the same state, one L2 iteration on 3-channel images: the windows, the
+    pattern, the per-channel mass moved into window 1, the norm, box and acceptance."""
+    model, logits, x, y = colour_problem
+    queries, epsilon = 40, 1.0
+    seed = tf.constant([6, 0], tf.int64)
+    kernels = square_attack._kernels(
+        model, True, p=2.0, queries=queries, p_init=0.8, rescale=True, shape=L2_SHAPE
+    )
+    label = tf.constant(y, tf.int32)
+    low, high, eps = (tf.constant(v, tf.float32) for v in (0.0, 1.0, epsilon))
+    state = kernels.init(x, label, eps, low, high, seed)
+    side = steps_ref.square_side_l2(iteration, queries, 0.8, *L2_SHAPE[:2])
+    got = kernels.steps(
+        x, label, state, eps, low, high, seed, tf.constant(iteration), tf.constant(iteration + 1)
+    )
+    draws = steps_ref.square_l2_draws(seed, iteration, len(x), *L2_SHAPE, side)
+    want = steps_ref.square_l2_step(
+        x.astype("float64"),
+        state.x_best.numpy().astype("float64"),
+        state.margin.numpy().astype("float64"),
+        state.correct.numpy(),
+        lambda images: steps_ref.margin(logits(images), y),
+        epsilon,
+        side,
+        draws,
+        (0.0, 1.0),
+    )
+    np.testing.assert_array_equal(got.correct.numpy(), want[2])
+    np.testing.assert_allclose(got.x_best.numpy(), want[0], atol=1e-5)
+    np.testing.assert_allclose(got.margin.numpy(), want[1], rtol=1e-4, atol=1e-5)
+    accepted = np.any(want[0] != state.x_best.numpy(), axis=(1, 2, 3))
+    assert 0 < np.sum(accepted) < np.sum(state.correct.numpy())  # some kept, some refused
