@@ -77,6 +77,11 @@ def cnn(
     `pieces` times more outputs and `kgr.layers.Maxout` takes the max over
     groups of `pieces`, so widths count maxout units.
 
+    With `method="penalty"` prefer `jit_compile=False`: the penalty
+    differentiates max-pooling's gradient, and XLA's kernel for that
+    (MaxPoolGradGrad) picks each window's maximum by bfloat16-rounded values,
+    so under XLA its gradient is not the exact one (tests/test_networks.py).
+
     Madry et al. use no dropout; `input_dropout` and `hidden_dropout` add
     `kgr.layers.FastDropout` on the image and on the input of each later
     layer (convolution, dense and logits).
