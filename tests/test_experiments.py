@@ -1,0 +1,380 @@
+"""experiments.against_adversarial_training: rows -> flags, the selection rule, the table,
+the targets (no training), and a smoke run of the command."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import app
+
+from experiments import against_adversarial_training as aat
+from train import jobs
+
+MNIST = os.path.join(os.path.dirname(jobs.CHECKOUT), "shared", "data", "mnist.npz")
+SETTINGS = aat.Settings(data=(("data_npz", MNIST),))
+
+
+def command(job: jobs.Job) -> str:
+    return jobs.command_line(job.preset, job.overrides)
+
+
+BASE = (
+    "python -m train.main --preset=mnist_cnn --data_npz=../shared/data/mnist.npz "
+    "--conv_channels=16,32 --dense_units=128"
+)
+
+
+def test_pgd_final_run_is_madrys_pgd_training_at_the_threat_epsilon():
+    row = aat.parse_row("pgd_relu_eps0.3")
+    (candidate,) = aat.candidates(row, SETTINGS.grids)
+    job = aat.final_job(row, candidate, 1, SETTINGS)
+    assert job.name == "final/pgd_relu_eps0.3/sigma0.3_ramp5_seed1"
+    assert command(job) == (
+        f"{BASE} --activation=relu --p=inf --method=adversarial --steps=10 --step_size=0.25 "
+        "--random_start --clean_weight=0.0 --clip=0.0,1.0 --sigma=0.3 --sigma_warmup_epochs=5 "
+        "--epochs=20 --seed=1 --eval_suite=standard --eval_examples=1000 "
+        "--eval_epsilons_inf=0.3 --eval_epsilons_2= --nopictures"
+    )
+    assert aat.other_epsilons(row, SETTINGS) == (0.1, 0.4)
+
+
+def test_selection_runs_hold_out_validation_and_never_attack_the_test_set():
+    row = aat.parse_row("penalty_gelu_eps0.1")
+    grid = aat.candidates(row, SETTINGS.grids)
+    assert grid == [
+        {"sigma": 0.05, "sigma_warmup_epochs": 5},
+        {"sigma": 0.1, "sigma_warmup_epochs": 5},
+        {"sigma": 0.2, "sigma_warmup_epochs": 5},
+    ]
+    job = aat.selection_job(row, grid[0], SETTINGS)
+    assert job.name == "select/penalty_gelu_eps0.1/sigma0.05_ramp5"
+    assert command(job) == (
+        f"{BASE} --activation=gelu --p=inf --method=penalty --sigma=0.05 "
+        "--sigma_warmup_epochs=5 --validation_split=0.16666666666666666 --epochs=20 --seed=0 "
+        "--eval_suite=none --eval_examples=0 --nopictures"
+    )
+
+
+def test_plain_and_the_other_kinds_flags():
+    plain = aat.parse_row("plain_relu")
+    assert plain == aat.Row("plain", "relu", None)
+    job = aat.final_job(plain, {}, 0, SETTINGS)
+    assert job.name == "final/plain_relu/default_seed0"
+    assert job.overrides["sigma"] == 0.0
+    assert job.overrides["eval_epsilons_inf"] == (0.1, 0.3)  # Every training epsilon.
+    assert aat.other_epsilons(plain, SETTINGS) == (0.4,)
+    fgsm = aat.parse_row("fgsm_relu_eps0.3")
+    assert aat.candidates(fgsm, SETTINGS.grids) == [
+        {"sigma": 0.3, "step_size": 1.0, "sigma_warmup_epochs": 5},
+        {"sigma": 0.3, "step_size": 1.25, "sigma_warmup_epochs": 5},
+    ]
+    assert aat.row_flags(fgsm, SETTINGS)["random_start"] is True
+    trades = aat.candidates(aat.parse_row("trades_relu_eps0.3"), SETTINGS.grids)
+    assert [c["beta"] for c in trades] == [1.0, 6.0]
+    adversarial = aat.parse_row("adversarial_softplus_eps0.3")
+    assert aat.row_flags(adversarial, SETTINGS)["random_start"] is False
+    assert aat.slug(aat.candidates(adversarial, SETTINGS.grids)[1]) == "sigma0.15_cw0.5_ramp5"
+    every = aat.candidates(aat.parse_row("every_relu_eps0.3"), SETTINGS.grids)
+    assert [(c["method"], c["every"], c["sigma"]) for c in every] == [
+        ("penalty", 2, 0.3),
+        ("penalty", 2, 0.6),
+        ("penalty", 4, 0.3),
+        ("penalty", 4, 0.6),
+    ]
+    ramps = aat.Grids(ramp_epochs=(2, 5))
+    assert len(aat.candidates(aat.parse_row("pgd_relu_eps0.3"), ramps)) == 2
+
+
+def test_default_rows():
+    names = [row.name for row in aat.default_rows(0.3, (0.1,), "gelu")]
+    family = [
+        f"{kind}_{act}_eps{eps}"
+        for kind in ("penalty", "adversarial", "finite_difference", "every")
+        for act in ("relu", "gelu")
+        for eps in ("0.3",)
+    ]
+    assert names[:5] == [
+        "plain_relu",
+        "plain_gelu",
+        "fgsm_relu_eps0.3",
+        "pgd_relu_eps0.3",
+        "trades_relu_eps0.3",
+    ]
+    assert names[5:13] == sorted(family, key=family.index)
+    assert names[13] == "pgd_relu_eps0.1"
+    assert len(names) == 22 and "trades_relu_eps0.1" not in names
+
+
+@pytest.mark.parametrize("name", ["pgd_relu", "plain_relu_eps0.3", "sgd_relu_eps0.3", "pgd"])
+def test_bad_row_names_are_refused(name):
+    with pytest.raises(ValueError, match=f"Received: '{name}'"):
+        aat.parse_row(name)
+
+
+def test_plan_refuses_bad_settings_before_any_work(tmp_path):
+    settings = aat.Settings(data=(("data_npz", MNIST),), grids=aat.Grids(penalty_sigmas=(-1.0,)))
+    plan = aat.Plan([aat.parse_row("penalty_relu_eps0.3")], settings, (), str(tmp_path))
+    with pytest.raises(app.UsageError, match="sigma"):
+        aat.check_plan(plan)
+    plan = aat.Plan([aat.parse_row("plain_relu")], SETTINGS, ("pgd_relu_eps0.3",), str(tmp_path))
+    with pytest.raises(app.UsageError, match="pgd_relu_eps0.3"):
+        aat.check_plan(plan)
+    assert os.listdir(tmp_path) == []
+
+
+def entry(error, robust):
+    return {"validation_error_percent": error, "validation_robust_percent": robust}
+
+
+def test_selection_rule():
+    # Plain 1.0% -> limit 2.0%: the 2.5% setting is out despite its 90%.
+    entries = [entry(1.5, 40.0), entry(2.5, 90.0), entry(2.0, 60.0), entry(1.8, 60.0)]
+    assert aat.choose(entries, 1.0, 2.0) == {
+        "index": 3,  # 60% twice: the lower error wins.
+        "admissible": True,
+        "error_limit_percent": 2.0,
+    }
+    assert aat.choose([entry(1.0, 5.0), entry(1.0, 5.0)], 1.0, 2.0)["index"] == 0
+    assert aat.choose([entry(3.0, 50.0), entry(2.5, 10.0)], 1.0, 2.0) == {
+        "index": 1,  # None within 2%: the lowest error, marked.
+        "admissible": False,
+        "error_limit_percent": 2.0,
+    }
+
+
+def test_selection_summary_and_the_auto_second_seed(tmp_path):
+    rows = [aat.parse_row(n) for n in ("plain_relu", "penalty_relu_eps0.3", "fgsm_relu_eps0.3")]
+    rows.append(aat.parse_row("pgd_relu_eps0.3"))
+    plan = aat.Plan(rows, SETTINGS, None, str(tmp_path))
+    summaries = {
+        "select/plain_relu": {"row": "plain_relu", "entries": [entry(1.0, 0.0)]},
+        "select/penalty_relu_eps0.3": {
+            "row": "penalty_relu_eps0.3",
+            "entries": [entry(1.2, 20.0), entry(1.9, 45.0), entry(2.1, 70.0)],
+        },
+        "select/fgsm_relu_eps0.3": {
+            "row": "fgsm_relu_eps0.3",
+            "entries": [entry(1.5, 44.0), entry(1.5, 80.0)],
+        },
+    }
+    record = plan.selection(rows[1], summaries)
+    assert (record["chosen"], record["admissible"], record["plain_row"]) == (1, True, "plain_relu")
+    assert plan.chosen(rows[1], summaries) == {"sigma": 0.3, "sigma_warmup_epochs": 5}
+    assert plan.best_single_step(summaries) == rows[2]
+    tasks, summarize = plan.tasks()
+    stages = [t.stage for t in tasks]
+    assert stages == [
+        "select/plain_relu",
+        "select/penalty_relu_eps0.3",
+        "select/penalty_relu_eps0.3",
+        "select/penalty_relu_eps0.3",
+        "select/fgsm_relu_eps0.3",
+        "select/fgsm_relu_eps0.3",
+        "final/plain_relu/seed0",
+        "final/penalty_relu_eps0.3/seed0",
+        "final/fgsm_relu_eps0.3/seed0",
+        "final/pgd_relu_eps0.3/seed0",
+        "final/pgd_relu_eps0.3/seed1",
+        "final/auto_single_step/seed1",
+    ]
+    assert tasks[-1].needs == ("select/penalty_relu_eps0.3", "select/plain_relu",
+                               "select/fgsm_relu_eps0.3")  # fmt: skip
+    assert tasks[-3].needs == ()  # PGD-AT: one setting, no validation run.
+    job = tasks[-1].make(summaries)
+    assert job.name == "final/fgsm_relu_eps0.3/sigma0.3_step1.25_ramp5_seed1"
+    assert set(summarize) == {t.stage for t in tasks}
+
+
+def record(name, kind, eps, seed, error, robust, examples, seconds, flags=None, act="relu"):
+    return {
+        "name": name,
+        "kind": kind,
+        "label": aat.KINDS[kind].label,
+        "activation": act,
+        "train_epsilon": eps,
+        "family": aat.KINDS[kind].family,
+        "single_step": aat.KINDS[kind].single_step,
+        "seed": seed,
+        "setting": {} if kind == "plain" else {"sigma": eps, "sigma_warmup_epochs": 5},
+        "test_error_percent": error,
+        "robust_percent": robust,
+        "robust_examples": examples,
+        "train_seconds": seconds,
+        "load_average": {"during_mean": 2.25, "during_max": 3.0},
+        "flags": flags or {},
+    }
+
+
+EX = {"0.3": 1000, "0.4": 250}
+MASKING = {"gradient_masking (training epsilon)": "Square broke 1%"}
+ROWS = [
+    record("plain_relu", "plain", None, 0, 0.9, {"0.3": 0.0, "0.4": 0.0}, EX, 60),
+    record("pgd_relu_eps0.3", "pgd", 0.3, 0, 1.5, {"0.3": 88.0, "0.4": 20.0}, EX, 1200, MASKING),
+    record("pgd_relu_eps0.3", "pgd", 0.3, 1, 1.7, {"0.3": 86.0, "0.4": 22.0}, EX, 1260),
+    record("penalty_gelu_eps0.3", "penalty", 0.3, 0, 1.2, {"0.3": 84.5, "0.4": 10.0}, EX, 300,
+           act="gelu"),
+    record("fgsm_relu_eps0.3", "fgsm", 0.3, 0, 1.1, {"0.3": 90.0, "0.4": 5.0}, EX, 450),
+]  # fmt: skip
+
+
+def test_targets_are_computed_from_the_rows():
+    (target,) = aat.targets(ROWS)
+    assert target["pgd_robust_percent"] == 87.0  # Mean of the two seeds.
+    assert target["pgd_train_seconds"] == 1230.0
+    # fgsm (450 s) is over 1/3 of 1230 s = 410 s; the penalty (300 s) is within.
+    assert target["best_single_step"] == {
+        "row": "penalty_gelu_eps0.3",
+        "robust_percent": 84.5,
+        "time_vs_pgd": 300 / 1230,
+        "points_below_pgd": 2.5,
+        "met": True,
+    }
+
+
+def test_markdown_from_a_results_fixture():
+    rows = [dict(r) for r in ROWS]
+    aat.add_time_ratios(rows)
+    assert [r["time_vs_plain"] for r in rows] == [1.0, 20.0, 21.0, None, 7.5]  # No plain gelu.
+    results = {
+        "hardware": "cpu, 2 cores",
+        "cpu_count": 2,
+        "selection_rule": "rule",
+        "settings": {
+            "data": "../shared/data/mnist.npz (sha256 abc)",
+            "conv_channels": [16, 32],
+            "dense_units": 128,
+            "epochs": 20,
+            "ramp_epochs": [5],
+            "report_epsilons": [0.3, 0.4],
+            "primary_examples": 1000,
+            "other_examples": 250,
+        },
+        "rows": rows,
+        "targets": aat.targets(rows),
+        "selections": {
+            "penalty_gelu_eps0.3": {
+                "epsilon": 0.3,
+                "chosen": 1,
+                "admissible": False,
+                "entries": [
+                    {"setting": {"sigma": 0.15}, "train_seconds": 120.0, **entry(2.5, 30.0)},
+                    {"setting": {"sigma": 0.3}, "train_seconds": 126.0, **entry(2.2, 50.25)},
+                ],
+            }
+        },
+    }
+    lines = aat.markdown(results).splitlines()
+    assert lines[3] == (
+        "| row | trained at | setting | seed | test error % | robust % at 0.3 | robust % at 0.4 "
+        "| training time | x plain | load | flags |"
+    )
+    assert lines[5] == (
+        "| plain, relu | - | - | 0 | 0.90 | 0.0 (1000) | 0.0 (250) | 1.0 min | 1.0x "
+        "| 2.2 (max 3.0) | none |"
+    )
+    assert lines[6] == (
+        "| PGD-AT (10 steps of 0.25 eps), relu | 0.3 | sigma=0.3, ramp=5 | 0 | 1.50 | 88.0 (1000) "
+        "| 20.0 (250) | 20.0 min | 20.0x | 2.2 (max 3.0) | gradient_masking (training epsilon) |"
+    )
+    assert lines[8].startswith("| penalty (exact), gelu | 0.3 | sigma=0.3, ramp=5 | 0 | 1.20 |")
+    assert "| 5.0 min | - |" in lines[8]
+    assert lines[13] == (
+        "- L-inf 0.3: PGD-AT 87.0%; best single-step row within 1/3 of its time: "
+        "penalty_gelu_eps0.3, 84.5% at 0.24x PGD-AT's time, 2.5 points below: met."
+    )
+    assert lines[-2:] == [
+        "| penalty_gelu_eps0.3 | 0.3 | sigma=0.15 | 2.50 | 30.0 | 2.0 min |  |",
+        "| penalty_gelu_eps0.3 | 0.3 | sigma=0.3 | 2.20 | 50.2 | 2.1 min "
+        "| yes (none within the error limit) |",
+    ]
+
+
+def test_worst_case_reads_a_report_dict():
+    report = {
+        "rows": [
+            {"attack": "apgd-ce", "p": "inf", "epsilon": 0.3, "accuracy": 0.5},
+            {"attack": "worst_case", "p": "inf", "epsilon": 0.3, "accuracy": 0.25},
+            {"attack": "worst_case", "p": 2, "epsilon": 0.3, "accuracy": 0.75},
+        ]
+    }
+    assert aat.worst_case(report, 0.3) == 25.0
+    assert aat.worst_case(report, 0.1) is None
+    assert aat.worst_case(None, 0.3) is None
+
+
+def test_cached_report_recomputes_only_for_other_settings(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"n": len(calls)}
+
+    assert aat.cached_report(str(tmp_path), "r.json", {"a": 1}, compute) == {"n": 1}
+    assert aat.cached_report(str(tmp_path), "r.json", {"a": 1}, compute) == {"n": 1}
+    assert aat.cached_report(str(tmp_path), "r.json", {"a": 2}, compute) == {"n": 2}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(MNIST), reason="no shared/data/mnist.npz")
+def test_smoke_run_writes_the_documented_results(tmp_path):
+    """Smoke test: two rows (plain and the penalty with two sigmas to choose from), one epoch
+    of 3 steps, tiny evaluations, subprocess runs; checks the JSON's documented fields and that
+    the numbers are finite and in range (not their values). Run again, it trains nothing."""
+    arguments = [
+        sys.executable, "-m", "experiments.against_adversarial_training",
+        "--data_npz=../shared/data/mnist.npz", f"--workdir={tmp_path / 'runs'}",
+        f"--results_dir={tmp_path / 'results'}",
+        "--experiment_rows=plain_relu,penalty_relu_eps0.3", "--penalty_sigmas=0.5,1",
+        "--training_epochs=1", "--steps_per_epoch=3", "--eval_examples=20",
+        "--other_eval_examples=10", "--validation_eval_examples=20", "--validation_apgd_steps=5",
+        "--eval_apgd_steps=5", "--eval_square_queries=20", "--seeds=0", "--two_seed_rows=",
+        "--parallel=2", "--load_interval=2",
+    ]  # fmt: skip
+    subprocess.run(arguments, cwd=jobs.CHECKOUT, check=True, capture_output=True)
+    with open(tmp_path / "results" / f"{aat.NAME}.json") as f:
+        results = json.load(f)
+    assert (tmp_path / "results" / f"{aat.NAME}.png").stat().st_size > 0
+    with open(tmp_path / "results" / f"{aat.NAME}.md") as f:
+        assert f.read() == aat.markdown(results)
+    assert set(results) == {
+        "experiment", "hardware", "cpu_count", "python", "selection_rule", "settings", "rows",
+        "targets", "selections",
+    }  # fmt: skip
+    assert results["settings"]["epochs"] == 1 and results["settings"]["steps_per_epoch"] == 3
+    assert [r["name"] for r in results["rows"]] == ["plain_relu", "penalty_relu_eps0.3"]
+    for row in results["rows"]:
+        assert row["epochs"] == 1
+        assert 0.0 <= row["test_error_percent"] <= 100.0
+        assert sorted(row["robust_percent"]) == ["0.1", "0.3", "0.4"]
+        assert all(0.0 <= v <= 100.0 for v in row["robust_percent"].values())
+        assert row["robust_examples"]["0.3"] == 20 and row["robust_examples"]["0.4"] == 10
+        assert math.isfinite(row["train_seconds"]) and row["train_seconds"] > 0
+        assert row["load_average"]["sittings"] == 1 and row["load_average"]["samples"] >= 1
+        assert isinstance(row["flags"], dict)
+        assert row["command"].startswith("python -m train.main --preset=mnist_cnn")
+    assert results["rows"][1]["robust_examples"]["0.1"] == 10
+    assert results["rows"][0]["robust_examples"]["0.1"] == 20  # Plain: every training eps.
+    assert results["rows"][1]["time_vs_plain"] > 0
+    selection = results["selections"]["penalty_relu_eps0.3"]
+    assert [e["setting"]["sigma"] for e in selection["entries"]] == [0.15, 0.3]
+    assert selection["chosen"] in (0, 1) and selection["plain_row"] == "plain_relu"
+    for e in selection["entries"] + results["selections"]["plain_relu"]["entries"]:
+        assert 0.0 <= e["validation_error_percent"] <= 100.0
+        assert 0.0 <= e["validation_robust_percent"] <= 100.0
+    assert results["rows"][1]["setting"] == selection["entries"][selection["chosen"]]["setting"]
+    # Everything is read back, nothing trained again.
+    before = os.path.getmtime(
+        tmp_path / "runs" / "final" / "plain_relu" / "default_seed0" / "metrics.json"
+    )
+    again = subprocess.run(arguments, cwd=jobs.CHECKOUT, check=True, capture_output=True, text=True)
+    assert ": training" not in again.stderr
+    assert again.stderr.count("finished earlier, reading it") == 5  # 3 selection, 2 final runs.
+    after = os.path.getmtime(
+        tmp_path / "runs" / "final" / "plain_relu" / "default_seed0" / "metrics.json"
+    )
+    assert before == after
