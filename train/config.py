@@ -492,7 +492,7 @@ FIELDS: tuple[Field, ...] = (
         "eval_apgd_steps",
         "evaluation",
         100,
-        "Steps of each APGD run of the standard suite (AutoAttack: 100).",
+        "Steps of each APGD and FAB-T run of the standard suite (AutoAttack: 100).",
         _integer(1, "an integer >= 1"),
     ),
     Field(

@@ -452,6 +452,7 @@ def evaluate_and_draw(
             suite=config.eval_suite,
             steps=config.eval_pgd_steps,
             apgd_steps=config.eval_apgd_steps,
+            fab_steps=config.eval_apgd_steps,
             square_queries=config.eval_square_queries,
             batch_size=max(config.batch_size, EVAL_BATCH_SIZE),
             seed=config.seed,
