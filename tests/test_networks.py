@@ -480,18 +480,12 @@ def _penalty_steps(activation, mode):
 
 # tf2xla's MaxPoolGradGrad (tensorflow/compiler/tf2xla/kernels/pooling_ops.cc)
 # picks each window's maximum by the input rounded to bfloat16 and takes the
-# later of tied values where TensorFlow's kernel takes the first: under XLA
-# the penalty's parameter gradient through max-pooling is not the exact one
-# (1.2% relative error on a small ReLU network here). A pooling written as a
-# maximum over strided slices is exact; until kgr.layers.CeilMaxPooling2D is,
-# this case fails (strict: the marker must go when it passes).
-_XLA_POOLING = pytest.mark.xfail(
-    strict=True, reason="XLA's MaxPoolGradGrad selects by bfloat16-rounded inputs"
-)
-
-
+# later of tied values where TensorFlow's kernel takes the first (1.2%
+# relative error in the penalty's parameter gradient on a small ReLU network
+# here). kgr.layers.CeilMaxPooling2D is a maximum over strided slices, exact
+# under XLA: this test fails if the networks go back to a max-pooling op.
 @pytest.mark.parametrize("activation", ["relu", "maxout"])
-@pytest.mark.parametrize("mode", ["graph", pytest.param("xla", marks=_XLA_POOLING)])
+@pytest.mark.parametrize("mode", ["graph", "xla"])
 def test_cnn_penalty_steps_through_max_pooling_agree_with_eager(activation, mode):
     """The exact penalty differentiates max-pooling's gradient (its double backward)."""
     for a, b in zip(_penalty_steps(activation, "eager"), _penalty_steps(activation, mode)):

@@ -547,10 +547,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Not the paper's: the field's standard MNIST CNN (Madry et al. 2018; no
     # dropout, no max-norm) at the field's threat model, L-inf 0.3; the
     # method (the penalty by default), batch and epochs chosen. Narrower:
-    # --conv_channels=16,32 --dense_units=128. Without XLA: XLA's
-    # MaxPoolGradGrad picks window maxima by bfloat16-rounded values, so the
-    # penalty's gradient through the pooling is not exact there
-    # (tests/test_networks.py).
+    # --conv_channels=16,32 --dense_units=128. Without XLA: on this
+    # project's CPUs XLA's convolutions were slower than TensorFlow's oneDNN
+    # kernels (bench/README.md); the pooling is exact under XLA too.
     "mnist_cnn": _mnist(
         "cnn",
         jit_compile=False,

@@ -46,7 +46,22 @@ class CeilMaxPooling2D(keras.layers.Layer):
         pads = [[0, 0], [0, self._padding(height)], [0, self._padding(width)], [0, 0]]
         if any(pad[1] for pad in pads):
             inputs = ops.pad(inputs, pads, constant_values=float("-inf"))
-        return ops.max_pool(inputs, self.pool_size, self.strides, padding="valid")
+        # The maximum of pool_size**2 strided slices, one per window offset:
+        # the same values as a max-pooling op, and a second derivative that
+        # XLA computes exactly (XLA's max-pooling gradient kernel picks each
+        # window's maximum by values rounded to bfloat16, so its double
+        # backward differed from TensorFlow's by 1% on a ReLU CNN).
+        rows, columns = self._output_size(height), self._output_size(width)
+        span_rows = (rows - 1) * self.strides + 1
+        span_columns = (columns - 1) * self.strides + 1
+        result = None
+        for i in range(self.pool_size):
+            for j in range(self.pool_size):
+                window = inputs[
+                    :, i : i + span_rows : self.strides, j : j + span_columns : self.strides, :
+                ]
+                result = window if result is None else ops.maximum(result, window)
+        return result
 
     def compute_output_shape(self, input_shape):
         batch, height, width, channels = input_shape

@@ -77,10 +77,10 @@ def cnn(
     `pieces` times more outputs and `kgr.layers.Maxout` takes the max over
     groups of `pieces`, so widths count maxout units.
 
-    With `method="penalty"` prefer `jit_compile=False`: the penalty
-    differentiates max-pooling's gradient, and XLA's kernel for that
-    (MaxPoolGradGrad) picks each window's maximum by bfloat16-rounded values,
-    so under XLA its gradient is not the exact one (tests/test_networks.py).
+    The pooling is `kgr.layers.CeilMaxPooling2D`, a maximum over strided
+    slices: the exact penalty differentiates its gradient exactly under XLA
+    too (XLA's own max-pooling second derivative picks window maxima by
+    bfloat16-rounded values; tests/test_networks.py).
 
     Madry et al. use no dropout; `input_dropout` and `hidden_dropout` add
     `kgr.layers.FastDropout` on the image and on the input of each later
