@@ -5,7 +5,8 @@ of each norm's optimality condition (L-inf: d = clip(s q sign(w)), L2:
 d = clip(mu w)), and for L1 by a greedy loop over coordinates, not by the
 library's sort-and-cumulative-sum formulas. FAB itself is written per
 example from the paper (Croce and Hein 2020, Algorithm 1 and section 3.1)
-for a linear model, whose boundary linearisation is exact.
+for any model with a hand-derived input gradient (a linear model, whose
+boundary linearisation is exact, or attack_reference.TanhNet).
 """
 
 from __future__ import annotations
@@ -82,28 +83,54 @@ def _norm(v, p):
     return float(np.linalg.norm(v, ord=p))
 
 
-def fab_linear(
-    weights, bias, x, label, target, p, steps=100, alpha_max=0.1, eta=1.05, beta=0.9
-) -> float:
-    """The smallest distance FAB-T finds on logits = x W + b, no box, one example.
+def fab_run(
+    logits, input_gradient, x, label, target, p, steps=100, low=-np.inf, high=np.inf,
+    alpha_max=0.1, eta=1.05, beta=0.9,
+):  # fmt: skip
+    """FAB-T from x towards `target`, one example: (closest misclassified point, its distance).
 
-    Returns +inf if no iterate was misclassified.
+    Args:
+        logits: x -> scores (classes,).
+        input_gradient: (x, d loss / d scores) -> d loss / d x.
+        x, label, target: The example, its label and the target class.
+        p: 1, 2 or inf.
+        steps: Iterations.
+        low, high: The box.
+
+    Returns:
+        (point, distance); (x, inf) if no iterate was misclassified.
     """
-    weights, bias = np.asarray(weights, np.float64), np.asarray(bias, np.float64)
     x0 = np.asarray(x, np.float64)
-    normal = weights[:, target] - weights[:, label]
-    offset = bias[label] - bias[target]  # the boundary: normal . x = offset
-    point, best = x0.copy(), math.inf
+    point, best, best_point = x0.copy(), math.inf, x0.copy()
+    seed = np.zeros(len(logits(x0)))
+    seed[target], seed[label] = 1.0, -1.0
     for _ in range(steps):
-        move_k = project_row(point, normal, offset, p)
-        move_0 = project_row(x0, normal, offset, p)
+        f = logits(point) @ seed  # z_t - z_y, linearised: f + g . (x - point) = 0
+        g = input_gradient(point, seed)
+        offset = g @ point - f
+        move_k = project_row(point, g, offset, p, low, high)
+        move_0 = project_row(x0, g, offset, p, low, high)
         size_k, size_0 = max(_norm(move_k, p), 1e-8), max(_norm(move_0, p), 1e-8)
         alpha = min(size_k / (size_k + size_0), alpha_max)
         point = (1 - alpha) * (point + eta * move_k) + alpha * (x0 + eta * move_0)
-        if np.argmax(point @ weights + bias) != label:
-            best = min(best, _norm(point - x0, p))
+        point = np.clip(point, low, high)
+        if np.argmax(logits(point)) != label:
+            distance = _norm(point - x0, p)
+            if distance < best:
+                best, best_point = distance, point.copy()
             point = x0 + beta * (point - x0)
-    return best
+    return best_point, best
+
+
+def fab_linear(
+    weights, bias, x, label, target, p, steps=100, alpha_max=0.1, eta=1.05, beta=0.9
+) -> float:
+    """The smallest distance FAB-T finds on logits = x W + b, no box, one example."""
+    weights, bias = np.asarray(weights, np.float64), np.asarray(bias, np.float64)
+    return fab_run(
+        lambda v: v @ weights + bias, lambda v, s: weights @ s, x, label, target, p, steps,
+        alpha_max=alpha_max, eta=eta, beta=beta,
+    )[1]  # fmt: skip
 
 
 def minimal_distances(weights, bias, x, y, p) -> np.ndarray:

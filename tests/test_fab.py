@@ -6,7 +6,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from fab_reference import fab_linear, minimal_distances, project_rows
+from attack_reference import TanhNet
+from fab_reference import fab_linear, fab_run, minimal_distances, project_rows
 
 from keras_gradreg import attacks
 from keras_gradreg.attacks import common
@@ -101,6 +102,29 @@ def test_fab_finds_the_minimal_perturbation_of_a_linear_model(p):
     reference = [fab_linear(weights, bias, x[i], y[i], target[i], p) for i in np.flatnonzero(ok)]
     np.testing.assert_allclose(found[ok], reference, rtol=2e-5, atol=1e-6)
     assert not np.any(np.argmax(x_adv[ok] @ weights + bias, axis=1) == y[ok])
+
+
+@pytest.mark.parametrize("p", NORMS)
+def test_fab_follows_a_numpy_fab_step_for_step_on_a_tanh_network_in_the_box(p):
+    """Float64 network with hand-derived gradients, box [0, 1], 30 steps, two targets."""
+    net = TanhNet(inputs=12, hidden=8, classes=5, seed=3)
+    model = net.keras_model()
+    rng = np.random.default_rng(4)
+    x = rng.uniform(size=(12, 12))
+    z = net.logits(x)
+    y = np.argmax(z, axis=1)
+    found, correct = attacks.fab_with_correct(model, x, y, math.inf, p, targets=2, steps=30)
+    order = np.argsort(-np.where(np.arange(5) == y[:, None], -np.inf, z), axis=1)
+    for i in range(len(x)):
+        point, distance = fab_run(
+            net.logits, net.input_gradient, x[i], y[i], order[i, 0], p, 30, 0.0, 1.0
+        )
+        if math.isinf(distance):  # Not broken towards the first target: the second one ran.
+            point, distance = fab_run(
+                net.logits, net.input_gradient, x[i], y[i], order[i, 1], p, 30, 0.0, 1.0
+            )
+        np.testing.assert_allclose(found.numpy()[i], point, atol=1e-9)
+        assert correct.numpy()[i] == math.isinf(distance)
 
 
 def test_fab_reads_probabilities_through_their_logarithm():
