@@ -27,6 +27,7 @@ ATTACK_NAMES = {
     "apgd-ce": "APGD-CE",
     "apgd-dlr": "APGD-DLR",
     "apgd-t": "APGD-T",
+    "fab-t": "FAB-T",
     "square": "Square",
     "fgsm": "FGSM",
     "pgd": "PGD",
@@ -175,8 +176,10 @@ def markdown(results: dict[str, Any]) -> str:
     selections = "".join(selection_text(title, s) for title, s in selection_stages(results))
     return (
         "Robust accuracy (%) is the worst case per test image over the attacks named in the "
-        "row, on the first images of the test set; the standard suite is AutoAttack's cascade "
-        "(APGD-CE and APGD-T with 100 steps, 9 targets, then Square). "
+        "row, on the first images of the test set; the attacks column names each row's; these "
+        "rows' standard suite is AutoAttack's standard cascade without FAB-T (APGD-CE and "
+        "APGD-T with 100 steps, 9 targets, then Square), which `kgr.evaluate_robustness` ran "
+        "before FAB-T joined it. "
         f"Hardware: {results['hardware']}.\n\n"
         + header
         + "\n".join(lines)
