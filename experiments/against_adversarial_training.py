@@ -1065,7 +1065,8 @@ def plot(results: dict[str, Any], path: str) -> None:
         axis.set_ylabel(f"robust accuracy at L-inf {key} (%)")
         axis.set_title(f"trained and attacked at L-inf {key}")
         axis.set_ylim(-2, 102)
-    figure.suptitle("Dotted: 1/3 of PGD-AT's time and 3 points below its robust accuracy")
+    if results["targets"]:
+        figure.suptitle("Dotted: 1/3 of PGD-AT's time and 3 points below its robust accuracy")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

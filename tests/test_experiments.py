@@ -323,14 +323,20 @@ def test_cached_report_recomputes_only_for_other_settings(tmp_path):
 @pytest.mark.skipif(not os.path.exists(MNIST), reason="no shared/data/mnist.npz")
 def test_smoke_run_writes_the_documented_results(tmp_path):
     """Smoke test: two rows (plain and the penalty with two sigmas to choose from), one epoch
-    of 3 steps, tiny evaluations, subprocess runs; checks the JSON's documented fields and that
-    the numbers are finite and in range (not their values). Run again, it trains nothing."""
+    on 600 MNIST training images (500 train, 100 validation), 200 test images, tiny
+    evaluations, subprocess runs; checks the JSON's documented fields and that the numbers are
+    finite and in range (not their values). Run again, it trains nothing."""
+    import numpy as np
+
+    with np.load(MNIST) as mnist:
+        small = {k: mnist[k][: 600 if "train" in k else 200] for k in mnist.files}
+    np.savez(tmp_path / "small.npz", **small)
     arguments = [
         sys.executable, "-m", "experiments.against_adversarial_training",
-        "--data_npz=../shared/data/mnist.npz", f"--workdir={tmp_path / 'runs'}",
+        f"--data_npz={tmp_path / 'small.npz'}", f"--workdir={tmp_path / 'runs'}",
         f"--results_dir={tmp_path / 'results'}",
         "--experiment_rows=plain_relu,penalty_relu_eps0.3", "--penalty_sigmas=0.5,1",
-        "--training_epochs=1", "--steps_per_epoch=3", "--eval_examples=20",
+        "--training_epochs=1", "--eval_examples=20",
         "--other_eval_examples=10", "--validation_eval_examples=20", "--validation_apgd_steps=5",
         "--eval_apgd_steps=5", "--eval_square_queries=20", "--seeds=0", "--two_seed_rows=",
         "--parallel=2", "--load_interval=2",
@@ -345,7 +351,8 @@ def test_smoke_run_writes_the_documented_results(tmp_path):
         "experiment", "hardware", "cpu_count", "python", "selection_rule", "settings", "rows",
         "targets", "selections",
     }  # fmt: skip
-    assert results["settings"]["epochs"] == 1 and results["settings"]["steps_per_epoch"] == 3
+    assert results["settings"]["epochs"] == 1 and results["settings"]["steps_per_epoch"] == 0
+    assert results["settings"]["validation"]["examples"] == 20
     assert [r["name"] for r in results["rows"]] == ["plain_relu", "penalty_relu_eps0.3"]
     for row in results["rows"]:
         assert row["epochs"] == 1
