@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import keras
@@ -13,6 +14,7 @@ from keras_gradreg.objective import (
     check_subset_reduction,
     logged_objective,
     objective_branches,
+    trades_divergence,
     unscale_for_replicas,
 )
 from keras_gradreg.regularizer import GradientRegularizer, as_regularizer
@@ -124,6 +126,8 @@ class RegularizedModel(keras.Model):
         else:
             keras.Model.__init__(self, *args, **kwargs)
         self._set_regularizer(regularizer)
+        # (number of branches, branch) -> indices of the weights it has no gradient for.
+        self._unused_weights: dict[tuple[int, int], set[int]] = {}
         self._data_loss_tracker = keras.metrics.Mean(name="data_loss")
         self._penalty_tracker = keras.metrics.Mean(name="penalty")
 
@@ -155,24 +159,36 @@ class RegularizedModel(keras.Model):
     # ------------------------------------------------------------------ #
 
     def make_train_function(self, force: bool = False):
-        """Builds `fit`'s step; under a strategy, XLA compiles each replica.
+        """Builds `fit`'s step; with `jit_compile`, XLA compiles each objective separately.
 
-        Without a strategy this is Keras's own (with `jit_compile=True`, XLA
-        compiles the whole step). Under a tf.distribute strategy, each
-        replica's forward and backward passes (`regularized_step`, nested
-        tapes included) are one XLA computation when `jit_compile` is True,
-        and the gradient all-reduce and optimizer update run outside it; see
-        `keras_gradreg.train_function`.
+        The step's run-time choice between the plain and the regularised
+        objective (sigma = 0, a step that `every` skips) is a `tf.switch_case`
+        outside XLA, over one XLA computation per objective, each computing
+        its loss and gradients with no conditional inside: XLA's CPU backend
+        runs the convolutions of a conditional's branch as naive loops
+        (bench/README.md). Without a strategy, the optimizer update, loss
+        trackers and metrics are a second XLA computation. Under a
+        tf.distribute strategy the gradient all-reduce and optimizer update
+        run outside XLA; see `keras_gradreg.train_function`.
         """
         if self.train_function is not None and not force:
             return self.train_function
-        self._replica_step = None
+        self._compiled_branches = {}
+        self._compiled_update = None
+        self._compile_branches = bool(self.jit_compile) and not self.run_eagerly
         if _internals.is_default_strategy(self.distribute_strategy):
-            return super().make_train_function(force=force)
-        if self.jit_compile and not self.run_eagerly:
-            self._replica_step = tf.function(
-                self.regularized_step, jit_compile=True, reduce_retracing=True
+            if not self._compile_branches:
+                return super().make_train_function(force=force)
+            # Keras's step itself runs outside XLA; `train_step` calls the compiled parts.
+            self.jit_compile = False
+            try:
+                function = super().make_train_function(force=force)
+            finally:
+                self.jit_compile = True
+            self._compiled_update = tf.function(
+                self._update, jit_compile=True, reduce_retracing=True
             )
+            return function
         self.train_function = make_distributed_function(self, self.train_step)
         return self.train_function
 
@@ -232,8 +248,12 @@ class RegularizedModel(keras.Model):
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         self._check_has_loss()
-        step = getattr(self, "_replica_step", None) or self.regularized_step
-        result = step(x, y, sample_weight)
+        result = self.regularized_step(x, y, sample_weight)
+        update = getattr(self, "_compiled_update", None) or self._update
+        return update(x, y, sample_weight, result)
+
+    def _update(self, x, y, sample_weight, result: StepResult):
+        """Applies a step's gradients, adds its losses to the logs; the metrics' results."""
         self.optimizer.apply_gradients(zip(result.gradients, self.trainable_weights))
         self._log_losses(result, _batch_size(x))
         return self.compute_metrics(x, y, result.loss.y_pred, sample_weight=sample_weight)
@@ -247,10 +267,11 @@ class RegularizedModel(keras.Model):
         optimizer's `iterations` % every == 0) is decided at run time by a
         `tf.switch_case` whose branches each take their own gradients, so
         one trace serves every step and a plain step costs about what a
-        plain Keras step does. Updates no weights (only the state a forward
-        pass updates: seed generators, BatchNorm statistics, loss trackers),
-        so it can be compiled on its own (per replica) and the optimizer
-        applied outside.
+        plain Keras step does. With `jit_compile`, each branch is its own
+        XLA computation and the choice is made outside XLA. Updates no
+        weights (only the state a forward pass updates: seed generators,
+        BatchNorm statistics, loss trackers), so the optimizer can be
+        applied outside (per replica under a strategy).
 
         Args:
             x: Model input.
@@ -261,14 +282,46 @@ class RegularizedModel(keras.Model):
             A `StepResult`. Its gradients are scaled like the loss by the
             optimizer (loss scaling under mixed precision).
         """
+        branches = self._objective_branches(x, y, sample_weight)
+        count = len(branches.functions)
 
+        def run(index):
+            if getattr(self, "_compile_branches", False):
+                function = self._compiled_branches.get(index)
+                if function is None:
+                    function = tf.function(
+                        functools.partial(self._branch_gradients, index=index),
+                        jit_compile=True,
+                        reduce_retracing=True,
+                    )
+                    self._compiled_branches[index] = function
+                return lambda: function(x, y, sample_weight)
+            return functools.partial(self._branch_gradients, x, y, sample_weight, index, branches)
+
+        functions = [run(index) for index in range(count)]
+        if count == 1:
+            gradients, loss = functions[0]()
+        else:
+            gradients, loss = tf.switch_case(branches.index, functions)
+        # The weights no branch has a gradient for (each branch records its own when traced).
+        unused = [self._unused_weights.get((count, index)) for index in range(count)]
+        never_used = set.intersection(*[u for u in unused if u is not None] or [set()])
+        gradients = [None if i in never_used else g for i, g in enumerate(gradients)]
+        computed = tf.greater(branches.index, 0)
+        objective = logged_objective(loss, self._regularizer, computed)
+        return StepResult(gradients, loss, objective, tf.convert_to_tensor(branches.counted))
+
+    def _objective_branches(self, x, y, sample_weight):
         def forward(inputs, rows=None):
             targets, weights = gather_rows((y, sample_weight), rows)
             y_pred = _internals.call_model(self, inputs, training=True)
             loss = _internals.compute_loss(self, inputs, targets, y_pred, weights, training=True)
             return y_pred, loss
 
-        branches = objective_branches(
+        divergence = None
+        if self._regularizer.method == "trades":
+            divergence = trades_divergence(self.loss, sample_weight, "loss")
+        return objective_branches(
             self,
             forward,
             x,
@@ -276,31 +329,24 @@ class RegularizedModel(keras.Model):
             loss_scale=self._loss_scale(),
             extra_state=_internals.compiled_loss_variables(self),
             step=None if self.optimizer is None else self.optimizer.iterations,
+            divergence=divergence,
         )
-        unused = []  # Per traced branch, the weights it has no gradient for.
 
-        def with_gradients(objective):
-            def branch():
-                with tf.GradientTape() as tape:
-                    loss = objective()
-                    scaled = self._scale(loss.total)
-                gradients = tape.gradient(scaled, self.trainable_weights)
-                unused.append({i for i, g in enumerate(gradients) if g is None})
-                # Branches must return the same structure: zeros for now.
-                zeros = [
-                    tf.zeros_like(w) if g is None else g
-                    for g, w in zip(gradients, self.trainable_weights)
-                ]
-                return zeros, loss
-
-            return branch
-
-        gradients, loss = branches.run(with_gradients)
-        unused = set.intersection(*unused)
-        gradients = [None if i in unused else g for i, g in enumerate(gradients)]
-        computed = tf.greater(branches.index, 0)
-        objective = logged_objective(loss, self._regularizer, computed)
-        return StepResult(gradients, loss, objective, tf.convert_to_tensor(branches.counted))
+    def _branch_gradients(self, x, y, sample_weight, index, branches=None):
+        """Objective `index` of the step's branches and its gradients (zeros where None)."""
+        if branches is None:
+            branches = self._objective_branches(x, y, sample_weight)
+        count = len(branches.functions)
+        with tf.GradientTape() as tape:
+            loss = branches.functions[index]()
+            scaled = self._scale(loss.total)
+        gradients = tape.gradient(scaled, self.trainable_weights)
+        self._unused_weights[count, index] = {i for i, g in enumerate(gradients) if g is None}
+        # Branches must return the same structure: zeros for now.
+        zeros = [
+            tf.zeros_like(w) if g is None else g for g, w in zip(gradients, self.trainable_weights)
+        ]
+        return zeros, loss
 
     def _log_losses(self, result: StepResult, batch_size: tf.Tensor) -> None:
         """Adds one step's losses to the epoch means, weighted by its batch size.

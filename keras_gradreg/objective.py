@@ -118,6 +118,13 @@ def regularized_loss(
     step. `sigma` and `clean_weight` are read from the regularizer's
     variables, so assigning them between steps needs no retracing.
 
+    Cost: with `every=1, fraction=1` there is no run-time branch, so a
+    sigma = 0 step costs a regularised one (its values and gradients are the
+    plain objective's), and "adversarial" differentiates its clean loss
+    even at clean_weight 0. `fit` skips both. With `every > 1` or
+    `fraction < 1` under XLA on a CPU, the branch makes every step of a
+    convolutional network slow (bench/README.md): use `fit` there.
+
     Args:
         model: The Keras model; called as `model(x, training=training)`.
         x: A batch: a tensor, array or nested structure. Every floating-point
