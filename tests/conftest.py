@@ -1,4 +1,4 @@
-"""Shared fixtures: a small classification problem and tiny model builders."""
+"""Shared fixtures: a small classification problem, tiny model builders, test isolation."""
 
 from __future__ import annotations
 
@@ -14,6 +14,25 @@ import keras_gradreg as kgr  # noqa: E402
 
 NUM_FEATURES = 6
 NUM_CLASSES = 3
+# Every test starts from this global seed (see `isolated_global_state`).
+TEST_SEED = 1234
+
+
+@pytest.fixture(autouse=True)
+def isolated_global_state():
+    """Each test starts from the same global random state and the float32 policy.
+
+    `keras.utils.set_random_seed` seeds Python's `random`, NumPy's global
+    generator, TensorFlow's global seed (which also restarts its op-seed
+    counter) and Keras' global SeedGenerator. Without this, a test that sets
+    a seed (or draws from an unseeded generator) changes what every later
+    test in the same process draws, so results would depend on the order and
+    on how pytest-xdist spreads the tests over its workers. A mixed precision
+    policy left behind by a failed test is reset too.
+    """
+    keras.utils.set_random_seed(TEST_SEED)
+    yield
+    keras.mixed_precision.set_global_policy("float32")
 
 
 def linear_data(n: int = 16, seed: int = 0):

@@ -220,9 +220,15 @@ def test_fgsm_matches_hand_computed_step_and_box():
     got2 = attacks.fgsm(model, x, y, 0.5, p=2, loss=loss, clip=None).numpy()
     r = 0.5 * g / np.linalg.norm(g, axis=1, keepdims=True)
     np.testing.assert_allclose(got2, x + r, atol=1e-5)
-    # One-hot labels give the same attack as integer labels.
-    got3 = attacks.fgsm(model, x, np.eye(3)[y], 0.1, loss="categorical_crossentropy")
-    assert got3.shape == x.shape
+    # One-hot labels give the same attack as integer labels (the same hand-computed point).
+    onehot = keras.losses.CategoricalCrossentropy(from_logits=True)
+    got3 = attacks.fgsm(model, x, np.eye(3)[y], 0.1, loss=onehot).numpy()
+    np.testing.assert_allclose(got3, np.clip(x + 0.1 * np.sign(g), 0, 1), atol=1e-6)
+    np.testing.assert_array_equal(got3, got)
+    # And with the probability form of the loss on a softmax model.
+    softmax = _linear(weights, bias, activation="softmax")
+    got4 = attacks.fgsm(softmax, x, np.eye(3)[y], 0.1, loss="categorical_crossentropy").numpy()
+    np.testing.assert_allclose(got4, np.clip(x + 0.1 * np.sign(g), 0, 1), atol=1e-6)
 
 
 # ---------------------------------------------------------------------- #
@@ -326,14 +332,18 @@ def test_xla_and_graph_kernels_agree(small_net):
 
 
 def test_pgd_inside_dataset_map_matches_direct_call(small_net):
+    """Graph kernel on both calls: with jit_compile=None an eager call on a GPU would use
+    XLA, which draws the random start from another stream than the graph in the map."""
     model, x, y = small_net
     seed = tf.constant([5, 0], tf.int64)
+    kwargs = dict(steps=3, seed=seed, jit_compile=False)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
-    mapped = ds.map(lambda xb, yb: attacks.pgd(model, xb, yb, 0.1, steps=3, seed=seed))
+    mapped = ds.map(lambda xb, yb: attacks.pgd(model, xb, yb, 0.1, **kwargs))
     got = np.concatenate([batch.numpy() for batch in mapped])
     direct = np.concatenate(
-        [attacks.pgd(model, x[i : i + 8], y[i : i + 8], 0.1, steps=3, seed=seed) for i in (0, 8)]
+        [attacks.pgd(model, x[i : i + 8], y[i : i + 8], 0.1, **kwargs) for i in (0, 8)]
     )
+    assert not np.array_equal(got, x)  # The attack moved the points.
     np.testing.assert_allclose(got, direct, atol=1e-6)
 
 

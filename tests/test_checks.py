@@ -80,7 +80,14 @@ def test_choice():
 def test_clip():
     assert _checks.check_clip(None) is None
     assert _checks.check_clip([0, 1]) == (0, 1)
-    assert _checks.check_clip((np.zeros(3), np.ones(3))) is not None
-    for bad in ((1, 0), (0,), "01", (0, "a"), (np.zeros(2), np.array([1.0, 0.0]))):
+    low, high = np.zeros(3), np.ones(3)
+    checked = _checks.check_clip([low, high])
+    # The same bounds, as a tuple (arrays are not copied or converted).
+    assert type(checked) is tuple and len(checked) == 2
+    assert checked[0] is low and checked[1] is high
+    # Ordered everywhere, against a scalar too.
+    assert _checks.check_clip((np.zeros(3), 0.5))[1] == 0.5
+    bad_pairs = ((1, 0), (0, 0), (0,), "01", (0, "a"), (np.zeros(2), np.array([1.0, 0.0])))
+    for bad in bad_pairs:
         with pytest.raises(ValueError, match=r"`clip` must be .*Received: clip="):
             _checks.check_clip(bad)

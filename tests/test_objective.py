@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
-from pathlib import Path
 
 import keras
 import linear_reference as ref
@@ -12,20 +10,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import NUM_CLASSES, NUM_FEATURES
+from readme_code import README, readme_custom_loop
 
 import keras_gradreg as kgr
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 METHODS = ["penalty", "adversarial", "finite_difference"]
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def readme_custom_loop() -> str:
-    """The code block that follows the `custom-loop` marker in README.md."""
-    text = README.read_text()
-    match = re.search(r"<!-- custom-loop:[^>]*-->\s*```python\n(.*?)```", text, re.S)
-    assert match, "README.md has no custom-loop code block"
-    return match.group(1)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,14 @@ class CountingModel(kgr.RegularizedModel):
         return super().regularized_step(*args, **kwargs)
 
 
+@pytest.fixture(autouse=True)
+def fresh_trace_counts():
+    """Each test counts its own traces (a rerun in the same process starts from 0)."""
+    CountingModel.traces.clear()
+    yield
+    CountingModel.traces.clear()
+
+
 def counting_linear(regularizer, w, b, name):
     inputs = keras.Input((NUM_FEATURES,))
     model = CountingModel(
