@@ -6,11 +6,14 @@ case runs in a subprocess (tests/distributed_cases.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,8 @@ ROOT = CASES.parent.parent
 METHODS = ("penalty", "adversarial", "finite_difference")
 # The subprocesses import this checkout's package, not another installed copy.
 PYTHONPATH = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+# Every test runs subprocesses (the fixtures build all cases at once): slow.
+pytestmark = pytest.mark.slow
 
 
 def run_case(*args: str, env: dict | None = None, timeout: int = 600) -> None:
@@ -160,41 +165,90 @@ def test_subsets_on_two_replicas_are_each_replicas_rows(lazy, method):
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def reserve_ports(count: int) -> list[int]:
+    """`count` distinct ports that are free on every interface.
+
+    Every socket stays bound until all ports are chosen, so the ports differ
+    (two successive `bind(0)` calls may return the same port). TensorFlow's
+    gRPC server binds 0.0.0.0 without SO_REUSEPORT, so a port cannot stay held
+    while a worker starts: the ports come from below the range the OS hands out
+    to `bind(0)` and outgoing connections, where no other process is likely to
+    take one in the moment before the workers bind it, and `run_workers` tries
+    again with new ports if one did.
+    """
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    draw = random.SystemRandom()  # Not the seeded global generator: runs draw apart.
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        while len(ports) < count:
+            s = stack.enter_context(socket.socket())
+            try:
+                s.bind(("", draw.randrange(20000, ephemeral_low) if ephemeral_low > 20100 else 0))
+            except OSError:
+                continue
+            if s.getsockname()[1] not in ports:
+                ports.append(s.getsockname()[1])
+        return ports
 
 
-@pytest.mark.slow
+PORT_TAKEN = "Could not start gRPC server"
+
+
+def run_workers(command, count: int = 2, attempts: int = 3, timeout: int = 600) -> None:
+    """Runs `command(index)` as `count` workers of one cluster on 127.0.0.1 until they pass.
+
+    A worker whose port was taken fails to start its server: then the others
+    are stopped and the cluster starts again on new ports (up to `attempts`).
+    """
+    for attempt in range(attempts):
+        cluster = {"worker": [f"127.0.0.1:{port}" for port in reserve_ports(count)]}
+        workers = []
+        for index in range(count):
+            tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            workers.append(
+                subprocess.Popen(
+                    command(index),
+                    env={
+                        **os.environ,
+                        "TF_CPP_MIN_LOG_LEVEL": "2",
+                        "PYTHONPATH": PYTHONPATH,
+                        "TF_CONFIG": json.dumps(tf_config),
+                    },
+                    cwd=ROOT,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+        deadline = time.monotonic() + timeout
+        while any(w.poll() is None for w in workers) and time.monotonic() < deadline:
+            if any(w.returncode not in (None, 0) for w in workers):
+                break  # One failed: the others would wait for it until the timeout.
+            time.sleep(0.5)
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+        outputs = [worker.communicate()[0] for worker in workers]
+        if all(worker.returncode == 0 for worker in workers):
+            return
+        if attempt + 1 < attempts and any(PORT_TAKEN in output for output in outputs):
+            continue
+        failed = next(i for i, w in enumerate(workers) if w.returncode != 0)
+        raise AssertionError(f"worker {failed} failed:\n" + outputs[failed][-5000:])
+
+
 def test_multi_worker_matches_single_worker(tmp_path):
     """Two workers on 127.0.0.1 end with identical weights, equal to one worker's.
 
     `evaluate` on the workers (broken in stock Keras 3.15 under this strategy)
     gives the single worker's loss.
     """
-    cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(2)]}
-    workers = []
-    for index in range(2):
-        tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
-        workers.append(
-            subprocess.Popen(
-                [sys.executable, str(CASES), "worker", str(tmp_path / f"worker{index}.npz")],
-                env={
-                    **os.environ,
-                    "TF_CPP_MIN_LOG_LEVEL": "2",
-                    "PYTHONPATH": PYTHONPATH,
-                    "TF_CONFIG": json.dumps(tf_config),
-                },
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    for worker in workers:
-        output, _ = worker.communicate(timeout=600)
-        assert worker.returncode == 0, output[-5000:]
+    run_workers(
+        lambda index: [sys.executable, str(CASES), "worker", str(tmp_path / f"worker{index}.npz")]
+    )
     run_case("single", str(tmp_path / "single.npz"))
     first, second, single = (
         np.load(tmp_path / name) for name in ("worker0.npz", "worker1.npz", "single.npz")

@@ -141,6 +141,7 @@ def test_subset_term_is_the_numpy_term_on_the_chosen_rows(method):
     )
 
 
+@pytest.mark.slow  # 600 draws.
 def test_subset_term_is_unbiased_over_many_draws():
     """The mean of the subset penalty and of its gradient approach the full batch's.
 

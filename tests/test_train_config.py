@@ -163,6 +163,7 @@ def test_bad_flag_values_name_the_flag(parse, arg, message):
         parse(arg)
 
 
+@pytest.mark.slow  # Runs the binary in a subprocess.
 def test_bad_flag_fails_before_any_work(tmp_path):
     """The binary exits with the flag's message and creates no workdir."""
     workdir = tmp_path / "run"
@@ -183,6 +184,7 @@ def test_bad_flag_fails_before_any_work(tmp_path):
         assert not workdir.exists()
 
 
+@pytest.mark.slow  # Runs the binary in a subprocess.
 def test_every_and_fraction_flags_are_typed_and_validated(parse):
     """`--helpfull` lists --every as an integer and --fraction as a number, both validated."""
     import keras_gradreg as kgr
