@@ -17,6 +17,16 @@ repetition's steps must hold whole cycles of k steps, so its figure is the
 mean cost per step over a cycle. `--assign_sigma` adds a penalty row whose
 sigma is assigned before every step (what a schedule does, at most).
 
+With `--reference`, a second protocol (issue 17): on the small ReLU CNN and
+the bare maxout MLP (`--ref_configs`), each estimator's step through `fit`
+(`model.train_function`) and through `kgr.regularized_loss` in a custom
+`tf.function` loop, against a hand-written `tf.function` step of the same
+objective; and `fit`'s skipped (`every=1000`) and sigma = 0 steps against a
+plain Keras step. All rows of a configuration, XLA on and off, are
+interleaved round-robin for `--ref_repetitions` repetitions; the table gives
+each row's median and range and the median of its per-repetition ratios to
+its reference (and their range), with the load average.
+
 Memory ("step MiB") is the peak of TensorFlow's CPU allocator during one
 extra step minus what it held just before (`reset_memory_stats` and
 `get_memory_info("CPU:0")`): the activations, gradients and XLA temporary
@@ -88,6 +98,23 @@ flags.DEFINE_float(
     "SGD momentum of the preset configurations (the maxout paper's initial momentum).",
 )
 flags.DEFINE_string("json_out", "bench/results/step_time.json", "Where to write the results.")
+flags.DEFINE_bool("reference", False, "Run the reference protocol (hand-written steps) instead.")
+flags.DEFINE_list(
+    "ref_configs", ["relu_cnn_small", "maxout_mlp_bare"], "Configurations of --reference."
+)
+flags.DEFINE_list(
+    "ref_rows", None, "Only these rows of --reference (names as in its table). Default: all."
+)
+flags.DEFINE_integer("ref_steps", 5, "Steps per repetition (--reference).")
+flags.DEFINE_integer("ref_repetitions", 15, "Interleaved repetitions (--reference).")
+flags.DEFINE_integer("ref_warmup", 2, "Untimed steps per row after compilation (--reference).")
+flags.DEFINE_float("ref_sigma", 0.3, "sigma of --reference (p = inf).")
+flags.DEFINE_integer(
+    "threads",
+    0,
+    "TensorFlow's intra- and inter-op threads (0: its default). 1 makes the figures a "
+    "measure of each step's work, robust to a loaded machine.",
+)
 flags.DEFINE_integer("seed", 0, "Seed of weights and data.")
 
 OWN_FLAGS = (
@@ -112,6 +139,14 @@ OWN_FLAGS = (
     "learning_rate",
     "momentum",
     "seed",
+    "reference",
+    "ref_configs",
+    "ref_rows",
+    "ref_steps",
+    "ref_repetitions",
+    "ref_warmup",
+    "ref_sigma",
+    "threads",
 )
 for _name in ("steps", "repetitions", "conv_steps", "conv_repetitions", "batch_size"):
     flags.register_validator(_name, lambda v: v >= 1, message=f"--{_name} must be >= 1")
@@ -366,8 +401,282 @@ def machine() -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------- #
+# --reference: the library's steps against hand-written ones (issue 17).
+# ---------------------------------------------------------------------- #
+
+ESTIMATORS = ("penalty", "adversarial", "finite_difference")
+FD_STEP = 0.01
+
+
+def reference_network(config: str) -> tuple[keras.Model, tuple[int, ...]]:
+    """The bench's small ReLU CNN (issue 17) or the bare maxout MLP, untrained."""
+    if config == "maxout_mlp_bare":
+        net = kgr.networks.maxout_mlp((784,), input_dropout=0, hidden_dropout=0, max_norm=None)
+        return net, (784,)
+    if config == "relu_cnn_small":
+        inputs = keras.Input((28, 28, 1))
+        h = keras.layers.Conv2D(16, 5, padding="same", activation="relu")(inputs)
+        h = keras.layers.MaxPooling2D(2)(h)
+        h = keras.layers.Conv2D(32, 5, padding="same", activation="relu")(h)
+        h = keras.layers.MaxPooling2D(2)(h)
+        h = keras.layers.Dense(128, activation="relu")(keras.layers.Flatten()(h))
+        return keras.Model(inputs, keras.layers.Dense(10)(h), name="relu_cnn_small"), (28, 28, 1)
+    raise ValueError(f"Unknown configuration. Received: config={config!r}")
+
+
+def hand_written_loss(method: str, net: keras.Model, loss_fn, sigma: float) -> Any:
+    """`(x, y) -> loss` of one objective, as a user would write it (p = inf, clean_weight 0).
+
+    "plain": L(x). "penalty": L(x) + sigma * sum_i ||g_i||_1 with g the input
+    gradient of the batch-mean loss (double backprop). "adversarial": L(x +
+    sigma sign(g)). "finite_difference": L(x) + sigma (L(x + h sign(g)) -
+    L(x)) / h with h = FD_STEP. The perturbations are held constant.
+    """
+
+    def clean_and_gradient(x, y):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = loss_fn(y, net(x, training=True))
+        return loss, tape.gradient(loss, x)
+
+    def plain(x, y):
+        return loss_fn(y, net(x, training=True))
+
+    def penalty(x, y):
+        loss, g = clean_and_gradient(x, y)
+        return loss + sigma * tf.reduce_sum(tf.abs(g))
+
+    def adversarial(x, y):
+        _, g = clean_and_gradient(x, y)
+        return loss_fn(y, net(x + sigma * tf.sign(tf.stop_gradient(g)), training=True))
+
+    def finite_difference(x, y):
+        loss, g = clean_and_gradient(x, y)
+        moved = loss_fn(y, net(x + FD_STEP * tf.sign(tf.stop_gradient(g)), training=True))
+        return loss + sigma * (moved - loss) / FD_STEP
+
+    return {
+        "plain": plain,
+        "penalty": penalty,
+        "adversarial": adversarial,
+        "finite_difference": finite_difference,
+    }[method]
+
+
+def regularizer_of(method: str, sigma: float, every: int = 1) -> kgr.GradientRegularizer:
+    return kgr.GradientRegularizer(
+        p="inf", sigma=sigma, method=method, clean_weight=0.0, fd_step=FD_STEP, every=every
+    )
+
+
+class LoopRunner:
+    """A custom training loop: one `tf.function` step of `loss(x, y)` and Adam."""
+
+    def __init__(self, net: keras.Model, loss, xla: bool, x, y):
+        self.optimizer = keras.optimizers.Adam(1e-3)
+        self.optimizer.build(net.trainable_variables)
+
+        @tf.function(jit_compile=xla)
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                value = loss(x, y, self.optimizer.iterations)
+            gradients = tape.gradient(value, net.trainable_variables)
+            self.optimizer.apply_gradients(zip(gradients, net.trainable_variables))
+            return value
+
+        self.step, self.x, self.y = step, x, y
+        start = time.perf_counter()
+        float(step(x, y))
+        self.first_step_s = time.perf_counter() - start
+
+    def run(self, steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            value = self.step(self.x, self.y)
+        float(value)
+        return time.perf_counter() - start
+
+
+def fit_runner(net: keras.Model, regularizer, xla: bool, x, y) -> Runner:
+    """`fit`'s step (`model.train_function`) of a plain Keras model or a RegularizedModel."""
+    if regularizer is None:
+        model = keras.Model(net.inputs, net.outputs)
+    else:
+        model = kgr.RegularizedModel(net.inputs, net.outputs, regularizer=regularizer)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=xla,
+    )
+    return Runner(model, x, y)
+
+
+def reference_rows(sigma: float) -> list[tuple[str, str, Any]]:
+    """(row name, reference row name, builder(net, loss_fn, xla, x, y) -> runner)."""
+    rows = [("plain Keras fit", None, lambda n, f, xla, x, y: fit_runner(n, None, xla, x, y))]
+
+    def hand(method):
+        loss = hand_written_loss
+        return lambda n, f, xla, x, y: LoopRunner(
+            n, lambda a, b, step: loss(method, n, f, sigma)(a, b), xla, x, y
+        )
+
+    def library_loop(regularizer):
+        def build(n, f, xla, x, y):
+            def loss(a, b, step):
+                return kgr.regularized_loss(n, a, b, f, regularizer, step=step).total
+
+            return LoopRunner(n, loss, xla, x, y)
+
+        return build
+
+    def library_fit(regularizer):
+        return lambda n, f, xla, x, y: fit_runner(n, regularizer, xla, x, y)
+
+    rows.append(("hand-written plain", None, hand("plain")))
+    for method in ESTIMATORS:
+        reference = f"hand-written {method}"
+        rows.append((reference, None, hand(method)))
+        rows.append((f"fit {method}", reference, library_fit(regularizer_of(method, sigma))))
+        rows.append(
+            (f"regularized_loss {method}", reference, library_loop(regularizer_of(method, sigma)))
+        )
+    skipped = regularizer_of("penalty", sigma, every=1000)
+    zero = regularizer_of("penalty", 0.0)
+    rows += [
+        ("fit penalty every=1000 (skipped)", "plain Keras fit", library_fit(skipped)),
+        ("fit penalty sigma=0", "plain Keras fit", library_fit(zero)),
+        (
+            "regularized_loss penalty every=1000 (skipped)",
+            "hand-written plain",
+            library_loop(skipped),
+        ),
+        ("regularized_loss penalty sigma=0", "hand-written plain", library_loop(zero)),
+    ]
+    # The first step of `every=1000` computes the term; the timed ones skip it.
+    return rows
+
+
+def bench_reference(config: str) -> list[dict]:
+    """Times every row of one configuration, XLA on and off, interleaved."""
+    keras.utils.set_random_seed(FLAGS.seed)
+    net, input_shape = reference_network(config)
+    rng = np.random.default_rng(FLAGS.seed)
+    x = tf.constant(rng.random((FLAGS.batch_size, *input_shape), dtype=np.float32))
+    y = tf.constant(rng.integers(0, 10, FLAGS.batch_size), dtype=tf.int32)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    rows = reference_rows(FLAGS.ref_sigma)
+    if FLAGS.ref_rows:
+        wanted = set(FLAGS.ref_rows)
+        rows = [
+            r for r in rows if r[0] in wanted or any(r[0] == w[1] for w in rows if w[0] in wanted)
+        ]
+    runners, references = {}, {}
+    for xla in FLAGS.xla:
+        for name, reference, build in rows:
+            runner = build(net, loss_fn, xla == "on", x, y)
+            runners[xla, name] = runner
+            references[xla, name] = reference
+            print(
+                f"  {config} xla={xla} {name}: first step {runner.first_step_s:.1f} s", flush=True
+            )
+    for runner in runners.values():
+        runner.run(FLAGS.ref_warmup) if FLAGS.ref_warmup else None
+    times = {key: [] for key in runners}
+    cpu_times = {key: [] for key in runners}
+    loads = [os.getloadavg()]
+    for _ in range(FLAGS.ref_repetitions):
+        for key, runner in runners.items():
+            cpu_start = time.process_time()
+            times[key].append(runner.run(FLAGS.ref_steps) / FLAGS.ref_steps)
+            cpu_times[key].append((time.process_time() - cpu_start) / FLAGS.ref_steps)
+        loads.append(os.getloadavg())
+    result = []
+    for (xla, name), samples in times.items():
+        reference = references[xla, name]
+        ratios = cpu_ratios = None
+        if reference is not None and (xla, reference) in times:
+            ratios = np.asarray(samples) / np.asarray(times[xla, reference])
+            cpu_ratios = np.asarray(cpu_times[xla, name]) / np.asarray(cpu_times[xla, reference])
+        result.append(
+            {
+                "config": config,
+                "xla": xla,
+                "row": name,
+                "reference": reference,
+                "median_ms": 1e3 * float(np.median(samples)),
+                "min_ms": 1e3 * float(np.min(samples)),
+                "max_ms": 1e3 * float(np.max(samples)),
+                "ratio_median": None if ratios is None else float(np.median(ratios)),
+                "ratio_q1": None if ratios is None else float(np.percentile(ratios, 25)),
+                "ratio_q3": None if ratios is None else float(np.percentile(ratios, 75)),
+                "ratio_of_medians": (
+                    None
+                    if ratios is None
+                    else float(np.median(samples) / np.median(times[xla, reference]))
+                ),
+                "cpu_ms_median": 1e3 * float(np.median(cpu_times[xla, name])),
+                "cpu_ratio_median": None if cpu_ratios is None else float(np.median(cpu_ratios)),
+                "first_step_s": runners[xla, name].first_step_s,
+                "samples_ms": [1e3 * t for t in samples],
+                "cpu_samples_ms": [1e3 * t for t in cpu_times[xla, name]],
+                "load_averages": loads,
+                "steps": FLAGS.ref_steps,
+                "repetitions": FLAGS.ref_repetitions,
+            }
+        )
+    del runners, net
+    keras.backend.clear_session()
+    gc.collect()
+    return result
+
+
+def reference_table(rows: list[dict]) -> str:
+    lines = [
+        "| configuration | XLA | step | median ms (min-max) | reference | x reference: median "
+        "(IQR) | CPU-time x reference |",
+        "| --- | --- | --- | ---: | --- | ---: | ---: |",
+    ]
+    for r in rows:
+        ratio = cpu = "-"
+        if r["ratio_median"] is not None:
+            ratio = f"{r['ratio_median']:.2f} ({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f})"
+            cpu = f"{r['cpu_ratio_median']:.2f}"
+        lines.append(
+            f"| {r['config']} | {r['xla']} | {r['row']} | {r['median_ms']:.1f} "
+            f"({r['min_ms']:.1f}-{r['max_ms']:.1f}) | {r['reference'] or '-'} | {ratio} | {cpu} |"
+        )
+    return "\n".join(lines)
+
+
+def main_reference() -> None:
+    info = machine()
+    print(
+        f"{info['cpu']}, {info['cpu_count']} CPUs, TF {info['tensorflow']}; load {os.getloadavg()}"
+    )
+    rows = []
+    settings = {name: FLAGS[name].value for name in OWN_FLAGS}
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
+    for config in FLAGS.ref_configs:
+        rows.extend(bench_reference(config))
+        print(reference_table([r for r in rows if r["config"] == config]), flush=True)
+        # Written after each configuration, so that a long run keeps what it measured.
+        result = {"machine": info, "flags": {**settings, "protocol": "reference"}, "rows": rows}
+        with open(FLAGS.json_out, "w") as f:
+            json.dump(result, f, indent=1)
+    print("\n" + reference_table(rows))
+    print(f"\nWrote {FLAGS.json_out}; load average at end {os.getloadavg()}")
+
+
 def main(argv: list[str]) -> None:
     del argv
+    if FLAGS.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
+    if FLAGS.reference:
+        main_reference()
+        return
     configs = FLAGS.configs or (list(CONFIGS[:2]) if FLAGS.quick else list(CONFIGS))
     mlp = {"steps": FLAGS.steps, "repetitions": FLAGS.repetitions, "warmup": FLAGS.warmup}
     conv = {
