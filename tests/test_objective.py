@@ -58,13 +58,15 @@ def test_readme_example_runs_as_written(custom_loop):
     "settings",
     [
         dict(method="penalty", p=2),
-        dict(method="penalty", p=math.inf),
-        dict(method="adversarial", p=2, clean_weight=0.0),
+        pytest.param(dict(method="penalty", p=math.inf), marks=pytest.mark.slow),
+        pytest.param(dict(method="adversarial", p=2, clean_weight=0.0), marks=pytest.mark.slow),
         dict(method="adversarial", p=math.inf, clean_weight=0.5),
-        dict(method="finite_difference", p=2, fd_step=0.05),
-        dict(method="penalty", p=2, sigma=0.0),
-        dict(method="penalty", p=2, every=3, fraction=0.5),
-        dict(method="adversarial", p=2, clean_weight=0.0, every=2),
+        pytest.param(dict(method="finite_difference", p=2, fd_step=0.05), marks=pytest.mark.slow),
+        pytest.param(dict(method="penalty", p=2, sigma=0.0), marks=pytest.mark.slow),
+        pytest.param(dict(method="penalty", p=2, every=3, fraction=0.5), marks=pytest.mark.slow),
+        pytest.param(
+            dict(method="adversarial", p=2, clean_weight=0.0, every=2), marks=pytest.mark.slow
+        ),
         dict(method="finite_difference", p=2, fd_step=0.05, every=2, fraction=0.4),
     ],
     ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()),
@@ -182,8 +184,17 @@ def test_adversarial_pass_shares_dropout_masks():
     np.testing.assert_allclose(float(result.penalty), float(result.data_loss), rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("form", ["object", "dict"])
+@pytest.mark.parametrize(
+    "method, form",
+    [
+        ("penalty", "object"),
+        ("finite_difference", "dict"),
+        pytest.param("adversarial", "object", marks=pytest.mark.slow),
+        pytest.param("finite_difference", "object", marks=pytest.mark.slow),
+        pytest.param("penalty", "dict", marks=pytest.mark.slow),
+        pytest.param("adversarial", "dict", marks=pytest.mark.slow),
+    ],
+)
 def test_eager_graph_and_xla_agree(method, form):
     """Also with the regularizer given as a dict: each trace must read the same variables."""
     x, y = data(16)

@@ -73,6 +73,7 @@ def suite_report(trained):
 # ---------------------------------------------------------------------- #
 
 
+@pytest.mark.slow  # The standard suite (the suite_report fixture).
 def test_suite_runs_the_cascade_and_counts_what_each_attack_broke(trained, suite_report):
     model, x, y = trained
     report = suite_report
@@ -103,6 +104,7 @@ def test_suite_runs_the_cascade_and_counts_what_each_attack_broke(trained, suite
     assert report.accuracy("apgd-ce", math.inf, 0.1) < report.clean_accuracy
 
 
+@pytest.mark.slow  # The standard suite (the suite_report fixture).
 def test_suite_below_pgd_and_fgsm_below_clean_per_example(trained, suite_report, report):
     """Per example, at every norm and radius: whatever FGSM or PGD-40 breaks, the
     suite breaks too. PGD <= FGSM holds on average but not per example: at L-inf
@@ -160,6 +162,7 @@ class NoisyGradient(keras.layers.Layer):
         return identity(inputs)
 
 
+@pytest.mark.slow  # Square on a masked model.
 def test_planted_gradient_masking_is_caught_by_square_and_flagged(trained):
     """The same model with its input gradient replaced by noise: outputs unchanged,
     APGD fails where it succeeded, Square breaks what APGD missed, and the masking
@@ -210,6 +213,7 @@ def test_attacks_needing_more_classes_are_skipped_and_said_so():
     assert "skipped apgd-t: needs at least 4 classes; the model has 3" in str(report)
 
 
+@pytest.mark.slow  # Runs the attack suites.
 def test_progress_is_one_line_per_attack_or_silent(trained, capsys):
     model, x, y = trained
     args = dict(
@@ -269,6 +273,7 @@ def test_rows_match_the_attacks_and_numpy(trained, report):
     assert report._row("pgd", 2, 1.0)["attacked"] == report._row("fgsm", 2, 1.0)["attacked"]
 
 
+@pytest.mark.slow  # The standard suite (the suite_report fixture).
 def test_report_serialises_prints_and_plots(suite_report, tmp_path):
     report = suite_report
     path = str(tmp_path / "report.json")

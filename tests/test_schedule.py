@@ -65,7 +65,11 @@ def numpy_step(x, y, w, b, lr, scale=1, **settings):
     "method, schedule",
     [
         ("penalty", [{"sigma": 0.0}, {"sigma": 0.2}, {"sigma": 0.5}]),
-        ("finite_difference", [{"sigma": 0.5}, {"sigma": 0.0}, {"sigma": 0.1}]),
+        pytest.param(
+            "finite_difference",
+            [{"sigma": 0.5}, {"sigma": 0.0}, {"sigma": 0.1}],
+            marks=pytest.mark.slow,
+        ),
         (
             "adversarial",
             [
@@ -203,7 +207,9 @@ def test_assignment_is_validated_and_the_step_reads_the_variable():
         reg.every = 2  # Fixed fields: a new regularizer rebuilds the step.
 
 
-@pytest.mark.parametrize("saving", ["keras_file", "weights_file"])
+@pytest.mark.parametrize(
+    "saving", [pytest.param("keras_file", marks=pytest.mark.slow), "weights_file"]
+)
 def test_scheduled_values_and_subset_seeds_are_saved_and_restored(tmp_path, saving):
     """After a schedule set sigma and clean_weight, save and restore: the next step is the same."""
     x, y, w, b = problem(24)

@@ -96,7 +96,10 @@ def image_net():
     return small_conv_classifier((8, 8, 2))
 
 
-@pytest.mark.parametrize("p, epsilon", [(math.inf, 0.05), (2.0, 0.5)])
+# L2 slices: slow (test_l2_square_fools_what_its_budget_reaches keeps L2 in the fast set).
+@pytest.mark.parametrize(
+    "p, epsilon", [(math.inf, 0.05), pytest.param(2.0, 0.5, marks=pytest.mark.slow)]
+)
 def test_square_stays_in_ball_and_box_and_reproduces(image_net, p, epsilon):
     model, x, y = image_net
     args = dict(p=p, queries=300, seed=3)
@@ -113,7 +116,9 @@ def test_square_stays_in_ball_and_box_and_reproduces(image_net, p, epsilon):
     assert 0 < np.sum(correct) < len(x)
 
 
-@pytest.mark.parametrize("p, epsilon", [(math.inf, 0.03), (2.0, 0.3)])
+@pytest.mark.parametrize(
+    "p, epsilon", [(math.inf, 0.03), pytest.param(2.0, 0.3, marks=pytest.mark.slow)]
+)
 def test_more_queries_and_restarts_never_raise_correctness(image_net, p, epsilon):
     """With the schedule in absolute iterations, a larger budget repeats the smaller
     one's queries first; restarts are nested too."""
