@@ -289,10 +289,13 @@ class RegularizedModel(keras.Model):
             if getattr(self, "_compile_branches", False):
                 function = self._compiled_branches.get(index)
                 if function is None:
+
+                    def regularized_step_branch(x, y, sample_weight, index=index):
+                        return self._branch_gradients(x, y, sample_weight, index)
+
+                    # XLA names the computation after it ("regularized_step_branch").
                     function = tf.function(
-                        functools.partial(self._branch_gradients, index=index),
-                        jit_compile=True,
-                        reduce_retracing=True,
+                        regularized_step_branch, jit_compile=True, reduce_retracing=True
                     )
                     self._compiled_branches[index] = function
                 return lambda: function(x, y, sample_weight)
