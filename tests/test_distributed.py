@@ -100,7 +100,8 @@ def test_evaluate_on_two_replicas_matches_one_device(mirrored, method):
         two = results[f"{method}/{name}"]["evaluation"]
         assert set(two) == {"loss", "accuracy"}
         np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
-        assert two["accuracy"] == one["accuracy"]
+        # The same count of correct examples; the cross-replica mean rounds differently.
+        np.testing.assert_allclose(two["accuracy"], one["accuracy"], rtol=1e-6)
 
 
 @pytest.mark.parametrize("method", MIRRORED_METHODS)
