@@ -92,13 +92,29 @@ def adversarial_step(x, y, w, b, *, clean_weight, lr, weights=None, **ascent):
 
 def trades_point(x, w, b, *, p, sigma, steps, step_size, clip, seed, positions=None):
     """TRADES's last iterate: ascent on KL(f(x) || f(x')) from x + 0.001 N(0, 1)."""
+    x_adv, _ = trades_ascent(x, w, b, p=p, sigma=sigma, steps=steps, step_size=step_size,
+                             clip=clip, seed=seed, positions=positions)
+    return x_adv
+
+
+def trades_ascent(x, w, b, *, p, sigma, steps, step_size, clip, seed, positions=None):
+    """TRADES's last iterate and the ascent's conditioning.
+
+    The conditioning is the smallest |gradient coordinate| / the row's largest
+    over the sign steps (p = inf): float32 decides a sign only where it is
+    well above float32's relative error of the KL's gradient near x (about
+    1e-4: q' - p is a difference of nearly equal softmax outputs).
+    """
     positions = np.arange(len(x)) if positions is None else positions
     clean = ref.softmax(x @ w + b)
     x_adv = x + 0.001 * normal(seed, positions, x.shape[1])
+    conditioning = np.inf
     for _ in range(steps):
         gradient = (ref.softmax(x_adv @ w + b) - clean) @ w.T  # d KL / d x'
+        ratio = np.abs(gradient) / np.abs(gradient).max(axis=1, keepdims=True)
+        conditioning = min(conditioning, float(ratio.min()))
         x_adv = ascent_step(x, x_adv, gradient, p, step_size * sigma, sigma, clip)
-    return x_adv
+    return x_adv, conditioning
 
 
 def trades_term(x, x_adv, w, b, beta, weights=None):
@@ -120,10 +136,16 @@ def trades_step(x, y, w, b, *, beta, lr, weights=None, scale=1, rows=None, **asc
     """One SGD step of L(x) + scale * beta KL on `rows` (all if None): (new_w, new_b, logs)."""
     rows = np.arange(len(x)) if rows is None else np.asarray(rows)
     sub_weights = None if weights is None else np.asarray(weights)[rows]
-    x_adv = trades_point(x[rows], w, b, positions=rows, **ascent)
+    x_adv, conditioning = trades_ascent(x[rows], w, b, positions=rows, **ascent)
     penalty, tw, tb = trades_term(x[rows], x_adv, w, b, beta, sub_weights)
     data_loss = ref.mean(ref.per_example_loss(x, y, w, b), weights)
     gw, gb = ref.loss_gradients(x, y, w, b, weights)
     grad_w, grad_b = gw + scale * tw, gb + scale * tb
     logs = {"loss": data_loss + penalty, "data_loss": data_loss, "penalty": penalty}
+    if p_is_inf(ascent["p"]):
+        logs["conditioning"] = conditioning
     return w - lr * grad_w, b - lr * grad_b, logs
+
+
+def p_is_inf(p) -> bool:
+    return math.isinf(float(p))
