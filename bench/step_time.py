@@ -414,6 +414,11 @@ def reference_network(config: str) -> tuple[keras.Model, tuple[int, ...]]:
     if config == "maxout_mlp_bare":
         net = kgr.networks.maxout_mlp((784,), input_dropout=0, hidden_dropout=0, max_norm=None)
         return net, (784,)
+    if config == "cnn_16_32_128":
+        # kgr.networks.cnn at the width issue 18's comparison trains (its pooling:
+        # CeilMaxPooling2D, strided slices; the same layers as relu_cnn_small).
+        net = kgr.networks.cnn(conv_channels=(16, 32), dense_units=128)
+        return keras.Model(net.inputs, net.outputs, name="cnn_16_32_128"), (28, 28, 1)
     if config == "relu_cnn_small":
         inputs = keras.Input((28, 28, 1))
         h = keras.layers.Conv2D(16, 5, padding="same", activation="relu")(inputs)
@@ -456,15 +461,68 @@ def hand_written_loss(method: str, net: keras.Model, loss_fn, sigma: float) -> A
         moved = loss_fn(y, net(x + FD_STEP * tf.sign(tf.stop_gradient(g)), training=True))
         return loss + sigma * (moved - loss) / FD_STEP
 
+    def projected(x, x_adv, g, step):
+        x_adv = x_adv + step * tf.sign(tf.stop_gradient(g))
+        return tf.clip_by_value(x + tf.clip_by_value(x_adv - x, -sigma, sigma), 0.0, 1.0)
+
+    def input_gradient(x_adv, y):
+        with tf.GradientTape() as tape:
+            tape.watch(x_adv)
+            loss = loss_fn(y, net(x_adv, training=True))
+        return tape.gradient(loss, x_adv)
+
+    def pgd(steps, step_size):
+        def run(x, y):
+            noise = tf.random.uniform(tf.shape(x), -sigma, sigma)
+            x_adv = tf.clip_by_value(x + noise, 0.0, 1.0)
+            for _ in range(steps):
+                x_adv = projected(x, x_adv, input_gradient(x_adv, y), step_size * sigma)
+            return loss_fn(y, net(tf.stop_gradient(x_adv), training=True))
+
+        return run
+
+    def trades(x, y):
+        clean_logits = net(x, training=True)
+        clean = tf.nn.softmax(clean_logits)
+        fixed = tf.stop_gradient(clean)
+        x_adv = x + 0.001 * tf.random.normal(tf.shape(x))
+        for _ in range(TRADES_STEPS):
+            with tf.GradientTape() as tape:
+                tape.watch(x_adv)
+                kl = tf.reduce_sum(
+                    fixed
+                    * (tf.math.log(fixed + 1e-12) - tf.nn.log_softmax(net(x_adv, training=True)))
+                )
+            x_adv = projected(x, x_adv, tape.gradient(kl, x_adv), 0.25 * sigma)
+        moved = tf.nn.log_softmax(net(tf.stop_gradient(x_adv), training=True))
+        log_clean = tf.nn.log_softmax(clean_logits)
+        kl = tf.reduce_mean(tf.reduce_sum(clean * (log_clean - moved), axis=-1))
+        return loss_fn(y, clean_logits) + TRADES_BETA * kl
+
     return {
         "plain": plain,
         "penalty": penalty,
         "adversarial": adversarial,
         "finite_difference": finite_difference,
+        "fast_fgsm": pgd(1, 1.25),
+        "pgd10": pgd(10, 0.25),
+        "trades": trades,
     }[method]
 
 
+# The multi-step members (issue 17): their GradientRegularizer settings, each
+# against the hand-written step of the same objective (p = inf, box [0, 1]).
+TRADES_STEPS, TRADES_BETA = 10, 6.0
+MEMBERS = {
+    "fast_fgsm": dict(method="adversarial", steps=1, random_start=True, clip=(0.0, 1.0)),
+    "pgd10": dict(method="adversarial", steps=10, random_start=True, clip=(0.0, 1.0)),
+    "trades": dict(method="trades", steps=TRADES_STEPS, beta=TRADES_BETA, clip=(0.0, 1.0)),
+}
+
+
 def regularizer_of(method: str, sigma: float, every: int = 1) -> kgr.GradientRegularizer:
+    if method in MEMBERS:
+        return kgr.GradientRegularizer(p="inf", sigma=sigma, every=every, **MEMBERS[method])
     return kgr.GradientRegularizer(
         p="inf", sigma=sigma, method=method, clean_weight=0.0, fd_step=FD_STEP, every=every
     )
@@ -535,7 +593,7 @@ def reference_rows(sigma: float) -> list[tuple[str, str, Any]]:
         return lambda n, f, xla, x, y: fit_runner(n, regularizer, xla, x, y)
 
     rows.append(("hand-written plain", None, hand("plain")))
-    for method in ESTIMATORS:
+    for method in (*ESTIMATORS, *MEMBERS):
         reference = f"hand-written {method}"
         rows.append((reference, None, hand(method)))
         rows.append((f"fit {method}", reference, library_fit(regularizer_of(method, sigma))))
