@@ -218,7 +218,9 @@ def test_hashed_starts_match_numpy_and_every_mode():
     [
         dict(method="adversarial", p="inf", steps=3, random_start=True, clip=(0.0, 1.0)),
         dict(method="trades", p="inf", steps=2),
-        dict(method="trades", p=2, steps=2, every=2, fraction=0.5),
+        pytest.param(
+            dict(method="trades", p=2, steps=2, every=2, fraction=0.5), marks=pytest.mark.slow
+        ),
     ],
     ids=["pgd", "trades", "trades_every_fraction"],
 )
@@ -379,7 +381,7 @@ def test_the_ascent_is_loss_scaled_under_float16(mixed_float16):
     "settings",
     [
         dict(method="adversarial", steps=3, random_start=True, clip=(-2.0, 2.0)),
-        dict(method="trades", steps=2, beta=2.0),
+        pytest.param(dict(method="trades", steps=2, beta=2.0), marks=pytest.mark.slow),
     ],
     ids=["pgd", "trades"],
 )

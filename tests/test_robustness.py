@@ -329,6 +329,7 @@ def test_dataset_input_and_max_examples_give_the_same_report(trained, report):
     assert again.rows == report.rows
 
 
+@pytest.mark.slow  # 7 s: two full evaluations.
 def test_reports_reproduce_with_a_seed(trained):
     model, x, y = trained
     kwargs = dict(epsilons={2: [1.0]}, square_queries=50, apgd_steps=5, fab_steps=5, verbose=0)

@@ -70,6 +70,7 @@ def test_linf_square_fools_exactly_the_examples_closer_than_epsilon():
     assert np.max(np.abs(x_adv.numpy() - x)) <= epsilon * (1 + 1e-6)
 
 
+@pytest.mark.slow  # 11 s; the L2 step is checked against NumPy in the fast set.
 def test_l2_square_fools_what_its_budget_reaches():
     """8x8 images, a linear model whose weights are constant on 4x4 blocks. The L2
     update moves mass between patterned windows, so in 5000 queries it gets within
