@@ -12,13 +12,18 @@ import math
 import linear_reference as ref
 import numpy as np
 
-MASK = 0xFFFFFFFF
+# np.uint64 constants throughout: NumPy 1.x refuses uint64 & a Python int.
+MASK = np.uint64(0xFFFFFFFF)
 GOLDEN = 0x9E3779B9
 COLUMN = 0x85EBCA77
 
 
+def _u64(value) -> np.ndarray:
+    return np.asarray(value, dtype=np.uint64)
+
+
 def _mix(h: np.ndarray) -> np.ndarray:
-    h = h.astype(np.uint64) & MASK
+    h = _u64(h) & MASK
     h ^= h >> np.uint64(16)
     h = (h * np.uint64(0x85EBCA6B)) & MASK
     h ^= h >> np.uint64(13)
@@ -28,11 +33,10 @@ def _mix(h: np.ndarray) -> np.ndarray:
 
 def uniform(seed, positions, columns: int, stream: int = 0) -> np.ndarray:
     """`hashing.uniform` in NumPy: (rows, columns) in [0, 1), exactly."""
-    s0, s1 = (np.uint64(int(v) & MASK) for v in seed)
+    s0, s1 = (_u64(int(v) & 0xFFFFFFFF) for v in seed)
     base = _mix(s0 ^ _mix((s1 + np.uint64(GOLDEN)) & MASK))
-    base = (base + np.uint64((stream * GOLDEN) & MASK)) & MASK
-    positions = np.asarray(positions, np.uint64)
-    rows = _mix((positions * np.uint64(GOLDEN) + base) & MASK)
+    base = (base + _u64((stream * GOLDEN) & 0xFFFFFFFF)) & MASK
+    rows = _mix((_u64(positions) * np.uint64(GOLDEN) + base) & MASK)
     column = (np.arange(columns, dtype=np.uint64) * np.uint64(COLUMN)) & MASK
     keys = _mix((rows[:, None] + column[None, :]) & MASK)
     return (keys >> np.uint64(8)).astype(np.float64) * 2.0**-24
