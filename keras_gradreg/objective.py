@@ -480,7 +480,6 @@ def subset_objective(
             extra_state,
             divergence,
             positions=global_positions(batch_size_of(x), rows),
-            kl_rows=rows,
         )
         if regularizer.method == "adversarial":
             weight = 1.0 - tf.cast(regularizer.clean_weight_tensor(), loss.dtype)
@@ -550,7 +549,6 @@ def _clean_and_moved_passes(
     extra_state,
     divergence=None,
     positions=None,
-    kl_rows=None,
 ):
     """The clean pass and the pass at x + r, same masks, no trace: ((y_pred, loss), moved).
 
@@ -563,9 +561,7 @@ def _clean_and_moved_passes(
     Args:
         positions: The rows' positions in the global batch (random starts
             are keyed by them); None: this replica's rows of the batch.
-        kl_rows: The batch's rows `x` holds (for the KL's sample weights).
     """
-    del kl_rows  # The ascent's KL is summed: its direction needs no weights.
     seed_states = [generator.state for generator in randomness.seed_generators(model)]
     step_randomness = randomness.snapshot(seed_states)
     if regularizer.draws_starts:  # The ascent does not start at x: no gradient needed there.
