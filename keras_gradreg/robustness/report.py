@@ -126,10 +126,14 @@ class RobustnessReport:
             return cls.from_dict(json.load(file))
 
     def plot(self, path: str) -> None:
-        """Draws accuracy against epsilon, one panel per norm, as a PNG."""
-        from keras_gradreg.robustness.plot import plot_report
+        """Draws accuracy against epsilon, one panel per norm, as a PNG.
 
-        plot_report(self, path)
+        The worst case is drawn bold and black, the noise baseline dashed.
+        """
+        from keras_gradreg.robustness.plot import plot_report  # matplotlib only when plotting
+
+        styles = {WORST_CASE: ("k-", 2.5), NOISE: ("x--", 1.0)}
+        plot_report(self.to_dict(), path, styles)
 
     def attack_names(self) -> list[str]:
         """The attacks in the rows, in run order, then "worst_case" and "noise"."""
