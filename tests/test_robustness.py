@@ -14,6 +14,7 @@ from keras_gradreg import attacks
 from keras_gradreg.gradients import input_gradients
 from keras_gradreg.robustness import RobustnessReport, evaluate_robustness
 from keras_gradreg.robustness import flags as flags_lib
+from keras_gradreg.robustness.report import find_row
 
 EPSILONS = {math.inf: [0.05, 0.1], 2: [0.5, 1.0]}
 MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist.npz")
@@ -83,7 +84,7 @@ def test_suite_runs_the_cascade_and_counts_what_each_attack_broke(trained, suite
     n = report.num_examples
     for p, values in EPSILONS.items():
         for epsilon in values:
-            rows = {name: report._row(name, p, epsilon) for name in report.attack_names()}
+            rows = {name: report.row(name, p, epsilon) for name in report.attack_names()}
             clean = round(report.clean_accuracy * n)
             # Each attack ran on what the earlier ones left, and broke some of it.
             assert rows["apgd-ce"]["attacked"] == clean
@@ -175,9 +176,9 @@ def test_planted_gradient_masking_is_caught_by_square_and_flagged(trained):
     epsilons = {math.inf: [0.1]}
     honest = evaluate_robustness(model, (x, y), epsilons, square_queries=300, verbose=0)
     report = evaluate_robustness(masked, (x, y), epsilons, square_queries=300, verbose=0)
-    gradient_broken = report._row("apgd-ce", math.inf, 0.1)["broken"]
-    square_broken = report._row("square", math.inf, 0.1)["broken"]
-    assert gradient_broken < honest._row("apgd-ce", math.inf, 0.1)["broken"] / 2
+    gradient_broken = report.row("apgd-ce", math.inf, 0.1)["broken"]
+    square_broken = report.row("square", math.inf, 0.1)["broken"]
+    assert gradient_broken < honest.row("apgd-ce", math.inf, 0.1)["broken"] / 2
     assert square_broken > 0.1 * report.num_examples
     assert "gradient_masking" in report.flags
     assert "gradient_masking" not in honest.flags and "large_epsilon_not_broken" not in honest.flags
@@ -270,7 +271,7 @@ def test_rows_match_the_attacks_and_numpy(trained, report):
         for e in es
     }
     # Not a cascade: PGD ran on every example FGSM ran on.
-    assert report._row("pgd", 2, 1.0)["attacked"] == report._row("fgsm", 2, 1.0)["attacked"]
+    assert report.row("pgd", 2, 1.0)["attacked"] == report.row("fgsm", 2, 1.0)["attacked"]
 
 
 @pytest.mark.slow  # The standard suite (the suite_report fixture).
@@ -292,7 +293,7 @@ def test_report_serialises_prints_and_plots(suite_report, tmp_path):
         "apgd-t (100 steps x 1 restarts x 9 targets), fab-t (100 steps x 1 restarts x 9 targets),"
         " square (300 queries); cascade"
     ) in text
-    row = report._row("apgd-ce", 2, 1.0)
+    row = report.row("apgd-ce", 2, 1.0)
     assert f"{100 * row['accuracy']:.2f} [{row['broken']}]" in text
     png = str(tmp_path / "report.png")
     report.plot(png)
@@ -511,3 +512,15 @@ def test_data_without_labels_raises(trained):
         evaluate_robustness(model, tf.data.Dataset.from_tensor_slices(x).batch(8))
     with pytest.raises(ValueError, match=r"labels are needed"):
         evaluate_robustness(model, (x, None))
+
+
+def test_find_row_matches_p_as_stored_and_epsilon_up_to_rounding():
+    rows = [
+        {"attack": "worst_case", "p": "inf", "epsilon": 0.1, "accuracy": 0.5},
+        {"attack": "worst_case", "p": 2, "epsilon": 1.0, "accuracy": 0.25},
+    ]
+    assert find_row(rows, "worst_case", math.inf, 0.1 + 1e-17)["accuracy"] == 0.5
+    assert find_row(rows, "worst_case", "inf", 0.30000000000000004 / 3)["accuracy"] == 0.5
+    assert find_row(rows, "worst_case", 2.0, 1.0)["accuracy"] == 0.25
+    assert find_row(rows, "worst_case", 2, 2.0) is None
+    assert find_row(rows, "apgd-ce", 2, 1.0) is None

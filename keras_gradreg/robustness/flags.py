@@ -15,7 +15,7 @@ import dataclasses
 import math
 from typing import Any
 
-from keras_gradreg.robustness.report import NOISE, WORST_CASE
+from keras_gradreg.robustness.report import NOISE, WORST_CASE, find_row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +54,8 @@ class Evidence:
 
 
 def _accuracy(rows, name, p, epsilon):
-    return next(
-        r["accuracy"]
-        for r in rows
-        if r["attack"] == name and r["p"] == p and r["epsilon"] == epsilon
-    )
+    row = find_row(rows, name, p, epsilon)
+    return None if row is None else row["accuracy"]
 
 
 def _points(rows) -> list[tuple[Any, float]]:
@@ -77,9 +74,8 @@ def _not_decreasing(rows, evidence: Evidence) -> list[str]:
         for p in dict.fromkeys(p for p, _ in points):
             previous_eps, previous = 0.0, evidence.clean_accuracy
             for _, epsilon in (t for t in points if t[0] == p):
-                try:
-                    value = _accuracy(rows, name, p, epsilon)
-                except StopIteration:
+                value = _accuracy(rows, name, p, epsilon)
+                if value is None:
                     continue
                 if value > previous + evidence.tolerance:
                     problems.append(
@@ -107,10 +103,9 @@ def _pgd_weaker(rows, evidence: Evidence) -> list[str]:
 def _noise_stronger(rows, evidence: Evidence) -> list[str]:
     problems = []
     for p, epsilon in _points(rows):
-        try:
-            noise = _accuracy(rows, NOISE, p, epsilon)
-            strongest = _accuracy(rows, WORST_CASE, p, epsilon)
-        except StopIteration:
+        noise = _accuracy(rows, NOISE, p, epsilon)
+        strongest = _accuracy(rows, WORST_CASE, p, epsilon)
+        if noise is None or strongest is None:
             continue
         if noise < strongest - evidence.tolerance:
             problems.append(

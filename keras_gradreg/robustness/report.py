@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,22 @@ def p_label(p: Any) -> float | int | str:
     if math.isinf(p):
         return "inf"
     return int(p) if p.is_integer() else p
+
+
+def find_row(
+    rows: Iterable[Mapping[str, Any]], attack: str, p: Any, epsilon: float
+) -> dict[str, Any] | None:
+    """The row of `attack` at (p, epsilon) in a report's rows, or None.
+
+    The one matching rule for report rows: `p` as a number, `math.inf` or
+    "inf" (compared as `p_label` stores it), `epsilon` with `math.isclose`
+    (a radius read back from JSON or a flag may differ in the last bit).
+    """
+    label = p_label(p)
+    for row in rows:
+        if row["attack"] == attack and row["p"] == label and math.isclose(row["epsilon"], epsilon):
+            return row
+    return None
 
 
 @dataclasses.dataclass
@@ -70,16 +86,16 @@ class RobustnessReport:
         """True if no sanity check fired."""
         return not self.flags
 
-    def _row(self, attack: str, p: Any, epsilon: float) -> dict[str, Any]:
-        label = p_label(p)
-        for row in self.rows:
-            if row["attack"] == attack and row["p"] == label and row["epsilon"] == epsilon:
-                return row
-        raise KeyError(f"No row for attack={attack!r}, p={label!r}, epsilon={epsilon!r}")
+    def row(self, attack: str, p: Any, epsilon: float) -> dict[str, Any]:
+        """The row of `attack` at (p, epsilon) (`find_row`'s rule); KeyError if none."""
+        found = find_row(self.rows, attack, p, epsilon)
+        if found is None:
+            raise KeyError(f"No row for attack={attack!r}, p={p_label(p)!r}, epsilon={epsilon!r}")
+        return found
 
     def accuracy(self, attack: str, p: Any, epsilon: float) -> float:
         """The "accuracy" of one row (raises KeyError if there is none)."""
-        return self._row(attack, p, epsilon)["accuracy"]
+        return self.row(attack, p, epsilon)["accuracy"]
 
     def robust_accuracy(self, p: Any, epsilon: float) -> float:
         """Share of examples no attack broke at (p, epsilon): the worst case."""
@@ -160,7 +176,7 @@ class RobustnessReport:
             cells = []
             for name in names:
                 try:
-                    row = self._row(name, p, epsilon)
+                    row = self.row(name, p, epsilon)
                 except KeyError:
                     cells.append(f" {'-':>16}")
                     continue
