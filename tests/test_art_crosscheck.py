@@ -81,7 +81,7 @@ def _check_ball(x_adv, x):
 
 def test_apgd_ce_agrees_with_art(trained):
     model, classifier, x, y, clean = trained
-    ours, _ = attacks.apgd_with_correct(model, x, y, EPSILON, math.inf, loss="ce", seed=0)
+    ours, _ = attacks.apgd(model, x, y, EPSILON, math.inf, loss="ce", seed=0, return_correct=True)
     np.random.seed(0)  # ART's random start
     theirs = AutoProjectedGradientDescent(
         classifier,
@@ -105,7 +105,9 @@ def test_apgd_ce_agrees_with_art(trained):
 
 def test_square_agrees_with_art(trained):
     model, classifier, x, y, clean = trained
-    ours, _ = attacks.square_with_correct(model, x, y, EPSILON, queries=SQUARE_QUERIES, seed=0)
+    ours, _ = attacks.square(
+        model, x, y, EPSILON, queries=SQUARE_QUERIES, seed=0, return_correct=True
+    )
     np.random.seed(0)
     theirs = SquareAttack(
         classifier,

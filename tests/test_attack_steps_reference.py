@@ -104,7 +104,7 @@ def _case_id(case):
 
 @pytest.mark.parametrize("case", APGD_CASES, ids=_case_id)
 def test_apgd_start_box_and_restarts_match_numpy(tanh_images, case):
-    """apgd_with_correct with a random start, the [0, 1] box and 3 restarts (2 per
+    """apgd(return_correct=True) with a random start, the [0, 1] box and 3 restarts (2 per
     target for APGD-T) gives NumPy's points and correctness.
 
     The L2 case found that runs were compared by their losses rounded to
@@ -117,8 +117,8 @@ def test_apgd_start_box_and_restarts_match_numpy(tanh_images, case):
     restarts = 2 if targets else 3
     settings = dict(epsilon=case["epsilon"], p=case["p"], steps=10, restarts=restarts, seed=11)
     extra = dict(targeted=True, target_classes=targets) if targets else {}
-    x_adv, correct = attacks.apgd_with_correct(
-        model, x, y, loss=case["loss"], clip=(0.0, 1.0), **settings, **extra
+    x_adv, correct = attacks.apgd(
+        model, x, y, loss=case["loss"], clip=(0.0, 1.0), **settings, **extra, return_correct=True
     )
     want_x, want_correct = steps_ref.apgd_protocol(
         net, x, y, clip=(0.0, 1.0), loss=case["loss"], targets=targets, **settings
@@ -230,12 +230,14 @@ def test_one_square_step_matches_numpy(square_problem, iteration):
 
 
 def test_square_run_matches_numpy(square_problem):
-    """square_with_correct, 60 queries from the stripes: NumPy's points and correctness."""
+    """square(return_correct=True), 60 queries from the stripes: NumPy's points and correctness."""
     model, logits, x, y = square_problem
     queries, epsilon, seed = 60, 0.08, 9
     y = y.copy()
     y[:2] = (y[:2] + 1) % 5  # misclassified at x: never attacked
-    x_adv, correct = attacks.square_with_correct(model, x, y, epsilon, queries=queries, seed=seed)
+    x_adv, correct = attacks.square(
+        model, x, y, epsilon, queries=queries, seed=seed, return_correct=True
+    )
 
     def margin_fn(images, labels):
         return steps_ref.margin(logits(images), labels)

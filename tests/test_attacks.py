@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 from keras_gradreg import attacks
-from keras_gradreg.attacks import projected
+from keras_gradreg.attacks import common, projected
 
 NORMS = [math.inf, 2.0, 1.0]
 
@@ -197,8 +197,10 @@ def test_binary_classifier_threshold_follows_from_logits(activation, from_logits
     dist = np.maximum(signed, 0) / np.abs(weights[:, 0]).sum()  # p = inf, q = 1
     epsilon = float(np.median(dist[dist > 0]))
     keep = _away_from(dist, epsilon, 0.01)
-    for attack in (attacks.fgsm_with_correct, attacks.pgd_with_correct):
-        _, correct = attack(model, x, y[:, None], epsilon, loss=loss, clip=None)
+    for attack in (attacks.fgsm, attacks.pgd):
+        _, correct = attack(
+            model, x, y[:, None], epsilon, loss=loss, clip=None, return_correct=True
+        )
         np.testing.assert_array_equal(~correct.numpy()[keep], dist[keep] < epsilon)
 
 
@@ -274,8 +276,8 @@ def test_pgd_stays_in_ball_and_box_and_is_reproducible(small_net, p, epsilon):
 def test_pgd_never_worse_than_clean_and_stronger_than_fgsm(small_net):
     model, x, y = small_net
     clean = np.argmax(model.predict(x, verbose=0), axis=1) == y
-    _, pgd_correct = attacks.pgd_with_correct(model, x, y, 0.3, steps=10, seed=0)
-    _, fgsm_correct = attacks.fgsm_with_correct(model, x, y, 0.3)
+    _, pgd_correct = attacks.pgd(model, x, y, 0.3, steps=10, seed=0, return_correct=True)
+    _, fgsm_correct = attacks.fgsm(model, x, y, 0.3, return_correct=True)
     pgd_correct, fgsm_correct = pgd_correct.numpy(), fgsm_correct.numpy()
     assert np.all(pgd_correct <= clean)
     assert pgd_correct.sum() <= fgsm_correct.sum() <= clean.sum()
@@ -292,8 +294,16 @@ def test_more_pgd_restarts_never_raise_correctness_per_example(small_net):
     point fails this (one restart breaks examples that the last of three does not)."""
     model, x, y = small_net
     correct = {
-        restarts: attacks.pgd_with_correct(
-            model, x, y, 0.12, steps=1, restarts=restarts, seed=0, step_size=0.0
+        restarts: attacks.pgd(
+            model,
+            x,
+            y,
+            0.12,
+            steps=1,
+            restarts=restarts,
+            seed=0,
+            step_size=0.0,
+            return_correct=True,
         )[1].numpy()
         for restarts in (1, 2, 5)
     }
@@ -325,8 +335,12 @@ def test_xla_and_graph_kernels_agree(small_net):
     model, x, y = small_net
     kwargs = dict(p=2, steps=3, random_start=False)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-    graph, graph_correct = attacks.pgd_with_correct(model, x, y, 0.5, jit_compile=False, **kwargs)
-    xla, xla_correct = attacks.pgd_with_correct(model, x, y, 0.5, jit_compile=True, **kwargs)
+    graph, graph_correct = attacks.pgd(
+        model, x, y, 0.5, jit_compile=False, **kwargs, return_correct=True
+    )
+    xla, xla_correct = attacks.pgd(
+        model, x, y, 0.5, jit_compile=True, **kwargs, return_correct=True
+    )
     np.testing.assert_array_equal(graph_correct, xla_correct)
     np.testing.assert_allclose(loss(y, model(graph)), loss(y, model(xla)), rtol=1e-3)
 
@@ -449,7 +463,7 @@ def test_recompiled_model_gets_a_kernel_for_its_new_loss():
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    first = attacks.compiled_kernel(model, None, projected._fgsm_fn, p=math.inf)
-    assert attacks.compiled_kernel(model, None, projected._fgsm_fn, p=math.inf) is first
+    first = common.compiled_kernel(model, None, projected._fgsm_fn, p=math.inf)
+    assert common.compiled_kernel(model, None, projected._fgsm_fn, p=math.inf) is first
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=False))
-    assert attacks.compiled_kernel(model, None, projected._fgsm_fn, p=math.inf) is not first
+    assert common.compiled_kernel(model, None, projected._fgsm_fn, p=math.inf) is not first

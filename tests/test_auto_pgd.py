@@ -19,11 +19,11 @@ from keras_gradreg.attacks.common import compiled_kernel
 
 def test_checkpoints_follow_the_published_recurrence():
     # By hand for 100 steps: p = .22, .41, .57, .70, .80, .87, .93, .99.
-    assert attacks.checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert auto_pgd.checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
     # 10 steps: ceil(2.2), ceil(4.1), ceil(5.7), 7, 8, ceil(8.7), ceil(9.3); 9.9 repeats 10.
-    assert attacks.checkpoints(10) == [3, 5, 6, 7, 8, 9, 10]
+    assert auto_pgd.checkpoints(10) == [3, 5, 6, 7, 8, 9, 10]
     for steps in (1, 7, 33, 100, 250, 1000):
-        assert attacks.checkpoints(steps) == ref.checkpoints(steps)
+        assert auto_pgd.checkpoints(steps) == ref.checkpoints(steps)
 
 
 def _kernel(model, p, steps, loss="ce", targeted=False, random_start=False):
@@ -51,7 +51,7 @@ def test_step_halves_at_every_checkpoint_when_the_loss_never_rises():
     label = tf.zeros([4], tf.int32)
     for steps in (10, 100):
         result = _kernel(model, math.inf, steps)(x, label, label, 0.1, 0.0, 1.0, [0, 0])
-        halvings = len(attacks.checkpoints(steps))
+        halvings = len(auto_pgd.checkpoints(steps))
         np.testing.assert_allclose(result.step_size, 0.2 * 0.5**halvings, rtol=1e-6)
 
 
@@ -102,7 +102,9 @@ def test_apgd_fools_exactly_the_examples_closer_than_epsilon(p, kwargs):
     model, x, y, weights, bias = ref.two_live_classes()
     dist = ref.distances(x, y, weights, bias, p)
     epsilon = float(np.median(dist[dist > 0]))
-    x_adv, correct = attacks.apgd_with_correct(model, x, y, epsilon, p, clip=None, seed=0, **kwargs)
+    x_adv, correct = attacks.apgd(
+        model, x, y, epsilon, p, clip=None, seed=0, **kwargs, return_correct=True
+    )
     keep = np.abs(dist - epsilon) > 0.01 * epsilon
     fooled = ~correct.numpy()
     np.testing.assert_array_equal(fooled[keep], dist[keep] < epsilon)
@@ -131,7 +133,7 @@ def image_net():
 def test_apgd_stays_in_ball_and_box_and_reproduces(image_net, p, epsilon, kwargs):
     model, x, y = image_net
     args = dict(p=p, steps=20, seed=3, **kwargs)
-    a, correct = attacks.apgd_with_correct(model, x, y, epsilon, **args)
+    a, correct = attacks.apgd(model, x, y, epsilon, **args, return_correct=True)
     b = attacks.apgd(model, x, y, epsilon, **args)
     c = attacks.apgd(model, x, y, epsilon, **{**args, "seed": 4})
     np.testing.assert_array_equal(a, b)
@@ -153,13 +155,13 @@ def test_more_restarts_and_more_targets_never_raise_correctness(image_net):
     whatever the totals), so a larger budget can only break more examples."""
     model, x, y = image_net
     epsilon = 0.03  # with one step per run, where more runs break more
-    one = attacks.apgd_with_correct(model, x, y, epsilon, steps=1, seed=0)[1].numpy()
-    more = attacks.apgd_with_correct(model, x, y, epsilon, steps=1, restarts=4, seed=0)[1]
+    one = attacks.apgd(model, x, y, epsilon, steps=1, seed=0, return_correct=True)[1].numpy()
+    more = attacks.apgd(model, x, y, epsilon, steps=1, restarts=4, seed=0, return_correct=True)[1]
     assert np.all(more.numpy() <= one)
     assert np.sum(more.numpy()) < np.sum(one)  # the restarts did something
     targeted = dict(loss="dlr", targeted=True, steps=1, seed=0)
-    few = attacks.apgd_with_correct(model, x, y, epsilon, target_classes=1, **targeted)[1]
-    many = attacks.apgd_with_correct(model, x, y, epsilon, target_classes=9, **targeted)[1]
+    few = attacks.apgd(model, x, y, epsilon, target_classes=1, **targeted, return_correct=True)[1]
+    many = attacks.apgd(model, x, y, epsilon, target_classes=9, **targeted, return_correct=True)[1]
     assert np.all(many.numpy() <= few.numpy())
     assert np.sum(many.numpy()) < np.sum(few.numpy())
 
@@ -176,9 +178,9 @@ def test_probability_outputs_give_the_logits_result_for_dlr():
     y = np.argmax(net.logits(x), axis=1)
     for p, epsilon in ((math.inf, 0.1), (2.0, 0.3)):
         args = dict(p=p, loss="dlr", steps=15, seed=1, clip=None)
-        logits, logits_correct = attacks.apgd_with_correct(model, x, y, epsilon, **args)
-        probs, probs_correct = attacks.apgd_with_correct(
-            softmax, x, y, epsilon, from_logits=False, **args
+        logits, logits_correct = attacks.apgd(model, x, y, epsilon, **args, return_correct=True)
+        probs, probs_correct = attacks.apgd(
+            softmax, x, y, epsilon, from_logits=False, **args, return_correct=True
         )
         np.testing.assert_array_equal(logits_correct, probs_correct)
         np.testing.assert_allclose(logits, probs, atol=1e-9)

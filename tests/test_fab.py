@@ -88,7 +88,9 @@ def _linear(classes=10, features=20, n=64, seed=0, probabilities=False):
 def test_fab_finds_the_minimal_perturbation_of_a_linear_model(p):
     """Closed form (z_y - z_j) / ||w_y - w_j||_dual, and FAB's iterates step for step."""
     model, weights, bias, x, y = _linear(n=24)
-    x_adv, correct = attacks.fab_with_correct(model, x, y, math.inf, p, targets=1, clip=None)
+    x_adv, correct = attacks.fab(
+        model, x, y, math.inf, p, targets=1, clip=None, return_correct=True
+    )
     found = distances(tf.constant(x_adv - x), p).numpy()
     exact = minimal_distances(weights, bias, x, y, p)
     z = x @ weights + bias
@@ -113,7 +115,7 @@ def test_fab_follows_a_numpy_fab_step_for_step_on_a_tanh_network_in_the_box(p):
     x = rng.uniform(size=(12, 12))
     z = net.logits(x)
     y = np.argmax(z, axis=1)
-    found, correct = attacks.fab_with_correct(model, x, y, math.inf, p, targets=2, steps=30)
+    found, correct = attacks.fab(model, x, y, math.inf, p, targets=2, steps=30, return_correct=True)
     order = np.argsort(-np.where(np.arange(5) == y[:, None], -np.inf, z), axis=1)
     for i in range(len(x)):
         point, distance = fab_run(
@@ -129,7 +131,7 @@ def test_fab_follows_a_numpy_fab_step_for_step_on_a_tanh_network_in_the_box(p):
 
 def test_fab_reads_probabilities_through_their_logarithm():
     """A softmax output gives the points its logits give (the boundary is the same)."""
-    logits, *_ , x, y = _linear(n=16)
+    logits, *_, x, y = _linear(n=16)
     probabilities, *_ = _linear(n=16, probabilities=True)
     a = attacks.fab(logits, x, y, 0.3, clip=None, from_logits=True)
     b = attacks.fab(probabilities, x, y, 0.3, clip=None, from_logits=False)
@@ -193,7 +195,7 @@ def mlp():
 def test_fab_stays_in_the_ball_and_box_and_reproduces_with_a_seed(mlp, p, epsilon):
     model, x, y = mlp
     args = dict(targets=3, steps=20, restarts=2, seed=7)
-    x_adv, correct = attacks.fab_with_correct(model, x, y, epsilon, p, **args)
+    x_adv, correct = attacks.fab(model, x, y, epsilon, p, **args, return_correct=True)
     x_adv = x_adv.numpy()
     assert np.all(distances(tf.constant(x_adv - x), p).numpy() <= epsilon * (1 + 1e-6))
     assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0

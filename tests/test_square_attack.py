@@ -58,8 +58,8 @@ def test_linf_square_fools_exactly_the_examples_closer_than_epsilon():
     model, x, y, weights, bias = two_live_classes(d=9, image=(3, 3, 1))
     dist = distances(x, y, weights, bias, math.inf)
     epsilon = float(np.median(dist[dist > 0]))
-    x_adv, correct = attacks.square_with_correct(
-        model, x, y, epsilon, queries=1000, clip=None, seed=0
+    x_adv, correct = attacks.square(
+        model, x, y, epsilon, queries=1000, clip=None, seed=0, return_correct=True
     )
     keep = np.abs(dist - epsilon) > 0.01 * epsilon
     fooled = ~correct.numpy()
@@ -83,7 +83,9 @@ def test_l2_square_fools_what_its_budget_reaches():
     model.layers[-1].set_weights([weights, bias])
     dist = distances(x, y, weights, bias, 2.0)
     epsilon = float(np.median(dist[dist > 0]))
-    x_adv, correct = attacks.square_with_correct(model, x, y, epsilon, p=2, clip=None, seed=0)
+    x_adv, correct = attacks.square(
+        model, x, y, epsilon, p=2, clip=None, seed=0, return_correct=True
+    )
     fooled = ~correct.numpy()
     assert np.all(fooled[dist < 0.6 * epsilon])
     assert not np.any(fooled[dist > epsilon])
@@ -104,7 +106,7 @@ def image_net():
 def test_square_stays_in_ball_and_box_and_reproduces(image_net, p, epsilon):
     model, x, y = image_net
     args = dict(p=p, queries=300, seed=3)
-    a, correct = attacks.square_with_correct(model, x, y, epsilon, **args)
+    a, correct = attacks.square(model, x, y, epsilon, **args, return_correct=True)
     np.testing.assert_array_equal(a, attacks.square(model, x, y, epsilon, **args))
     assert not np.array_equal(a, attacks.square(model, x, y, epsilon, **{**args, "seed": 4}))
     a = a.numpy()
@@ -125,12 +127,12 @@ def test_more_queries_and_restarts_never_raise_correctness(image_net, p, epsilon
     one's queries first; restarts are nested too."""
     model, x, y = image_net
     args = dict(p=p, seed=0, rescale_schedule=False)
-    few = attacks.square_with_correct(model, x, y, epsilon, queries=40, **args)[1].numpy()
-    many = attacks.square_with_correct(model, x, y, epsilon, queries=600, **args)[1].numpy()
+    few = attacks.square(model, x, y, epsilon, queries=40, **args, return_correct=True)[1].numpy()
+    many = attacks.square(model, x, y, epsilon, queries=600, **args, return_correct=True)[1].numpy()
     assert np.all(many <= few) and np.sum(many) < np.sum(few)
-    more = attacks.square_with_correct(model, x, y, epsilon, queries=40, restarts=3, **args)[
-        1
-    ].numpy()
+    more = attacks.square(
+        model, x, y, epsilon, queries=40, restarts=3, **args, return_correct=True
+    )[1].numpy()
     assert np.all(more <= few)
 
 

@@ -10,20 +10,26 @@
 - `square`: the gradient-free Square attack (Andriushchenko et al. 2020;
   `keras_gradreg.attacks.square_attack`).
 
-Each has a `*_with_correct` variant that also returns whether each example
-is still classified correctly at the returned point.
+Each returns the adversarial batch; with `return_correct=True`, an
+`AttackResult(x_adv, correct)` that also says whether each example is still
+classified correctly at its point.
 """
 
-from keras_gradreg.attacks.auto_pgd import apgd, apgd_with_correct, checkpoints
-from keras_gradreg.attacks.common import (
-    compiled_kernel,
-    correct_predictions,
-    loss_from_logits,
-)
-from keras_gradreg.attacks.fab_attack import fab, fab_with_correct
+import warnings
+
+from keras_gradreg.attacks import auto_pgd as _auto_pgd
+from keras_gradreg.attacks import common as _common
+from keras_gradreg.attacks.auto_pgd import apgd, apgd_with_correct  # noqa: F401 (deprecated)
+from keras_gradreg.attacks.common import AttackResult, correct_predictions, loss_from_logits
+from keras_gradreg.attacks.fab_attack import fab, fab_with_correct  # noqa: F401 (deprecated)
 from keras_gradreg.attacks.fab_projections import project_hyperplane
-from keras_gradreg.attacks.projected import fgsm, fgsm_with_correct, pgd, pgd_with_correct
-from keras_gradreg.attacks.square_attack import square, square_with_correct
+from keras_gradreg.attacks.projected import (  # noqa: F401 (the *_with_correct are deprecated)
+    fgsm,
+    fgsm_with_correct,
+    pgd,
+    pgd_with_correct,
+)
+from keras_gradreg.attacks.square_attack import square, square_with_correct  # noqa: F401
 from keras_gradreg.balls import (
     BALL_NORMS,
     project_ball,
@@ -34,20 +40,35 @@ from keras_gradreg.balls import (
     random_on_sphere,
 )
 
+# Internal since 0.2.0; reachable here, with a warning, until 0.3.0.
+_MOVED = {
+    "checkpoints": (_auto_pgd, "keras_gradreg.attacks.auto_pgd"),
+    "compiled_kernel": (_common, "keras_gradreg.attacks.common"),
+}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        module, path = _MOVED[name]
+        warnings.warn(
+            f"`kgr.attacks.{name}` is internal and deprecated; it leaves `kgr.attacks` in "
+            f"keras_gradreg {_common.REMOVED_IN}. It stays in `{path}` (not public API).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "BALL_NORMS",
+    "AttackResult",
     "apgd",
-    "apgd_with_correct",
-    "checkpoints",
-    "compiled_kernel",
     "correct_predictions",
     "fab",
-    "fab_with_correct",
     "fgsm",
-    "fgsm_with_correct",
     "loss_from_logits",
     "pgd",
-    "pgd_with_correct",
     "project_ball",
     "project_hyperplane",
     "project_l1",
@@ -56,5 +77,4 @@ __all__ = [
     "random_in_ball",
     "random_on_sphere",
     "square",
-    "square_with_correct",
 ]

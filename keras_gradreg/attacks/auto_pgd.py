@@ -32,13 +32,26 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_gradreg._checks import Clip, check_clip, check_count, check_fraction, check_nonnegative
+from keras_gradreg._checks import (
+    Clip,
+    check_bool,
+    check_clip,
+    check_count,
+    check_fraction,
+    check_nonnegative,
+)
 from keras_gradreg.attacks import scores
 from keras_gradreg.attacks.common import (
+    AttackResult,
+    RunOutcome,
+    attack_result,
     bounds,
     box,
     check_inputs,
+    check_restarts,
     compiled_kernel,
+    deprecated_twin,
+    keep_best_runs,
     loss_from_logits,
     seed_tensor,
 )
@@ -294,7 +307,9 @@ def check_classes(classes: int, loss: str, targeted: bool) -> None:
         )
 
 
-def _check_apgd(epsilon, p, loss, targeted, target_classes, steps, restarts, rho, clip):
+def _check_apgd(
+    epsilon, p, loss, targeted, target_classes, steps, restarts, random_start, rho, clip
+):
     epsilon = check_nonnegative(epsilon, "epsilon")
     p = ball_norm(p)
     if p not in APGD_NORMS:
@@ -305,97 +320,9 @@ def _check_apgd(epsilon, p, loss, targeted, target_classes, steps, restarts, rho
         raise ValueError(f"`targeted` must be True or False. Received: targeted={targeted!r}")
     target_classes = check_count(target_classes, "target_classes")
     steps = check_count(steps, "steps")
-    restarts = check_count(restarts, "restarts")
+    restarts = check_restarts(restarts, random_start)
     rho = check_fraction(rho, "rho")
     return epsilon, p, target_classes, steps, restarts, rho, check_clip(clip)
-
-
-def apgd_with_correct(
-    model: keras.Model,
-    x: Any,
-    y: Any,
-    epsilon: float,
-    p: PValue = math.inf,
-    loss: str = "ce",
-    targeted: bool = False,
-    target_classes: int = 9,
-    steps: int = 100,
-    restarts: int = 1,
-    seed: Any = None,
-    clip: Clip = (0.0, 1.0),
-    *,
-    rho: float = 0.75,
-    random_start: bool = True,
-    from_logits: bool | None = None,
-    jit_compile: bool | None = None,
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """`apgd` that also returns the per-example correctness at the result."""
-    epsilon, p, target_classes, steps, restarts, rho, clip = _check_apgd(
-        epsilon, p, loss, targeted, target_classes, steps, restarts, rho, clip
-    )
-    if restarts > 1 and not random_start:
-        raise ValueError(
-            "Restarts without a random start repeat the same attack: set "
-            f"`random_start=True` or `restarts=1`. Received: restarts={restarts}"
-        )
-    seed = seed_tensor(seed)
-    x, y = check_inputs(x, y)
-    if from_logits is None:
-        from_logits = loss_from_logits(model, None)
-    classes = count_classes(model, x)
-    check_classes(classes, loss, targeted)
-    rank = min(target_classes, classes - 1) if targeted else 0
-    clean = clean_scores(model, x, y, from_logits, classes, rank, jit_compile)
-    kernel = compiled_kernel(
-        model,
-        None,
-        _apgd_fn,
-        resolve=False,
-        from_logits=from_logits,
-        p=p,
-        steps=steps,
-        objective_name=loss,
-        targeted=targeted,
-        rho=rho,
-        random_start=random_start,
-    )
-    low, high = bounds(clip, x)
-    return _run_all(kernel, x, clean, epsilon, low, high, seed, rank, restarts, jit_compile)
-
-
-def _run_all(kernel, x, clean, epsilon, low, high, seed, rank, restarts, jit_compile):
-    """Runs every (target, restart) on the examples still classified correctly."""
-    x_adv = x.numpy().copy()
-    correct = clean.correct.numpy().copy()
-    # float64 holds float32 and float64 losses exactly: runs compare at full precision.
-    best_loss = np.full(len(correct), -np.inf, np.float64)
-    epsilon = tf.constant(epsilon, x.dtype)
-    for target_rank in range(max(rank, 1)):
-        target_seed = tf.random.experimental.stateless_fold_in(seed, target_rank, alg=ALG)
-        for restart in range(restarts):
-            active = np.flatnonzero(correct)
-            if not len(active):
-                return tf.constant(x_adv), tf.constant(correct)
-            labels = tf.gather(clean.labels, active)
-            targets = tf.gather(clean.ranking[:, target_rank], active) if rank else labels
-            run_seed = tf.random.experimental.stateless_fold_in(target_seed, restart, alg=ALG)
-            result = kernel(
-                tf.gather(x, active),
-                labels,
-                targets,
-                epsilon,
-                low,
-                high,
-                run_seed,
-                jit_compile=jit_compile,
-            )
-            run_correct = result.correct.numpy()
-            run_loss = result.best_loss.numpy()
-            update = ~run_correct | (run_loss > best_loss[active])
-            x_adv[active[update]] = result.x_adv.numpy()[update]
-            best_loss[active[update]] = run_loss[update]
-            correct[active] = run_correct
-    return tf.constant(x_adv), tf.constant(correct)
 
 
 def apgd(
@@ -415,8 +342,9 @@ def apgd(
     rho: float = 0.75,
     random_start: bool = True,
     from_logits: bool | None = None,
+    return_correct: bool = False,
     jit_compile: bool | None = None,
-) -> tf.Tensor:
+) -> tf.Tensor | AttackResult:
     """Auto-PGD (Croce and Hein 2020) on a batch of a classifier's inputs.
 
     Each run starts at a random point of the sphere of radius `epsilon`
@@ -450,32 +378,66 @@ def apgd(
         random_start: Start at a random point of the sphere; False starts at x.
         from_logits: Whether the outputs are logits; None reads the compiled
             loss's `from_logits` (logits when there is none).
+        return_correct: Also return whether the model still classifies each
+            example correctly at its point.
         jit_compile: True/False to force XLA on or off; None uses XLA only
             for eager calls with a GPU visible.
 
     Returns:
         The adversarial batch, shaped like `x`: per example a misclassified
-        point if one was found, else the point of highest loss.
+        point if one was found, else the point of highest loss. With
+        `return_correct`, `AttackResult(x_adv, correct)`.
 
     Raises:
         ValueError: On an invalid argument (before any work), or if the model
             has too few classes for the loss.
     """
-    return apgd_with_correct(
+    epsilon, p, target_classes, steps, restarts, rho, clip = _check_apgd(
+        epsilon, p, loss, targeted, target_classes, steps, restarts, random_start, rho, clip
+    )
+    return_correct = check_bool(return_correct, "return_correct")
+    seed = seed_tensor(seed)
+    x, y = check_inputs(x, y)
+    if from_logits is None:
+        from_logits = loss_from_logits(model, None)
+    classes = count_classes(model, x)
+    check_classes(classes, loss, targeted)
+    rank = min(target_classes, classes - 1) if targeted else 0
+    clean = clean_scores(model, x, y, from_logits, classes, rank, jit_compile)
+    kernel = compiled_kernel(
         model,
-        x,
-        y,
-        epsilon,
-        p,
-        loss,
-        targeted,
-        target_classes,
-        steps,
-        restarts,
-        seed,
-        clip,
+        None,
+        _apgd_fn,
+        resolve=False,
+        from_logits=from_logits,
+        p=p,
+        steps=steps,
+        objective_name=loss,
+        targeted=targeted,
         rho=rho,
         random_start=random_start,
-        from_logits=from_logits,
-        jit_compile=jit_compile,
-    )[0]
+    )
+    low, high = bounds(clip, x)
+    epsilon = tf.constant(epsilon, x.dtype)
+
+    def run(active, target, restart, run_seed) -> RunOutcome:
+        del restart
+        labels = tf.gather(clean.labels, active)
+        targets = tf.gather(clean.ranking[:, target], active) if rank else labels
+        result = kernel(
+            tf.gather(x, active),
+            labels,
+            targets,
+            epsilon,
+            low,
+            high,
+            run_seed,
+            jit_compile=jit_compile,
+        )
+        return RunOutcome(result.x_adv, result.correct, result.best_loss)
+
+    x_adv, correct = keep_best_runs(x, clean.correct, seed, restarts, run, max(rank, 1))
+    return attack_result(x_adv, correct, return_correct)
+
+
+apgd_with_correct = deprecated_twin(apgd, "apgd_with_correct")

@@ -1,4 +1,4 @@
-"""What every attack shares: argument checks, labels, the box, seeds and compiled kernels.
+"""What every attack shares: argument checks, labels, the box, seeds, restarts and kernels.
 
 A kernel is an attack's inner loop written as one Python function of tensors
 and traced once per model, loss and static setting (`compiled_kernel`);
@@ -12,13 +12,15 @@ import json
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from keras_gradreg._checks import Clip, check_seed
+from keras_gradreg._checks import Clip, check_bool, check_count, check_seed
 from keras_gradreg.ascent import box  # noqa: F401  (the attacks' box, re-exported)
+from keras_gradreg.balls import ALG
 from keras_gradreg.gradients import LossLike, loss_from_logits, resolve_loss  # noqa: F401
 
 # ---------------------------------------------------------------------- #
@@ -57,6 +59,147 @@ def bounds(clip: Clip, x: tf.Tensor):
     return tuple(tf.cast(tf.convert_to_tensor(bound), x.dtype) for bound in clip)
 
 
+# ---------------------------------------------------------------------- #
+# What an attack returns.
+# ---------------------------------------------------------------------- #
+
+
+class AttackResult(NamedTuple):
+    """An attack's points and whether the model still gets each example right there.
+
+    Attributes:
+        x_adv: The adversarial batch, shaped like `x`.
+        correct: Per example, whether the model classifies `x_adv` correctly
+            (shape (batch,), bool).
+    """
+
+    x_adv: tf.Tensor
+    correct: tf.Tensor
+
+
+def attack_result(x_adv: Any, correct: Any, return_correct: bool) -> tf.Tensor | AttackResult:
+    """`AttackResult(x_adv, correct)` with `return_correct`, else `x_adv` alone."""
+    if return_correct:
+        return AttackResult(tf.convert_to_tensor(x_adv), tf.convert_to_tensor(correct))
+    return tf.convert_to_tensor(x_adv)
+
+
+REMOVED_IN = "0.3.0"
+
+
+def deprecated_twin(attack: Callable, old_name: str) -> Callable[..., AttackResult]:
+    """`old_name`, the former `*_with_correct` twin of `attack`: warns, then calls it.
+
+    The twin takes the attack's arguments and returns what
+    `attack(..., return_correct=True)` returns.
+    """
+    replacement = f"kgr.attacks.{attack.__name__}(..., return_correct=True)"
+
+    def twin(*args: Any, **kwargs: Any) -> AttackResult:
+        warnings.warn(
+            f"`kgr.attacks.{old_name}` is deprecated and will be removed in keras_gradreg "
+            f"{REMOVED_IN}: use `{replacement}`, which returns the same "
+            "AttackResult(x_adv, correct).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return attack(*args, return_correct=True, **kwargs)
+
+    twin.__name__ = twin.__qualname__ = old_name
+    twin.__doc__ = f"Deprecated: use `{replacement}`."
+    return twin
+
+
+# ---------------------------------------------------------------------- #
+# Restarts.
+# ---------------------------------------------------------------------- #
+
+
+def check_restarts(restarts: Any, random_start: Any = True) -> int:
+    """`restarts` as an int >= 1; raises if there are several without a random start.
+
+    Without a random start every run is the same, so restarts would only
+    repeat it. `random_start` must be True or False.
+    """
+    restarts = check_count(restarts, "restarts")
+    if not check_bool(random_start, "random_start") and restarts > 1:
+        raise ValueError(
+            "Restarts without a random start repeat the same attack: set "
+            f"`random_start=True` or `restarts=1`. Received: restarts={restarts}, "
+            f"random_start={random_start!r}"
+        )
+    return restarts
+
+
+class RunOutcome(NamedTuple):
+    """One run of an attack on the examples still classified correctly.
+
+    Attributes:
+        x_adv: The run's point for each of those examples.
+        correct: Whether the model still classifies each correctly there.
+        score: How strong each point is (higher is stronger): among points
+            that leave an example correctly classified, the strongest is kept.
+            None keeps only misclassified points.
+    """
+
+    x_adv: Any
+    correct: Any
+    score: Any = None
+
+
+def keep_best_runs(
+    x: tf.Tensor,
+    correct: Any,
+    seed: tf.Tensor,
+    restarts: int,
+    run: Callable[[np.ndarray, int, int, tf.Tensor], RunOutcome],
+    targets: int | None = None,
+) -> AttackResult:
+    """Runs an attack per target and restart on the examples no earlier run broke.
+
+    AutoAttack's protocol: an example misclassified by a run (or at x) is
+    not attacked again. Per example, the point kept is the first
+    misclassified one found, else the one of highest score.
+
+    Args:
+        x: The clean batch.
+        correct: Whether each example is classified correctly at x.
+        seed: The attack's stateless seed. Restart r of target t draws from
+            `seed` folded with t, then r (without targets, with r alone), so
+            more restarts or targets repeat the earlier runs exactly.
+        restarts: Runs per target.
+        run: `run(active, target, restart, run_seed) -> RunOutcome`, for the
+            indices `active` of the examples still correct (`target` is 0
+            without targets).
+        targets: The number of targets, or None for untargeted seeds.
+
+    Returns:
+        `AttackResult(x_adv, correct)` over the whole batch.
+    """
+    x_adv = x.numpy().copy()
+    correct = np.array(correct, dtype=bool)
+    # float64 holds float32 and float64 scores exactly: runs compare at full precision.
+    best = np.full(len(correct), -np.inf, np.float64)
+    for target in range(1 if targets is None else targets):
+        target_seed = seed if targets is None else _fold_in(seed, target)
+        for restart in range(restarts):
+            active = np.flatnonzero(correct)
+            if not len(active):
+                return AttackResult(tf.constant(x_adv), tf.constant(correct))
+            outcome = run(active, target, restart, _fold_in(target_seed, restart))
+            run_correct = np.asarray(outcome.correct, dtype=bool)
+            update = ~run_correct
+            if outcome.score is not None:
+                score = np.asarray(outcome.score, np.float64)
+                update |= score > best[active]
+                best[active[update]] = score[update]
+            x_adv[active[update]] = np.asarray(outcome.x_adv)[update]
+            correct[active] = run_correct
+    return AttackResult(tf.constant(x_adv), tf.constant(correct))
+
+
+def _fold_in(seed: tf.Tensor, data: int) -> tf.Tensor:
+    return tf.random.experimental.stateless_fold_in(seed, data, alg=ALG)
 
 
 # ---------------------------------------------------------------------- #

@@ -29,7 +29,6 @@ import math
 from typing import Any, NamedTuple
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from keras_gradreg import _checks
@@ -37,15 +36,20 @@ from keras_gradreg._checks import Clip
 from keras_gradreg.attacks import scores
 from keras_gradreg.attacks.auto_pgd import clean_scores, count_classes, random_start_point
 from keras_gradreg.attacks.common import (
+    AttackResult,
+    RunOutcome,
+    attack_result,
     bounds,
     box,
     check_inputs,
     compiled_kernel,
+    deprecated_twin,
+    keep_best_runs,
     loss_from_logits,
     seed_tensor,
 )
 from keras_gradreg.attacks.fab_projections import project_hyperplane
-from keras_gradreg.balls import ALG, ball_norm, random_on_sphere
+from keras_gradreg.balls import ball_norm, random_on_sphere
 from keras_gradreg.gradients import differentiate_inputs
 from keras_gradreg.norms import PValue
 
@@ -186,76 +190,6 @@ def _check_fab(epsilon, p, targets, steps, restarts, clip, alpha_max, eta, beta)
     return epsilon, p, targets, steps, restarts, _checks.check_clip(clip), alpha_max, eta, beta
 
 
-def fab_with_correct(
-    model: keras.Model,
-    x: Any,
-    y: Any,
-    epsilon: float,
-    p: PValue = math.inf,
-    targets: int = 9,
-    steps: int = 100,
-    restarts: int = 1,
-    clip: Clip = (0.0, 1.0),
-    seed: Any = None,
-    *,
-    alpha_max: float = 0.1,
-    eta: float = 1.05,
-    beta: float = 0.9,
-    from_logits: bool | None = None,
-    jit_compile: bool | None = None,
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """`fab` that also returns the per-example correctness at the result."""
-    epsilon, p, targets, steps, restarts, clip, alpha_max, eta, beta = _check_fab(
-        epsilon, p, targets, steps, restarts, clip, alpha_max, eta, beta
-    )
-    seed = seed_tensor(seed)
-    x, y = check_inputs(x, y)
-    if from_logits is None:
-        from_logits = loss_from_logits(model, None)
-    classes = count_classes(model, x)
-    rank = min(targets, classes - 1)
-    clean = clean_scores(model, x, y, from_logits, classes, rank, jit_compile)
-    kernel = compiled_kernel(
-        model,
-        None,
-        _fab_fn,
-        resolve=False,
-        from_logits=from_logits,
-        p=p,
-        steps=steps,
-        alpha_max=alpha_max,
-        eta=eta,
-        beta=beta,
-    )
-    low, high = bounds(clip, x)
-    x_adv = x.numpy().copy()
-    correct = clean.correct.numpy().copy()
-    radius = tf.constant(epsilon, x.dtype)
-    for target_rank in range(rank):
-        target_seed = tf.random.experimental.stateless_fold_in(seed, target_rank, alg=ALG)
-        for restart in range(restarts):
-            active = np.flatnonzero(correct)
-            if not len(active):
-                return tf.constant(x_adv), tf.constant(correct)
-            labels = tf.gather(clean.labels, active)
-            run_seed = tf.random.experimental.stateless_fold_in(target_seed, restart, alg=ALG)
-            result = kernel(
-                tf.gather(x, active),
-                labels,
-                tf.gather(clean.ranking[:, target_rank], active),
-                radius,
-                tf.constant(0.0 if restart == 0 else epsilon / 2, x.dtype),
-                low,
-                high,
-                run_seed,
-                jit_compile=jit_compile,
-            )
-            broken = _within(result.distance, radius).numpy()
-            x_adv[active[broken]] = result.x_adv.numpy()[broken]
-            correct[active[broken]] = False
-    return tf.constant(x_adv), tf.constant(correct)
-
-
 def fab(
     model: keras.Model,
     x: Any,
@@ -272,8 +206,9 @@ def fab(
     eta: float = 1.05,
     beta: float = 0.9,
     from_logits: bool | None = None,
+    return_correct: bool = False,
     jit_compile: bool | None = None,
-) -> tf.Tensor:
+) -> tf.Tensor | AttackResult:
     """FAB-T (Croce and Hein 2020), targeted, on a batch of a classifier's inputs.
 
     For each of the `targets` classes other than the label with the highest
@@ -302,18 +237,61 @@ def fab(
         beta: The step back towards x after a misclassified iterate.
         from_logits: Whether the outputs are logits; None reads the compiled
             loss's `from_logits` (logits when there is none).
+        return_correct: Also return whether the model still classifies each
+            example correctly at its point.
         jit_compile: True/False to force XLA on or off; None uses XLA only
             for eager calls with a GPU visible.
 
     Returns:
         The adversarial batch, shaped like `x`: per example the closest
-        misclassified point found if within `epsilon`, else x.
+        misclassified point found if within `epsilon`, else x. With
+        `return_correct`, `AttackResult(x_adv, correct)`.
 
     Raises:
         ValueError: On an invalid argument, before any work.
     """
-    return fab_with_correct(
-        model, x, y, epsilon, p, targets, steps, restarts, clip, seed,
-        alpha_max=alpha_max, eta=eta, beta=beta, from_logits=from_logits,
-        jit_compile=jit_compile,
-    )[0]  # fmt: skip
+    epsilon, p, targets, steps, restarts, clip, alpha_max, eta, beta = _check_fab(
+        epsilon, p, targets, steps, restarts, clip, alpha_max, eta, beta
+    )
+    return_correct = _checks.check_bool(return_correct, "return_correct")
+    seed = seed_tensor(seed)
+    x, y = check_inputs(x, y)
+    if from_logits is None:
+        from_logits = loss_from_logits(model, None)
+    classes = count_classes(model, x)
+    rank = min(targets, classes - 1)
+    clean = clean_scores(model, x, y, from_logits, classes, rank, jit_compile)
+    kernel = compiled_kernel(
+        model,
+        None,
+        _fab_fn,
+        resolve=False,
+        from_logits=from_logits,
+        p=p,
+        steps=steps,
+        alpha_max=alpha_max,
+        eta=eta,
+        beta=beta,
+    )
+    low, high = bounds(clip, x)
+    radius = tf.constant(epsilon, x.dtype)
+
+    def run(active, target, restart, run_seed) -> RunOutcome:
+        result = kernel(
+            tf.gather(x, active),
+            tf.gather(clean.labels, active),
+            tf.gather(clean.ranking[:, target], active),
+            radius,
+            tf.constant(0.0 if restart == 0 else epsilon / 2, x.dtype),
+            low,
+            high,
+            run_seed,
+            jit_compile=jit_compile,
+        )
+        return RunOutcome(result.x_adv, ~_within(result.distance, radius))
+
+    x_adv, correct = keep_best_runs(x, clean.correct, seed, restarts, run, rank)
+    return attack_result(x_adv, correct, return_correct)
+
+
+fab_with_correct = deprecated_twin(fab, "fab_with_correct")

@@ -20,14 +20,25 @@ import keras
 import tensorflow as tf
 
 from keras_gradreg import hashing
-from keras_gradreg._checks import Clip, check_choice, check_clip, check_count, check_nonnegative
+from keras_gradreg._checks import (
+    Clip,
+    check_bool,
+    check_choice,
+    check_clip,
+    check_count,
+    check_nonnegative,
+)
 from keras_gradreg.ascent import ascent_step
 from keras_gradreg.attacks.common import (
+    AttackResult,
+    attack_result,
     bounds,
     box,
     check_inputs,
+    check_restarts,
     compiled_kernel,
     correct_predictions,
+    deprecated_twin,
     seed_tensor,
 )
 from keras_gradreg.balls import ball_norm, random_in_ball
@@ -108,17 +119,6 @@ def _pgd_fn(model_ref, loss_fn, from_logits, p, steps, restarts, random_start, k
 # ---------------------------------------------------------------------- #
 
 
-def fgsm_with_correct(model, x, y, epsilon, p=math.inf, loss=None, clip=(0.0, 1.0), **kw):
-    """`fgsm` that also returns the per-example correctness at the result."""
-    epsilon = check_nonnegative(epsilon, "epsilon")
-    p = canonical_p(p)
-    clip = check_clip(clip)
-    x, y = check_inputs(x, y)
-    low, high = bounds(clip, x)
-    kernel = compiled_kernel(model, loss, _fgsm_fn, p=p)
-    return kernel(x, y, tf.constant(epsilon, x.dtype), low, high, **kw)
-
-
 def fgsm(
     model: keras.Model,
     x: Any,
@@ -128,8 +128,9 @@ def fgsm(
     loss: LossLike = None,
     clip: Clip = (0.0, 1.0),
     *,
+    return_correct: bool = False,
     jit_compile: bool | None = None,
-) -> tf.Tensor:
+) -> tf.Tensor | AttackResult:
     """One step of the family's worst-case perturbation, clipped to the box.
 
     x_adv = clip(x + r*) with r* = argmax over ||r||_p <= epsilon of g . r and
@@ -144,75 +145,27 @@ def fgsm(
         loss: A Keras loss or callable `(y_true, y_pred)`; None for the
             model's compiled loss. Its `from_logits` says how to read outputs.
         clip: The box (low, high) inputs live in, or None for no box.
+        return_correct: Also return whether the model still classifies each
+            example correctly at its point.
         jit_compile: True/False to force XLA on or off; None uses XLA only
             for eager calls with a GPU visible (on CPU it was slower).
 
     Returns:
-        The adversarial batch, shaped like `x`.
+        The adversarial batch, shaped like `x`; with `return_correct`,
+        `AttackResult(x_adv, correct)`.
     """
-    return fgsm_with_correct(model, x, y, epsilon, p, loss, clip, jit_compile=jit_compile)[0]
-
-
-def pgd_with_correct(
-    model,
-    x,
-    y,
-    epsilon,
-    p=math.inf,
-    steps=40,
-    step_size=None,
-    random_start=True,
-    restarts=1,
-    loss=None,
-    clip=(0.0, 1.0),
-    seed=None,
-    keep="best",
-    **kw,
-):
-    """`pgd` that also returns the per-example correctness at the result."""
     epsilon = check_nonnegative(epsilon, "epsilon")
-    p = ball_norm(p)
-    steps = check_count(steps, "steps")
-    restarts = check_count(restarts, "restarts")
-    if step_size is None:
-        step_size = 2.5 * epsilon / steps
-    else:
-        step_size = check_nonnegative(step_size, "step_size")
-    keep = check_choice(keep, "keep", ("best", "last"))
-    if keep == "last" and restarts > 1:
-        raise ValueError(
-            "`keep='last'` returns one run's last iterate: it takes `restarts=1`. "
-            f"Received: restarts={restarts}"
-        )
-    if restarts > 1 and not random_start:
-        raise ValueError(
-            "Restarts without a random start repeat the same attack: set "
-            f"`random_start=True` or `restarts=1`. Received: restarts={restarts}"
-        )
+    p = canonical_p(p)
     clip = check_clip(clip)
-    seed = seed_tensor(seed)
+    return_correct = check_bool(return_correct, "return_correct")
     x, y = check_inputs(x, y)
     low, high = bounds(clip, x)
-    kernel = compiled_kernel(
-        model,
-        loss,
-        _pgd_fn,
-        p=p,
-        steps=steps,
-        restarts=restarts,
-        random_start=bool(random_start),
-        keep=keep,
-    )
-    return kernel(
-        x,
-        y,
-        tf.constant(epsilon, x.dtype),
-        tf.constant(step_size, x.dtype),
-        low,
-        high,
-        seed,
-        **kw,
-    )
+    kernel = compiled_kernel(model, loss, _fgsm_fn, p=p)
+    x_adv, correct = kernel(x, y, tf.constant(epsilon, x.dtype), low, high, jit_compile=jit_compile)
+    return attack_result(x_adv, correct, return_correct)
+
+
+fgsm_with_correct = deprecated_twin(fgsm, "fgsm_with_correct")
 
 
 def pgd(
@@ -230,8 +183,9 @@ def pgd(
     seed: int | None = None,
     keep: str = "best",
     *,
+    return_correct: bool = False,
     jit_compile: bool | None = None,
-) -> tf.Tensor:
+) -> tf.Tensor | AttackResult:
     """Projected steepest ascent on each example's loss in a p-ball and a box.
 
     Each step moves by `step_size` along the steepest-ascent direction of the
@@ -260,25 +214,55 @@ def pgd(
         seed: Integer for reproducible random starts; None draws a fresh seed.
             The same seed gives the same starts eagerly, in graphs and under XLA.
         keep: "best" (the strongest point) or "last" (the last iterate; one restart).
+        return_correct: Also return whether the model still classifies each
+            example correctly at its point.
         jit_compile: True/False to force XLA on or off; None uses XLA only
             for eager calls with a GPU visible (on CPU it was slower).
 
     Returns:
-        The adversarial batch, shaped like `x`.
+        The adversarial batch, shaped like `x`; with `return_correct`,
+        `AttackResult(x_adv, correct)`.
     """
-    return pgd_with_correct(
+    epsilon = check_nonnegative(epsilon, "epsilon")
+    p = ball_norm(p)
+    steps = check_count(steps, "steps")
+    restarts = check_restarts(restarts, random_start)
+    if step_size is None:
+        step_size = 2.5 * epsilon / steps
+    else:
+        step_size = check_nonnegative(step_size, "step_size")
+    keep = check_choice(keep, "keep", ("best", "last"))
+    if keep == "last" and restarts > 1:
+        raise ValueError(
+            "`keep='last'` returns one run's last iterate: it takes `restarts=1`. "
+            f"Received: restarts={restarts}"
+        )
+    clip = check_clip(clip)
+    return_correct = check_bool(return_correct, "return_correct")
+    seed = seed_tensor(seed)
+    x, y = check_inputs(x, y)
+    low, high = bounds(clip, x)
+    kernel = compiled_kernel(
         model,
+        loss,
+        _pgd_fn,
+        p=p,
+        steps=steps,
+        restarts=restarts,
+        random_start=bool(random_start),
+        keep=keep,
+    )
+    x_adv, correct = kernel(
         x,
         y,
-        epsilon,
-        p,
-        steps,
-        step_size,
-        random_start,
-        restarts,
-        loss,
-        clip,
+        tf.constant(epsilon, x.dtype),
+        tf.constant(step_size, x.dtype),
+        low,
+        high,
         seed,
-        keep,
         jit_compile=jit_compile,
-    )[0]
+    )
+    return attack_result(x_adv, correct, return_correct)
+
+
+pgd_with_correct = deprecated_twin(pgd, "pgd_with_correct")

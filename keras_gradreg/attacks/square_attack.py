@@ -30,14 +30,26 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_gradreg._checks import Clip, check_clip, check_count, check_fraction, check_nonnegative
+from keras_gradreg._checks import (
+    Clip,
+    check_bool,
+    check_clip,
+    check_count,
+    check_fraction,
+    check_nonnegative,
+)
 from keras_gradreg.attacks import scores
 from keras_gradreg.attacks.auto_pgd import clean_scores, count_classes
 from keras_gradreg.attacks.common import (
+    AttackResult,
+    RunOutcome,
+    attack_result,
     bounds,
     box,
     check_inputs,
     compiled_kernel,
+    deprecated_twin,
+    keep_best_runs,
     loss_from_logits,
     seed_tensor,
 )
@@ -343,63 +355,6 @@ def _check_square(epsilon, p, queries, p_init, restarts, clip):
     return epsilon, p, queries, p_init, restarts, check_clip(clip)
 
 
-def square_with_correct(
-    model: keras.Model,
-    x: Any,
-    y: Any,
-    epsilon: float,
-    p: PValue = math.inf,
-    queries: int = 5000,
-    p_init: float = 0.8,
-    restarts: int = 1,
-    seed: Any = None,
-    clip: Clip = (0.0, 1.0),
-    *,
-    rescale_schedule: bool = True,
-    from_logits: bool | None = None,
-    jit_compile: bool | None = None,
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """`square` that also returns the per-example correctness at the result."""
-    epsilon, p, queries, p_init, restarts, clip = _check_square(
-        epsilon, p, queries, p_init, restarts, clip
-    )
-    seed = seed_tensor(seed)
-    x, y = check_inputs(x, y)
-    shape = tuple(x.shape[1:])
-    image_layout(shape)
-    if from_logits is None:
-        from_logits = loss_from_logits(model, None)
-    classes = count_classes(model, x)
-    clean = clean_scores(model, x, y, from_logits, classes, 0, jit_compile)
-    kernels = _kernels(
-        model,
-        from_logits,
-        p=p,
-        queries=queries,
-        p_init=p_init,
-        rescale=bool(rescale_schedule),
-        shape=shape,
-    )
-    low, high = bounds(clip, x)
-    epsilon = tf.constant(epsilon, x.dtype)
-    x_adv = x.numpy().copy()
-    correct = clean.correct.numpy().copy()
-    best_margin = np.full(len(correct), np.inf, np.float32)
-    for restart in range(restarts):
-        active = np.flatnonzero(correct)
-        if not len(active):
-            break
-        run_seed = tf.random.experimental.stateless_fold_in(seed, restart, alg=ALG)
-        result = _one_run(
-            kernels, x, clean.labels, active, epsilon, low, high, run_seed, queries, jit_compile
-        )
-        update = ~result.correct | (result.margin < best_margin[active])
-        x_adv[active[update]] = result.x_best[update]
-        best_margin[active[update]] = result.margin[update]
-        correct[active] = result.correct
-    return tf.constant(x_adv), tf.constant(correct)
-
-
 def _one_run(kernels, x, labels, active, epsilon, low, high, seed, queries, jit_compile):
     """One restart on the examples `active`, in chunks of `CHUNK` iterations."""
     x_run = tf.gather(x, active)
@@ -442,8 +397,9 @@ def square(
     *,
     rescale_schedule: bool = True,
     from_logits: bool | None = None,
+    return_correct: bool = False,
     jit_compile: bool | None = None,
-) -> tf.Tensor:
+) -> tf.Tensor | AttackResult:
     """The Square attack (Andriushchenko et al. 2020): score-based random search.
 
     Minimises the margin loss with at most `queries` forward passes per
@@ -471,28 +427,53 @@ def square(
             budget repeats a smaller one's queries and then goes on.
         from_logits: Whether the outputs are logits; None reads the compiled
             loss's `from_logits` (logits when there is none).
+        return_correct: Also return whether the model still classifies each
+            example correctly at its point.
         jit_compile: True/False to force XLA on or off; None uses XLA only
             for eager calls with a GPU visible.
 
     Returns:
         The adversarial batch, shaped like `x`: a misclassified point where
-        one was found, else the point of lowest margin.
+        one was found, else the point of lowest margin. With
+        `return_correct`, `AttackResult(x_adv, correct)`.
 
     Raises:
         ValueError: On an invalid argument, before any work.
     """
-    return square_with_correct(
+    epsilon, p, queries, p_init, restarts, clip = _check_square(
+        epsilon, p, queries, p_init, restarts, clip
+    )
+    return_correct = check_bool(return_correct, "return_correct")
+    seed = seed_tensor(seed)
+    x, y = check_inputs(x, y)
+    shape = tuple(x.shape[1:])
+    image_layout(shape)
+    if from_logits is None:
+        from_logits = loss_from_logits(model, None)
+    classes = count_classes(model, x)
+    clean = clean_scores(model, x, y, from_logits, classes, 0, jit_compile)
+    kernels = _kernels(
         model,
-        x,
-        y,
-        epsilon,
-        p,
-        queries,
-        p_init,
-        restarts,
-        seed,
-        clip,
-        rescale_schedule=rescale_schedule,
-        from_logits=from_logits,
-        jit_compile=jit_compile,
-    )[0]
+        from_logits,
+        p=p,
+        queries=queries,
+        p_init=p_init,
+        rescale=bool(rescale_schedule),
+        shape=shape,
+    )
+    low, high = bounds(clip, x)
+    epsilon = tf.constant(epsilon, x.dtype)
+
+    def run(active, target, restart, run_seed) -> RunOutcome:
+        del target, restart
+        result = _one_run(
+            kernels, x, clean.labels, active, epsilon, low, high, run_seed, queries, jit_compile
+        )
+        # The lower the margin, the stronger the point.
+        return RunOutcome(result.x_best, result.correct, -result.margin)
+
+    x_adv, correct = keep_best_runs(x, clean.correct, seed, restarts, run)
+    return attack_result(x_adv, correct, return_correct)
+
+
+square_with_correct = deprecated_twin(square, "square_with_correct")

@@ -242,11 +242,7 @@ def _plan(
 
 
 def _check_scalars(restarts, random_start, seed, sanity_examples, verbose) -> None:
-    if restarts > 1 and not random_start:
-        raise ValueError(
-            "Restarts without a random start repeat the same attack: set "
-            f"`random_start=True` or `restarts=1`. Received: restarts={restarts}"
-        )
+    common.check_restarts(restarts, random_start)
     if _checks.check_seed(seed) is None:
         raise ValueError(f"`seed` must be an integer. Received: seed={seed!r}")
     integer = _checks.is_number(sanity_examples) and isinstance(sanity_examples, (int, np.integer))
@@ -388,10 +384,10 @@ def _large_epsilon_check(model, x, y, clean_correct, plan: _Plan):
         return None
     low, high = (np.asarray(bound, np.float64) for bound in settings.clip)
     epsilon = float(np.max(high - low))
-    _, correct = apgd_lib.apgd_with_correct(
+    _, correct = apgd_lib.apgd(
         model, x[chosen], y[chosen], epsilon, math.inf, "ce", steps=settings.apgd_steps,
         seed=plan.seed, clip=settings.clip, from_logits=settings.from_logits,
-        jit_compile=settings.jit_compile,
+        return_correct=True, jit_compile=settings.jit_compile,
     )  # fmt: skip
     return epsilon, float(np.mean(np.asarray(correct))), len(chosen)
 

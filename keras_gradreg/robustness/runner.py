@@ -67,27 +67,27 @@ def attack_batch(
     name: str, model: keras.Model, x, y, p: float, epsilon: float, seed, s: AttackSettings
 ) -> np.ndarray:
     """Per-example correctness after attack `name` on one batch, (batch,) bool."""
-    common = dict(jit_compile=s.jit_compile)
+    common = dict(jit_compile=s.jit_compile, return_correct=True)
     if name == "fgsm":
-        _, correct = pgd_lib.fgsm_with_correct(model, x, y, epsilon, p, s.loss, s.clip, **common)
+        _, correct = pgd_lib.fgsm(model, x, y, epsilon, p, s.loss, s.clip, **common)
     elif name == "pgd":
         step_size = s.step_size_factor * epsilon / s.steps
-        _, correct = pgd_lib.pgd_with_correct(
+        _, correct = pgd_lib.pgd(
             model, x, y, epsilon, p, s.steps, step_size, s.random_start, s.restarts, s.loss,
             s.clip, seed, **common,
         )  # fmt: skip
     elif name == "fab-t":
-        _, correct = fab_lib.fab_with_correct(
+        _, correct = fab_lib.fab(
             model, x, y, epsilon, p, s.target_classes, s.fab_steps, s.fab_restarts, s.clip,
             seed, from_logits=s.from_logits, **common,
         )  # fmt: skip
     elif name == "square":
-        _, correct = square_lib.square_with_correct(
+        _, correct = square_lib.square(
             model, x, y, epsilon, p, s.square_queries, seed=seed, clip=s.clip,
             from_logits=s.from_logits, **common,
         )  # fmt: skip
     else:
-        _, correct = apgd_lib.apgd_with_correct(
+        _, correct = apgd_lib.apgd(
             model, x, y, epsilon, p, "ce" if name == "apgd-ce" else "dlr", name == "apgd-t",
             s.target_classes, s.apgd_steps, s.apgd_restarts, seed, s.clip,
             from_logits=s.from_logits, **common,
