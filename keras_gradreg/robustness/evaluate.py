@@ -24,6 +24,7 @@ from keras_gradreg.attacks import auto_pgd as apgd_lib
 from keras_gradreg.attacks import common
 from keras_gradreg.attacks.scores import num_classes
 from keras_gradreg.gradients import LossLike, resolve_loss
+from keras_gradreg.robustness import data as data_lib
 from keras_gradreg.robustness import flags as flags_lib
 from keras_gradreg.robustness import measures
 from keras_gradreg.robustness.report import NOISE, WORST_CASE, RobustnessReport, p_label
@@ -57,6 +58,9 @@ class _Plan:
     masking_threshold: float
     sanity_examples: int
     verbose: int
+    # Set once the outputs are seen: where the loss came from, how the outputs look.
+    loss_source: str = ""
+    outputs: str = ""
 
 
 def evaluate_robustness(
@@ -102,10 +106,14 @@ def evaluate_robustness(
       targets), then Square (`square_queries` = 5000 queries); the later
       attacks only see the examples still robust. About 100 steps for
       examples APGD-CE breaks; up to 1000 APGD steps, 900 FAB steps and 5000
-      queries for robust ones. Measured costs are in README.md.
+      queries for robust ones, so the cost grows with the robust accuracy.
     - "fast": FGSM (1 step) and PGD (`steps` = 40 steps from x), each on
-      every example: this project's earlier report, a lower bound on what
-      an attacker achieves.
+      every example: much cheaper, and a lower bound on what an attacker
+      achieves.
+
+    The data is checked before any attack runs: inputs must be finite and
+    inside `clip`, labels class indices of the model's classes (or one-hot
+    targets shaped like its outputs), one per example.
 
     Args:
         model: A Keras classifier (logits or probabilities).
@@ -122,9 +130,13 @@ def evaluate_robustness(
             correctly and its own accuracy is reported. None: True for the
             "standard" suite, False for "fast" and for an explicit `attacks`.
         loss: The loss FGSM and PGD attack and the clean pass differentiates;
-            None for the model's compiled loss. Its `from_logits` says how
-            outputs are read (APGD, FAB and Square: logits, or probabilities
-            attacked through their logarithm).
+            None for the model's compiled loss, or for a model without one,
+            cross-entropy read as the outputs on the evaluated examples look:
+            probabilities if every row is non-negative and sums to 1 (within
+            1e-3; one output per example: in [0, 1]), else logits
+            (`report.settings["loss"]` and `["outputs"]` say which). Its
+            `from_logits` says how outputs are read (APGD, FAB and Square:
+            logits, or probabilities attacked through their logarithm).
         clip: The box (low, high) of valid inputs, or None.
         steps: PGD steps per restart, >= 1.
         step_size_factor: PGD step size is `step_size_factor * epsilon / steps`.
@@ -161,8 +173,10 @@ def evaluate_robustness(
         `logits_with_probability_loss`.
 
     Raises:
-        ValueError: On invalid arguments or data without labels, before any
-            attack runs.
+        ValueError: On invalid arguments, or on data without labels, with
+            inputs that are not finite or lie outside `clip`, labels that are
+            not the model's classes, or shapes that do not fit the model; all
+            before any attack runs.
     """
     plan = _plan(
         epsilons, attacks, suite, cascade, loss, clip, steps, step_size_factor, restarts,
@@ -170,9 +184,29 @@ def evaluate_robustness(
         square_queries, batch_size, max_examples, seed, tolerance, zero_gradient_threshold,
         masking_threshold, sanity_examples, verbose, jit_compile, model,
     )  # fmt: skip
-    x, y = _collect(data, plan.batch_size, plan.max_examples)
-    resolve_loss(model, loss)  # Fails early without a usable loss.
+    x, y = data_lib.collect(data, plan.max_examples)
+    data_lib.check_inputs(x, plan.attack_settings.clip)
+    outputs = data_lib.model_outputs(model, x, plan.batch_size)
+    data_lib.check_labels(y, outputs)
+    plan = _choose_loss(plan, model, loss, y, outputs)
     return _evaluate(model, x, y, plan)
+
+
+def _choose_loss(plan: _Plan, model, loss, y, outputs) -> _Plan:
+    """The plan with its loss: `loss`, the compiled loss, or cross-entropy read as detected."""
+    probabilities = data_lib.looks_like_probabilities(outputs)
+    outputs_read = "probabilities" if probabilities else "logits"
+    if loss is None and getattr(model, "loss", None) is None:
+        detected = data_lib.cross_entropy(y, outputs, from_logits=not probabilities)
+        settings = dataclasses.replace(
+            plan.attack_settings, loss=detected, from_logits=not probabilities
+        )
+        return dataclasses.replace(
+            plan, attack_settings=settings, loss_source="cross-entropy", outputs=outputs_read
+        )
+    resolve_loss(model, loss)  # Fails early without a usable loss.
+    source = "compiled" if loss is None else "given"
+    return dataclasses.replace(plan, loss_source=source, outputs=outputs_read)
 
 
 # ---------------------------------------------------------------------- #
@@ -286,49 +320,6 @@ def _check_epsilons(epsilons: Any, attacks: tuple[str, ...]) -> dict[float, list
             )
         checked[p] = sorted({_checks.check_nonnegative(v, "epsilon") for v in values})
     return checked
-
-
-def _collect(data: Any, batch_size: int, max_examples: int | None):
-    """All examples of `data` (up to `max_examples`) as numpy arrays x (float), y."""
-    if isinstance(data, tf.data.Dataset):
-        spec = data.element_spec
-        if not isinstance(spec, tuple) or len(spec) < 2:
-            raise ValueError(
-                "`data` must yield (x, y) or (x, y, sample_weight) batches; labels "
-                f"are needed. Received: data with element_spec={spec!r}"
-            )
-        xs, ys, count = [], [], 0
-        for batch in data:
-            if max_examples is not None and count >= max_examples:
-                break
-            xs.append(np.asarray(batch[0]))
-            ys.append(np.asarray(batch[1]))
-            count += len(xs[-1])
-        if not xs:
-            raise ValueError(f"`data` yielded no examples. Received: data={_short_repr(data)}")
-        x, y = np.concatenate(xs), np.concatenate(ys)
-    elif isinstance(data, (tuple, list)) and len(data) in (2, 3) and data[1] is not None:
-        x, y = np.asarray(data[0]), np.asarray(data[1])
-    else:
-        raise ValueError(
-            "`data` must be a tf.data.Dataset of (x, y) batches or a tuple (x, y) of "
-            f"arrays; labels are needed. Received: data={_short_repr(data)}"
-        )
-    if max_examples is not None:
-        x, y = x[:max_examples], y[:max_examples]
-    if len(x) == 0 or len(x) != len(y) or x.ndim < 2:
-        raise ValueError(
-            "`data` must hold a batch of examples (rank >= 2) and one label per "
-            f"example. Received: x with shape {x.shape} and y with shape {y.shape}"
-        )
-    if not np.issubdtype(x.dtype, np.floating):
-        x = x.astype(np.float32)
-    return x, y
-
-
-def _short_repr(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) < 200 else text[:197] + "..."
 
 
 # ---------------------------------------------------------------------- #
@@ -503,7 +494,9 @@ def _assemble(plan, x, clean, rows, per_example, masked, output_change, large, s
         "suite": plan.suite,
         "attacks": [a for a in plan.attacks if a not in skipped],
         "cascade": plan.cascade,
+        "loss": plan.loss_source,
         "loss_from_logits": settings.from_logits,
+        "outputs": plan.outputs,
         "clip": None if settings.clip is None else [np.asarray(b).tolist() for b in settings.clip],
         "steps": settings.steps,
         "step_size_factor": settings.step_size_factor,

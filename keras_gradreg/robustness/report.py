@@ -64,8 +64,12 @@ class RobustnessReport:
             exactly zero everywhere.
         flags: Checks that failed, name -> explanation; empty if all passed.
         settings: How the evaluation was run: attacks and their iterations,
-            restarts, targets and queries, cascade, seed, loss, box, and the
-            attacks skipped (with why).
+            restarts, targets and queries, cascade, seed, box, the attacks
+            skipped (with why), and the loss: "loss" is "given", "compiled"
+            or "cross-entropy" (a model without a compiled loss),
+            "loss_from_logits" its `from_logits`, and "outputs" how the
+            outputs looked on the evaluated examples ("probabilities" or
+            "logits").
         seconds: Wall time of each attack, summed over norms and radii.
     """
 
