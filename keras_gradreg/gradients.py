@@ -48,31 +48,51 @@ def zeros_for_missing(gradients: list, tensors: list[tf.Tensor]) -> list[tf.Tens
     return [tf.zeros_like(t) if g is None else g for g, t in zip(gradients, tensors)]
 
 
-def resolve_loss(model: keras.Model, loss: LossLike) -> Callable:
-    """A callable `(y_true, y_pred) -> per-example losses` for `loss`.
+def get_loss(
+    loss: LossLike, model: keras.Model | None = None, name: str = "loss"
+) -> keras.losses.Loss | Callable:
+    """The loss `loss` stands for: the library's one loss resolver.
+
+    The attacks, `loss_and_input_gradient`, `regularized_loss` and the
+    robustness evaluation all resolve their loss argument here.
 
     Args:
-        model: Used for its compiled loss when `loss` is None.
         loss: A Keras loss name, a `keras.losses.Loss`, a function of
-            `(y_true, y_pred)`, or None for the model's compiled loss.
+            `(y_true, y_pred)`, or None for `model`'s compiled loss.
+        model: The model whose compiled loss None stands for; without one,
+            None is refused.
+        name: The argument's name, for errors.
+
+    Returns:
+        A `keras.losses.Loss` or a callable `(y_true, y_pred)`.
 
     Raises:
-        ValueError: If `loss` is None and the model has no single compiled loss.
+        ValueError: For an unknown loss name, None when the model has no
+            single compiled loss, or anything else that is not callable.
     """
-    if loss is None:
+    if loss is None and model is not None:
         loss = getattr(model, "loss", None)
         if loss is None or isinstance(loss, (dict, list, tuple)):
             raise ValueError(
-                "`loss=None` uses the model's compiled loss, which must be a single "
-                f"loss. Pass `loss=` explicitly. Received: model.loss={loss!r}"
+                f"`{name}=None` uses the model's compiled loss, which must be a single "
+                f"loss. Pass `{name}=` explicitly. Received: model.loss={loss!r}"
             )
     if isinstance(loss, str):
-        loss = keras.losses.get(loss)
-    if isinstance(loss, keras.losses.Loss):
-        return loss.call
-    if callable(loss):
-        return loss
-    raise ValueError(f"`loss` must be a Keras loss or a callable. Received: loss={loss!r}")
+        try:
+            return keras.losses.get(loss)
+        except ValueError:
+            raise ValueError(f"Unknown loss. Received: {name}={loss!r}") from None
+    if not callable(loss):
+        raise ValueError(
+            f"`{name}` must be a Keras loss, a loss name or a callable. Received: {name}={loss!r}"
+        )
+    return loss
+
+
+def resolve_loss(model: keras.Model, loss: LossLike) -> Callable:
+    """A callable `(y_true, y_pred) -> per-example losses` for `loss` (`get_loss`)."""
+    loss = get_loss(loss, model)
+    return loss.call if isinstance(loss, keras.losses.Loss) else loss
 
 
 def loss_from_logits(model: keras.Model, loss: LossLike = None) -> bool | None:
@@ -81,15 +101,13 @@ def loss_from_logits(model: keras.Model, loss: LossLike = None) -> bool | None:
     Returns:
         True or False as read from the loss's `from_logits` (a Keras loss
         object, a loss name, a Keras loss function or a `functools.partial`
-        of one), or None when the loss has no such setting.
+        of one), or None when the loss has no such setting or there is no
+        usable loss.
     """
-    if loss is None:
-        loss = getattr(model, "loss", None)
-    if isinstance(loss, str):
-        try:
-            loss = keras.losses.get(loss)
-        except ValueError:
-            return None
+    try:
+        loss = get_loss(loss, model)
+    except ValueError:
+        return None
     if isinstance(loss, keras.losses.Loss):
         config = loss.get_config()
         return bool(config["from_logits"]) if "from_logits" in config else None
@@ -97,13 +115,12 @@ def loss_from_logits(model: keras.Model, loss: LossLike = None) -> bool | None:
         if "from_logits" in loss.keywords:
             return bool(loss.keywords["from_logits"])
         loss = loss.func
-    if callable(loss):
-        try:
-            parameter = inspect.signature(loss).parameters.get("from_logits")
-        except (TypeError, ValueError):
-            return None
-        if parameter is not None and parameter.default is not inspect.Parameter.empty:
-            return bool(parameter.default)
+    try:
+        parameter = inspect.signature(loss).parameters.get("from_logits")
+    except (TypeError, ValueError):
+        return None
+    if parameter is not None and parameter.default is not inspect.Parameter.empty:
+        return bool(parameter.default)
     return None
 
 

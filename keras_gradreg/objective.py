@@ -40,6 +40,7 @@ from keras_gradreg.gradients import (
     concat_per_example,
     differentiate_inputs,
     floating_inputs,
+    get_loss,
     loss_from_logits,
     replace_floating_inputs,
     split_per_example,
@@ -819,11 +820,7 @@ def _as_tensor(value: Any) -> Any:
 
 def _reduced_loss(loss_fn: Any) -> keras.losses.Loss:
     """`loss_fn` as a Keras `Loss` that reduces to a scalar."""
-    if isinstance(loss_fn, str):
-        try:
-            loss_fn = keras.losses.get(loss_fn)
-        except ValueError:
-            raise ValueError(f"Unknown loss. Received: loss_fn={loss_fn!r}") from None
+    loss_fn = get_loss(loss_fn, name="loss_fn")
     if isinstance(loss_fn, keras.losses.Loss):
         if loss_fn.reduction in (None, "none"):
             raise ValueError(
@@ -831,11 +828,7 @@ def _reduced_loss(loss_fn: Any) -> keras.losses.Loss:
                 f"like it). Received: loss_fn with reduction={loss_fn.reduction!r}"
             )
         return loss_fn
-    if callable(loss_fn):
-        return _PerExampleLoss(loss_fn)
-    raise ValueError(
-        f"`loss_fn` must be a Keras loss, a loss name or a callable. Received: loss_fn={loss_fn!r}"
-    )
+    return _PerExampleLoss(loss_fn)
 
 
 class _PerExampleLoss(keras.losses.Loss):
