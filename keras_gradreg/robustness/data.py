@@ -91,7 +91,7 @@ def check_inputs(x: np.ndarray, clip: Clip) -> None:
 
 def model_outputs(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
     """The model's outputs on `x` (inference), batch by batch; a shape mismatch is a DataError."""
-    _check_input_shape(model, x)
+    check_input_shape(model, x)
     parts = []
     for first in range(0, len(x), batch_size):
         try:
@@ -113,7 +113,8 @@ def model_outputs(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndar
     return np.concatenate(parts)
 
 
-def _check_input_shape(model: keras.Model, x: np.ndarray) -> None:
+def check_input_shape(model: keras.Model, x: np.ndarray) -> None:
+    """Refuses inputs whose shape differs from the model's declared input shape."""
     try:
         inputs = model.inputs
     except (AttributeError, ValueError):
