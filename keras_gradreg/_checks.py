@@ -10,11 +10,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
 Clip = tuple[Any, Any] | None
+
+
+def fail(name: str, requirement: str, value: Any) -> NoReturn:
+    """Raises the one `ValueError` wording: "`name` must be <requirement>. Received: ..."."""
+    raise ValueError(f"`{name}` must be {requirement}. Received: {name}={value!r}")
+
+
+def inf_as_text(value: Any) -> Any:
+    """`value`, with an infinite number written "inf" or "-inf" (JSON has no infinity).
+
+    The one way the library, the binary and the experiments write an infinite
+    p or radius to JSON; `keras_gradreg.norms.canonical_p` reads "inf" back.
+    In text, `f"{p:g}"` writes it the same way.
+    """
+    if is_number(value) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
 
 
 def is_number(value: Any) -> bool:
@@ -62,10 +79,17 @@ def check_fraction(value: Any, name: str) -> float:
     return float(value)
 
 
-def check_count(value: Any, name: str) -> int:
-    """An integer >= 1 (steps, restarts, a batch size), as an int."""
-    if not is_number(value) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1. Received: {name}={value!r}")
+def check_rate(value: Any, name: str) -> float:
+    """A number in [0, 1) (a dropout rate, a momentum), as a float."""
+    if not is_number(value) or not 0.0 <= float(value) < 1.0:
+        fail(name, "a number in [0, 1)", value)
+    return float(value)
+
+
+def check_count(value: Any, name: str, minimum: int = 1) -> int:
+    """An integer >= `minimum` (steps, restarts, a batch size; 0 for an epoch count), as an int."""
+    if not is_number(value) or not isinstance(value, (int, np.integer)) or value < minimum:
+        fail(name, f"an integer >= {minimum}", value)
     return int(value)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 from typing import Any
 
 import keras
@@ -218,7 +217,7 @@ class GradientRegularizer:
     def get_config(self) -> dict[str, Any]:
         """The arguments; those a method does not take are left out (loading fills the defaults)."""
         config = {
-            "p": "inf" if math.isinf(self._p) else self._p,
+            "p": _checks.inf_as_text(self._p),
             "sigma": self._sigma,
             "method": self._method,
             "clean_weight": self._clean_weight,

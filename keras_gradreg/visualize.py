@@ -184,7 +184,7 @@ def perturbations(
         _draw_norm(
             figure,
             axes[:, 1 + 2 * k : 3 + 2 * k],
-            f"p={'inf' if math.isinf(p) else f'{p:g}'}, σ={sigmas[p]:g}",
+            f"p={p:g}, σ={sigmas[p]:g}",
             _as_images(r, image_shape),
             _as_images(shown[p], image_shape),
             predicted(shown[p]),

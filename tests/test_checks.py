@@ -91,3 +91,31 @@ def test_clip():
     for bad in bad_pairs:
         with pytest.raises(ValueError, match=r"`clip` must be .*Received: clip="):
             _checks.check_clip(bad)
+
+
+def test_inf_as_text_writes_infinities_for_json_and_keeps_other_values():
+    assert _checks.inf_as_text(math.inf) == "inf" and _checks.inf_as_text(-math.inf) == "-inf"
+    assert _checks.inf_as_text(np.float32(np.inf)) == "inf"
+    assert [_checks.inf_as_text(v) for v in (2.0, 0, "inf", None, True)] == [
+        2.0,
+        0,
+        "inf",
+        None,
+        True,
+    ]
+
+
+def test_rate_count_minimum_and_the_one_wording():
+    assert _checks.check_rate(0, "rate") == 0.0 and _checks.check_rate(0.5, "rate") == 0.5
+    for bad in (1.0, -0.1, True, "0.5"):
+        with pytest.raises(
+            ValueError, match=rf"`rate` must be a number in \[0, 1\)\. Received: rate={bad!r}$"
+        ):
+            _checks.check_rate(bad, "rate")
+    assert _checks.check_count(0, "epochs", minimum=0) == 0
+    with pytest.raises(
+        ValueError, match=r"`classes` must be an integer >= 2\. Received: classes=1$"
+    ):
+        _checks.check_count(1, "classes", minimum=2)
+    with pytest.raises(ValueError, match=r"^`x` must be a path\. Received: x=3$"):
+        _checks.fail("x", "a path", 3)

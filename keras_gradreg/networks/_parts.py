@@ -2,43 +2,28 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import keras
 
+from keras_gradreg import _checks
 from keras_gradreg.layers import FastDropout
 
 
-def check_rate(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"`{name}` must be a number in [0, 1). Received: {name}={value!r}")
-    return float(value)
+def check_norm(value: Any, name: str) -> float | None:
+    """None (no constraint) or a finite number > 0."""
+    return None if value is None else _checks.check_positive(value, name)
 
 
-def check_norm(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(
-            f"`{name}` must be a finite number > 0 or None. Received: {name}={value!r}"
-        )
-    return float(value)
-
-
-def check_positive_ints(name: str, value: Any) -> tuple[int, ...]:
-    if (
-        not isinstance(value, Sequence)
-        or isinstance(value, str)
-        or not value
-        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)
-    ):
-        raise ValueError(
-            f"`{name}` must be a non-empty sequence of positive integers. "
-            f"Received: {name}={value!r}"
-        )
-    return tuple(value)
+def check_positive_ints(value: Any, name: str) -> tuple[int, ...]:
+    """A non-empty sequence of integers >= 1, as a tuple."""
+    if isinstance(value, str) or not isinstance(value, Sequence) or not value:
+        _checks.fail(name, "a non-empty sequence of positive integers", value)
+    try:
+        return tuple(_checks.check_count(v, name) for v in value)
+    except ValueError:
+        _checks.fail(name, "a non-empty sequence of positive integers", value)
 
 
 def check_common(
@@ -51,24 +36,15 @@ def check_common(
 ) -> tuple[tuple[int, ...], float, float, float | None]:
     """Validates the arguments every builder takes; returns them normalised."""
     if not isinstance(input_shape, (tuple, list)) or not input_shape:
-        raise ValueError(
-            f"`input_shape` must be a non-empty tuple. Received: input_shape={input_shape!r}"
-        )
-    input_shape = check_positive_ints("input_shape", input_shape)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(
-            f"`num_classes` must be an integer >= 2. Received: num_classes={num_classes!r}"
-        )
+        _checks.fail("input_shape", "a non-empty tuple", input_shape)
     if preprocessing is not None and not isinstance(preprocessing, keras.layers.Layer):
-        raise ValueError(
-            "`preprocessing` must be a keras.layers.Layer or None. "
-            f"Received: preprocessing={preprocessing!r}"
-        )
+        _checks.fail("preprocessing", "a keras.layers.Layer or None", preprocessing)
+    _checks.check_count(num_classes, "num_classes", minimum=2)
     return (
-        input_shape,
-        check_rate("input_dropout", input_dropout),
-        check_rate("hidden_dropout", hidden_dropout),
-        check_norm("max_norm", max_norm),
+        check_positive_ints(input_shape, "input_shape"),
+        _checks.check_rate(input_dropout, "input_dropout"),
+        _checks.check_rate(hidden_dropout, "hidden_dropout"),
+        check_norm(max_norm, "max_norm"),
     )
 
 

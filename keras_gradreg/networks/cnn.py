@@ -21,7 +21,7 @@ def check_activation(activation: str, pieces: int) -> None:
     `pieces` is checked (a positive integer) for "maxout" only.
     """
     if activation == "maxout":
-        _parts.check_positive_ints("pieces", (pieces,))
+        _parts.check_positive_ints((pieces,), "pieces")
         return
     if not isinstance(activation, str):
         raise ValueError(
@@ -120,9 +120,9 @@ def cnn(
             f"{name!r} needs input_shape=(height, width, channels). "
             f"Received: input_shape={input_shape!r}"
         )
-    conv_channels = _parts.check_positive_ints("conv_channels", conv_channels)
-    _parts.check_positive_ints("dense_units", (dense_units,))
-    _parts.check_positive_ints("kernel", (kernel,))
+    conv_channels = _parts.check_positive_ints(conv_channels, "conv_channels")
+    _parts.check_positive_ints((dense_units,), "dense_units")
+    _parts.check_positive_ints((kernel,), "kernel")
     check_activation(activation, pieces)
 
     def conv(filters, act, layer_name):

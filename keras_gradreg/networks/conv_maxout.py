@@ -68,7 +68,7 @@ def _check_layers(name: str, conv_layers, dense_layers) -> None:
             f"Received: conv_layers={conv_layers!r}"
         )
     for units, pieces in dense_layers:
-        _parts.check_positive_ints("dense_layers", (units, pieces))
+        _parts.check_positive_ints((units, pieces), "dense_layers")
 
 
 def conv_maxout(
@@ -115,7 +115,7 @@ def conv_maxout(
     input_shape, input_dropout, hidden_dropout, max_norm = _parts.check_common(
         input_shape, num_classes, input_dropout, hidden_dropout, max_norm, preprocessing
     )
-    first_conv_max_norm = _parts.check_norm("first_conv_max_norm", first_conv_max_norm)
+    first_conv_max_norm = _parts.check_norm(first_conv_max_norm, "first_conv_max_norm")
     if len(input_shape) != 3:
         raise ValueError(
             f"{name!r} needs input_shape=(height, width, channels). "

@@ -14,7 +14,7 @@ from keras_gradreg.regularizer import GradientRegularizer
 
 def _check_activation(activation: str, pieces: int) -> None:
     if activation == "maxout":
-        _parts.check_positive_ints("pieces", (pieces,))
+        _parts.check_positive_ints((pieces,), "pieces")
         return
     try:
         keras.activations.get(activation)
@@ -70,7 +70,7 @@ def mlp(
     input_shape, input_dropout, hidden_dropout, max_norm = _parts.check_common(
         input_shape, num_classes, input_dropout, hidden_dropout, max_norm, preprocessing
     )
-    units = _parts.check_positive_ints("hidden_units", hidden_units)
+    units = _parts.check_positive_ints(hidden_units, "hidden_units")
     _check_activation(activation, pieces)
     inputs = keras.Input(shape=input_shape, name="image")
     x = inputs if preprocessing is None else preprocessing(inputs)
