@@ -33,10 +33,10 @@ raised linearly over the ramp's epochs, the same for every row:
   machine's load average before, during and after; the report's flags;
   seeds `--seeds` for the two rows the target compares (`--two_seed_rows`).
 
-Runs go through `train.jobs` (as `train.reproduce`'s do): one workdir per
-run under `--workdir`, finished runs are read and not repeated, an
-interrupted run resumes; the evaluations made here are cached in the run's
-workdir. `--parallel=N` trains N runs at a time as subprocesses (the wall
+Runs go through `experiments.jobs` (as `experiments.reproduce`'s do): one
+workdir per run under `--workdir`, finished runs are read and not repeated,
+an interrupted run resumes; the evaluations made here are cached in the
+run's workdir. `--parallel=N` trains N runs at a time as subprocesses (the wall
 times are then not those of a run alone on the machine). Writes
 `<name>.json`, `<name>.md` and `<name>.png` to `--results_dir`
 (experiments/README.md documents the JSON).
@@ -57,15 +57,19 @@ from typing import Any
 
 from absl import app, flags, logging
 
+from experiments import jobs as jobs_lib
+from keras_gradreg.robustness.report import WORST_CASE, find_row
 from train import config as config_lib
-from train import jobs as jobs_lib
-from train import main as main_lib  # noqa: F401  (defines --workdir, --data_npz, ...)
-from train import reproduce  # noqa: F401  (defines --parallel, --results_dir)
 from train.recording import error_percent
 
 FLAGS = flags.FLAGS
 NAME = "against_adversarial_training"
 PRESET = "mnist_cnn"
+# train.main's flags this command passes on to every run (the rows set the others).
+DATA_FLAGS = ("dataset", "data_npz", "tfds_data_dir", "steps_per_epoch")
+EVAL_FLAGS = ("eval_examples", "eval_apgd_steps", "eval_square_queries")
+jobs_lib.define_binary_flags(DATA_FLAGS + EVAL_FLAGS, __name__)
+jobs_lib.define_common_flags(__name__, readme=False)
 
 flags.DEFINE_list(
     "experiment_rows", [], "Rows to run (empty: the default set, see default_rows())."
@@ -137,10 +141,6 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_float("load_interval", 15.0, "Seconds between load-average samples.", lower_bound=1)
 
-# train.main's flags this command passes on to every run (the rows set the others).
-DATA_FLAGS = ("dataset", "data_npz", "tfds_data_dir", "steps_per_epoch")
-EVAL_FLAGS = ("eval_examples", "eval_apgd_steps", "eval_square_queries")
-REPRODUCE_FLAGS = ("parallel", "results_dir")
 EVAL_BATCH_SIZE = 500  # train_lib's EVAL_BATCH_SIZE (the batch size here is 100).
 
 
@@ -587,14 +587,8 @@ def evaluate_saved(
 
 def worst_case(report: dict[str, Any] | None, epsilon: float) -> float | None:
     """The robust accuracy (%) of a report's dict at L-inf `epsilon`, or None."""
-    for row in (report or {}).get("rows", []):
-        if (
-            row["attack"] == "worst_case"
-            and row["p"] == "inf"
-            and math.isclose(row["epsilon"], epsilon)
-        ):
-            return 100.0 * row["accuracy"]
-    return None
+    row = find_row((report or {}).get("rows", []), WORST_CASE, math.inf, epsilon)
+    return None if row is None else 100.0 * row["accuracy"]
 
 
 # --------------------------------------------------------------------------- #
@@ -1175,17 +1169,6 @@ def check_plan(plan: Plan) -> None:
 
 
 def _check_flags() -> None:
-    passed = set(DATA_FLAGS + EVAL_FLAGS + REPRODUCE_FLAGS) | {"workdir"}
-    binary = [f.name for f in config_lib.FIELDS] + ["preset", "print_config", "reevaluate"]
-    by_module = FLAGS.flags_by_module_dict()
-    others = [f.name for f in by_module.get("train.reproduce", [])]
-    refused = sorted({n for n in binary + others if FLAGS[n].present and n not in passed})
-    if refused:
-        raise app.UsageError(
-            f"{NAME} sets each row's training settings itself; of train.main's and "
-            f"train.reproduce's flags it takes --{', --'.join(sorted(passed))}. "
-            f"Received: {', '.join('--' + n for n in refused)}"
-        )
     if not FLAGS.workdir:
         raise app.UsageError("--workdir must name the directory of the runs. Received: none")
 
@@ -1274,7 +1257,7 @@ def main(argv: list[str]) -> None:
         selections[row.name] = record
     results_json = {
         "experiment": NAME,
-        "hardware": reproduce.hardware(),
+        "hardware": jobs_lib.hardware(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "selection_rule": SELECTION_RULE,

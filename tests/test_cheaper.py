@@ -1,4 +1,4 @@
-"""train.cheaper: the experiment's runs, bench costs and table (no training)."""
+"""experiments.cheaper: the experiment's runs, bench costs and table (no training)."""
 
 from __future__ import annotations
 
@@ -6,23 +6,12 @@ import json
 import os
 import re
 
-import pytest
-from absl import flags
-from absl.testing import flagsaver
+from experiments import cheaper, jobs
 
-from train import cheaper, jobs
-
-FLAGS = flags.FLAGS
 BENCH = os.path.join(jobs.CHECKOUT, "bench", "results", "step_time_lazy_mlp.json")
-
-
-@pytest.fixture(autouse=True)
-def parsed_flags():
-    """Default flags and the data file beside the checkout, restored afterwards."""
-    with flagsaver.flagsaver():
-        FLAGS.mark_as_parsed()
-        FLAGS.data_npz = os.path.join(os.path.dirname(jobs.CHECKOUT), "shared", "data", "mnist.npz")
-        yield
+OPTIONS = cheaper.Options(
+    os.path.join(os.path.dirname(jobs.CHECKOUT), "shared", "data", "mnist.npz")
+)
 
 
 def test_every_row_has_its_cost_in_the_committed_bench():
@@ -35,7 +24,9 @@ def test_every_row_has_its_cost_in_the_committed_bench():
 
 def test_rows_share_sigma_and_epochs_and_differ_only_in_method_every_fraction():
     commands = {
-        row.name: jobs.command_line(cheaper.job(row).preset, cheaper.job(row).overrides)
+        row.name: jobs.command_line(
+            cheaper.job(row, OPTIONS).preset, cheaper.job(row, OPTIONS).overrides
+        )
         for row in cheaper.ROWS
     }
     base = "python -m train.main --preset=mnist_maxout_mlp --data_npz=../shared/data/mnist.npz"

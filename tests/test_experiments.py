@@ -13,7 +13,7 @@ import pytest
 from absl import app
 
 from experiments import against_adversarial_training as aat
-from train import jobs
+from experiments import jobs
 
 MNIST = os.path.join(os.path.dirname(jobs.CHECKOUT), "shared", "data", "mnist.npz")
 SETTINGS = aat.Settings(data=(("data_npz", MNIST),))

@@ -1,4 +1,4 @@
-"""train.reproduce: table rows, commands and the README rewrite (no training)."""
+"""experiments.reproduce: table rows, commands and the README rewrite (no training)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import re
 
 import pytest
 
-from train import jobs, mnist_table, reproduce
+from experiments import jobs, mnist_table, reproduce
+from train import config as config_lib
+from train import workdir as workdir_lib
 
 
 def test_command_line_round_trips_through_the_binary_flags():
@@ -83,7 +85,7 @@ def test_rows_of_an_earlier_run_are_kept_marked_and_in_table_order():
     new = {"name": "conv_pinf_penalty", "label": "conv", "evaluation": "APGD-CE (200)"}
     earlier = {
         "pgd_steps": 40,
-        "selection": {"title": "x", "chosen_sigma": 0.03},
+        "selections": {"screen": {"title": "sigma for p=2", "chosen_sigma": 0.03}},
         "rows": [
             {"name": "maxout_plain_long", "evaluation": "APGD-CE (1000)"},
             {"name": "conv_pinf_penalty", "robustness_examples": 200},
@@ -137,26 +139,52 @@ def test_long_selection_text_shows_spaced_epochs_and_the_lowest():
     assert mnist_table.selection_text("x", None) == ""
 
 
+def _record(**overrides) -> dict:
+    """metrics.json of a finished mnist_maxout_mlp run with `overrides`."""
+    config = config_lib.make_config("mnist_maxout_mlp", **overrides)
+    return {"status": "done", "flags": config.to_dict()}
+
+
+def _reused(record: dict, finished: bool = True, **overrides) -> None:
+    config = config_lib.make_config("mnist_maxout_mlp", **overrides)
+    workdir_lib.check_same_run(record, config, "runs/x", reused=finished)
+
+
 def test_a_finished_run_with_other_settings_is_not_reused():
-    recorded = {"sigma": 0.1, "epochs": 40, "p": "inf", "hidden_units": [240, 240]}
-    same = {"sigma": 0.1, "epochs": 40, "p": math.inf, "hidden_units": (240, 240)}
-    jobs.check_same_settings("runs/x", recorded, same)
-    with pytest.raises(ValueError, match=r"runs/x .*epochs=40 \(wanted 200\)"):
-        jobs.check_same_settings("runs/x", recorded, {**same, "epochs": 200})
-    # Evaluation settings: fixed once the run is evaluated, free while it trains.
-    recorded["eval_examples"] = 200
-    with pytest.raises(ValueError, match=r"eval_examples=200 \(wanted 100\)"):
-        jobs.check_same_settings("runs/x", recorded, {**same, "eval_examples": 100})
-    jobs.check_same_settings("runs/x", recorded, {**same, "eval_examples": 100}, finished=False)
-    with pytest.raises(ValueError, match=r"epochs=40 \(wanted 200\)"):
-        jobs.check_same_settings("runs/x", recorded, {**same, "epochs": 200}, finished=False)
+    recorded = _record(sigma=0.1, epochs=40, p=math.inf, hidden_units=(240, 240))
+    same = dict(sigma=0.1, epochs=40, p="inf", hidden_units=[240, 240])
+    _reused(recorded, **same)
+    with pytest.raises(ValueError, match=r"runs/x .*other settings \(epochs: 40 -> 200\)"):
+        _reused(recorded, **{**same, "epochs": 200})
+    # Evaluation settings: fixed once the run is evaluated, free while it trains
+    # (train.main resumes it with the new ones), as its epochs are.
+    recorded["flags"]["eval_examples"] = 200
+    with pytest.raises(ValueError, match=r"eval_examples: 200 -> 100"):
+        _reused(recorded, **{**same, "eval_examples": 100})
+    _reused(recorded, finished=False, **{**same, "eval_examples": 100, "epochs": 200})
+    with pytest.raises(ValueError, match=r"sigma: 0.1 -> 0.2"):
+        _reused(recorded, finished=False, **{**same, "sigma": 0.2})
+
+
+def test_a_run_recorded_without_a_setting_is_reused_only_at_its_default():
+    """A run recorded before `every`/`fraction` existed ran with every=1, fraction=1."""
+    recorded = _record(method="penalty")
+    for name in ("every", "fraction"):
+        del recorded["flags"][name]
+    _reused(recorded, method="penalty")
+    _reused(recorded, method="penalty", every=1, fraction=1.0)
+    with pytest.raises(ValueError, match=r"other settings \(every: 1 -> 4\)"):
+        _reused(recorded, method="penalty", every=4)
+    with pytest.raises(ValueError, match=r"other settings \(fraction: 1.0 -> 0.5\)"):
+        _reused(recorded, finished=False, method="penalty", fraction=0.5)
 
 
 def test_validation_plot_is_written_smoke(tmp_path):
     """Smoke test: the plot is a PNG file (its content is not checked)."""
     stage = {"epochs": 3, "curves": {"0.1": [3.0, 2.0, 1.5]}, "chosen_sigma": 0.1}
     path = tmp_path / "validation.png"
-    mnist_table.plot_validation({"selection": stage, "long_selection": stage}, str(path))
+    stages = {"screen": {**stage, "title": "a"}, "long_penalty": {**stage, "title": "b"}}
+    mnist_table.plot_validation({"selections": stages}, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     nothing = tmp_path / "none.png"
     mnist_table.plot_validation({"selections": {}, "rows": []}, str(nothing))
@@ -188,9 +216,9 @@ def test_both_pictures_come_from_the_same_stage(tmp_path):
 
 
 def test_where_the_data_is_does_not_make_a_run_different():
-    recorded = {"sigma": 0.1, "data_npz": "../shared/data/mnist.npz", "jit_compile": True}
-    wanted = {"sigma": 0.1, "data_npz": "/abs/mnist.npz", "jit_compile": False}
-    jobs.check_same_settings("runs/x", recorded, wanted)
+    recorded = _record(sigma=0.1, data_npz=None, jit_compile=True)
+    recorded["flags"]["data_npz"] = "../shared/data/mnist.npz"
+    _reused(recorded, sigma=0.1, jit_compile=False)
 
 
 def test_readme_and_results_hold_what_the_generator_writes():
@@ -239,7 +267,7 @@ def test_parallel_jobs_run_as_subprocesses_and_are_read_back(tmp_path):
     again = jobs.run_jobs(root, planned, parallel=2)
     assert [os.path.getmtime(os.path.join(root, j.name, "metrics.json")) for j in planned] == stamps
     assert again == first
-    with pytest.raises(ValueError, match=r"other settings.*sigma=0\.1 \(wanted 0\.3\)"):
+    with pytest.raises(ValueError, match=r"other settings \(sigma: 0\.1 -> 0\.3\)"):
         other = jobs.Job(planned[1].name, "mnist_maxout_mlp", {**settings, "sigma": 0.3})
         jobs.run_jobs(root, [other])
 
@@ -247,18 +275,14 @@ def test_parallel_jobs_run_as_subprocesses_and_are_read_back(tmp_path):
 def test_a_task_starts_once_the_stage_it_needs_is_summarized(tmp_path):
     """Finished runs (fake metrics.json files) are read; the final task is made from
     the summary of the stage it needs, which exists only after both its runs."""
-    import dataclasses
-
     import numpy as np
-
-    from train import config as config_lib
 
     def fake_run(job, curve):
         config = config_lib.make_config(job.preset, **job.overrides)
         workdir = tmp_path / job.name
         workdir.mkdir(parents=True)
         epochs = [{"epoch": i + 1, "validation/accuracy": 1 - e / 100} for i, e in enumerate(curve)]
-        content = {"flags": dataclasses.asdict(config), "status": "done", "epochs": epochs}
+        content = {"flags": config.to_dict(), "status": "done", "epochs": epochs}
         (workdir / "metrics.json").write_text(json.dumps(content))
 
     stage = reproduce.Stage("s", "select", "t", "mnist_maxout_mlp", {"p": 2.0}, (0.1, 0.3), 2)
@@ -284,3 +308,23 @@ def test_a_task_starts_once_the_stage_it_needs_is_summarized(tmp_path):
     assert set(results) == {"select/sigma_0.1", "select/sigma_0.3", "final/x"}
     with pytest.raises(ValueError, match="No task can start"):
         jobs.run_tasks(str(tmp_path), [jobs.Task(make_final, needs=("other",))], {})
+
+
+def test_each_experiment_lists_only_its_own_flags():
+    """--help lists a module's key flags: its own and the train.main flags it passes on."""
+    from absl import flags
+
+    from experiments import against_adversarial_training, cheaper
+
+    def key_flags(module):
+        return {f.name for f in flags.FLAGS.get_key_flags_for_module(module.__name__)}
+
+    common = {"workdir", "parallel", "results_dir"}
+    assert key_flags(reproduce) >= {*reproduce.SHARED_FLAGS, *common, "readme", "select_sigmas"}
+    assert key_flags(cheaper) >= {*cheaper.SHARED_FLAGS, *common, "readme", "cheaper_sigma"}
+    aat = against_adversarial_training
+    assert key_flags(aat) >= {*aat.DATA_FLAGS, *aat.EVAL_FLAGS, *common, "experiment_rows"}
+    binary_only = {"sigma", "method", "preset", "epochs", "print_config"}
+    for module in (reproduce, cheaper, aat):
+        assert not key_flags(module) & binary_only
+    assert "readme" not in key_flags(aat) and "select_sigmas" not in key_flags(cheaper)

@@ -20,7 +20,7 @@ import sys
 from absl import app, flags, logging
 
 from train import config as config_lib
-from train import train_lib
+from train import field_flags, train_lib
 from train.errors import InputError
 
 FLAGS = flags.FLAGS
@@ -36,7 +36,11 @@ def _preset_help() -> str:
 
 
 flags.DEFINE_enum("preset", None, list(config_lib.PRESETS), _preset_help())
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and summaries.")
+field_flags.define_once(
+    flags.Flag(flags.ArgumentParser(), flags.ArgumentSerializer(), "workdir", None,
+               "Directory for checkpoints, metrics and summaries."),
+    __name__, key_of=__name__,
+)  # fmt: skip
 flags.DEFINE_boolean(
     "print_config", False, "Print the resolved configuration (preset and flags) as JSON and exit."
 )
@@ -58,57 +62,8 @@ def _group_module(group: str) -> str:
     return f"{config_lib.GROUPS.index(group) + 1}. {group} flags of train.main"
 
 
-class _NoneOr(flags.ArgumentParser):
-    """`parser`'s values, or None for "none" (a setting whose default None means "the default")."""
-
-    def __init__(self, parser: flags.ArgumentParser):
-        self.parser = parser
-        self.syntactic_help = f"{parser.syntactic_help or parser.flag_type()} or none"
-
-    def parse(self, argument):
-        if argument is None or (isinstance(argument, str) and argument.strip().lower() == "none"):
-            return None
-        return self.parser.parse(argument)
-
-    def flag_type(self) -> str:
-        return f"{self.parser.flag_type()} or none"
-
-
-def _make_flag(field: config_lib.Field) -> flags.Flag:
-    help_text = f"[{field.group}] {field.help}"
-    default = field.default
-    if field.kind == "bool":
-        return flags.BooleanFlag(field.name, default, help_text)
-    if field.kind == "list":
-        parser, serializer = flags.ListParser(), flags.CsvListSerializer(",")
-        value = None if default is None else [str(v) for v in default]
-    else:
-        parser = {"int": flags.IntegerParser, "float": flags.FloatParser}.get(
-            field.kind, flags.ArgumentParser
-        )()
-        serializer = flags.ArgumentSerializer()
-        value = str(default) if field.kind == "str" and default is not None else default
-    if default is None and field.kind != "str":
-        parser = _NoneOr(parser)
-    return flags.Flag(parser, serializer, field.name, value, help_text)
-
-
-def _define(field: config_lib.Field) -> None:
-    flags.DEFINE_flag(_make_flag(field), module_name=_group_module(field.group))
-    flags.declare_key_flag(field.name)  # --help lists it too.
-
-    def checker(value, field=field):
-        try:
-            field.check(field.name, value)
-        except ValueError as error:
-            raise flags.ValidationError(str(error)) from None
-        return True
-
-    flags.register_validator(field.name, checker)
-
-
-for _field in config_lib.FIELDS:
-    _define(_field)
+for _field in config_lib.FIELDS:  # --help lists them too.
+    field_flags.define(_field, _group_module(_field.group), key_of=__name__)
 
 
 def config_from_flags() -> config_lib.Config:

@@ -22,26 +22,17 @@ from train.errors import InputError
 
 METRICS_FILE = "metrics.json"
 
-# Fields that may change between a run and its resumption in the same workdir.
-RESUMABLE_FIELDS = frozenset(
-    {
-        "epochs",
-        "tfds_data_dir",
-        "data_npz",
-        "strategy",
-        "jit_compile",
-        "deterministic",
-        "eval_suite",
-        "eval_epsilons_inf",
-        "eval_epsilons_2",
-        "eval_examples",
-        "eval_pgd_steps",
-        "eval_apgd_steps",
-        "eval_square_queries",
-        "pictures",
-    }
+# Settings a run's workdir does not pin: where the data is and how the run
+# executes (always), and what resuming a run may change: its length, its
+# evaluation and its pictures (the binary trains on or evaluates again).
+LOCATION_FIELDS = frozenset(
+    {"tfds_data_dir", "data_npz", "strategy", "jit_compile", "deterministic"}
 )
-EVALUATION_FIELDS = tuple(sorted(name for name in RESUMABLE_FIELDS if name.startswith("eval_")))
+EVALUATION_FIELDS = (
+    "eval_apgd_steps", "eval_epsilons_2", "eval_epsilons_inf", "eval_examples", "eval_pgd_steps",
+    "eval_square_queries", "eval_suite",
+)  # fmt: skip
+RESUMABLE_FIELDS = LOCATION_FIELDS | {"epochs", "pictures", *EVALUATION_FIELDS}
 
 
 def _missing_parents(path: str) -> list[str]:
@@ -140,19 +131,27 @@ def read_metrics(workdir: str) -> dict[str, Any] | None:
     return content
 
 
-def check_same_run(previous: dict[str, Any] | None, config: Config, workdir: str) -> None:
-    """Raises `InputError` if `previous` was run with other (non-resumable) settings."""
+def check_same_run(
+    previous: dict[str, Any] | None, config: Config, workdir: str, *, reused: bool = False
+) -> None:
+    """Raises `InputError` if `previous` was run with other settings than `config`.
+
+    The one rule for "same run", of the binary and of the experiments. Both
+    sides are compared as `Config.to_dict()` writes them, the regularizer's
+    settings as it resolves them (`comparable_settings`), and a setting the
+    record lacks (added after the run) as its default. `LOCATION_FIELDS` may
+    always differ; the rest of `RESUMABLE_FIELDS` only when the run is
+    resumed, not when a finished run's results are `reused` as they are.
+    """
     if not previous or "flags" not in previous:
         return
-    # Regularizer settings as the regularizer resolves them (e.g. clean_weight
-    # recorded as 0.0 before its default became None, "the method's").
+    free = LOCATION_FIELDS if reused else RESUMABLE_FIELDS
     current = comparable_settings(config.to_dict())
-    # A setting added after the run was recorded had its default value then.
     recorded = comparable_settings({**type(config)().to_dict(), **previous["flags"]})
     changed = sorted(
         key
         for key in set(current) | set(recorded)
-        if key not in RESUMABLE_FIELDS and recorded.get(key) != current.get(key)
+        if key not in free and recorded.get(key) != current.get(key)
     )
     if changed:
         details = ", ".join(f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in changed)

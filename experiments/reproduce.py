@@ -1,6 +1,6 @@
 r"""Reproduces the paper's MNIST table: sigma chosen on validation, then 60k runs.
 
-    python -m train.reproduce --table=mnist --data_npz=../shared/data/mnist.npz \
+    python -m experiments.reproduce --table=mnist --data_npz=../shared/data/mnist.npz \
         --workdir=runs/reproduce_mnist [--parallel=2]
 
 1. Selection (never on the test set; the last 10k training images are the
@@ -18,7 +18,8 @@ Every run is a `train.main` run in its own workdir, so an interrupted
 reproduction started again resumes where it stopped and finished runs are not
 repeated; `--parallel=N` runs N at a time as subprocesses. `--data_npz`,
 `--eval_examples`, `--eval_suite`, `--eval_apgd_steps` and
-`--eval_square_queries` are train.main's flags; the rows set the others.
+`--eval_square_queries` are passed on to train.main; the rows set its other
+flags.
 Writes `results/mnist.json`, `results/mnist.md`, the validation curves and the
 r* pictures, and the table between the README's markers.
 """
@@ -29,21 +30,20 @@ import dataclasses
 import json
 import math
 import os
-import platform
-import re
 from typing import Any
 
 from absl import app, flags, logging
 
+from experiments import jobs as jobs_lib
+from experiments import mnist_table
 from train import config as config_lib
-from train import jobs as jobs_lib
-from train import main as main_lib  # noqa: F401  (defines --workdir, --data_npz, ...)
-from train import mnist_table
 
 FLAGS = flags.FLAGS
+# The train.main flags a reproduction passes on to every final run.
+SHARED_FLAGS = ("data_npz", "eval_examples", "eval_suite", "eval_apgd_steps", "eval_square_queries")
+jobs_lib.define_binary_flags(SHARED_FLAGS, __name__)
+jobs_lib.define_common_flags(__name__)
 flags.DEFINE_enum("table", "mnist", ["mnist"], "Which table to reproduce.")
-flags.DEFINE_string("results_dir", "results", "Where mnist.json and mnist.md go.")
-flags.DEFINE_string("readme", "README.md", "README whose table is replaced ('' for none).")
 flags.DEFINE_list("select_sigmas", ["0.03", "0.1", "0.3", "1.0"], "p=2 sigmas to select from.")
 flags.DEFINE_integer("select_epochs", 5, "Epochs of each selection run.", lower_bound=1)
 flags.DEFINE_integer("final_epochs", 5, "Epochs of each MLP final run.", lower_bound=1)
@@ -93,11 +93,44 @@ flags.DEFINE_bool(
     "Keep the rows and selections of an existing mnist.json in --results_dir that this "
     "run does not produce (marked as from an earlier run).",
 )
-flags.DEFINE_integer("parallel", 1, "Runs at a time (above 1: subprocesses).", lower_bound=1)
 
 VALIDATION_SPLIT = 10_000 / 60_000
-# The train.main flags a reproduction passes on to every final run.
-SHARED_FLAGS = ("data_npz", "eval_examples", "eval_suite", "eval_apgd_steps", "eval_square_queries")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What the command line asks for (the flags of the same names).
+
+    `passed` holds the train.main flags of `SHARED_FLAGS` given explicitly
+    (but `data_npz`), passed on to every final run.
+    """
+
+    data_npz: str | None = None
+    passed: dict[str, Any] = dataclasses.field(default_factory=dict)
+    select_sigmas: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
+    select_epochs: int = 5
+    final_epochs: int = 5
+    conv_epochs: int = 1
+    conv_steps_per_epoch: int = 0
+    conv_eval_examples: int = 0
+    long_sigmas: tuple[float, ...] = ()
+    long_epochs: int = 200
+    long_methods: tuple[str, ...] = ("penalty", "adversarial")
+    conv_sigmas: tuple[float, ...] = ()
+    conv_select_epochs: int = 1
+    conv_jit_compile: bool = False
+
+    @classmethod
+    def from_flags(cls) -> Options:
+        """The options of the parsed flags."""
+        numbers = ("select_sigmas", "long_sigmas", "conv_sigmas")
+        values = {
+            f.name: tuple(float(v) for v in FLAGS[f.name].value) if f.name in numbers
+            else tuple(FLAGS[f.name].value) if f.name == "long_methods"
+            else FLAGS[f.name].value
+            for f in dataclasses.fields(cls) if f.name != "passed"
+        }  # fmt: skip
+        return cls(**values, passed=jobs_lib.given_binary_flags(SHARED_FLAGS[1:]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,16 +250,16 @@ class Stage:
         }
 
 
-def stages() -> list[Stage]:
-    """The selection stages the flags ask for."""
+def stages(options: Options) -> list[Stage]:
+    """The selection stages `options` ask for."""
     mlp = {"p": 2.0}
     found = [
         Stage(
             "screen", "select", "sigma for p=2", "mnist_maxout_mlp", {**mlp, "method": "penalty"},
-            tuple(float(v) for v in FLAGS.select_sigmas), FLAGS.select_epochs, FLAGS.data_npz,
+            options.select_sigmas, options.select_epochs, options.data_npz,
         )
     ]  # fmt: skip
-    for method in FLAGS.long_methods if FLAGS.long_sigmas else ():
+    for method in options.long_methods if options.long_sigmas else ():
         extra = {"clean_weight": 0.0} if method == "adversarial" else {}
         found.append(
             Stage(
@@ -235,52 +268,36 @@ def stages() -> list[Stage]:
                 f"Long stage, p=2 {method.replace('_', ' ')}: sigma",
                 "mnist_maxout_mlp",
                 {**mlp, "method": method, **extra},
-                tuple(float(v) for v in FLAGS.long_sigmas),
-                FLAGS.long_epochs,
-                FLAGS.data_npz,
+                options.long_sigmas,
+                options.long_epochs,
+                options.data_npz,
             )
         )
-    if FLAGS.conv_sigmas:
+    if options.conv_sigmas:
         found.append(
             Stage(
                 "conv", "conv_select", "Conv maxout, p=inf penalty: sigma", "mnist_conv_maxout",
-                {"p": math.inf, "method": "penalty", "jit_compile": FLAGS.conv_jit_compile},
-                tuple(float(v) for v in FLAGS.conv_sigmas), FLAGS.conv_select_epochs,
-                FLAGS.data_npz,
+                {"p": math.inf, "method": "penalty", "jit_compile": options.conv_jit_compile},
+                options.conv_sigmas, options.conv_select_epochs, options.data_npz,
             )
         )  # fmt: skip
     return found
 
 
-def hardware() -> str:
-    """CPU model and core count (or what is known of the machine)."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = re.findall(r"model name\s*:\s*(.+)", f.read())
-        if names:
-            model = names[0].strip()
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, no GPU"
-
-
-def final_job(row: Row, sigma: float, long_stage: bool = False) -> jobs_lib.Job:
-    """The 60k run of one row (`--long_epochs` in final_long/ for the long stage)."""
-    overrides = {"data_npz": FLAGS.data_npz, **row.overrides, "sigma": sigma}
+def final_job(row: Row, sigma: float, options: Options, long_stage: bool = False) -> jobs_lib.Job:
+    """The 60k run of one row (`long_epochs` in final_long/ for the long stage)."""
+    overrides = {"data_npz": options.data_npz, **row.overrides, "sigma": sigma}
     if long_stage:
-        overrides["epochs"] = FLAGS.long_epochs
+        overrides["epochs"] = options.long_epochs
     else:
-        overrides["epochs"] = FLAGS.conv_epochs if row.conv else FLAGS.final_epochs
-    for name in SHARED_FLAGS[1:]:
-        if FLAGS[name].present:
-            overrides[name] = FLAGS[name].value
+        overrides["epochs"] = options.conv_epochs if row.conv else options.final_epochs
+    overrides.update(options.passed)
     if row.conv:
-        overrides["jit_compile"] = FLAGS.conv_jit_compile
-        if FLAGS.conv_steps_per_epoch:
-            overrides["steps_per_epoch"] = FLAGS.conv_steps_per_epoch
-        if FLAGS.conv_eval_examples:
-            overrides["eval_examples"] = FLAGS.conv_eval_examples
+        overrides["jit_compile"] = options.conv_jit_compile
+        if options.conv_steps_per_epoch:
+            overrides["steps_per_epoch"] = options.conv_steps_per_epoch
+        if options.conv_eval_examples:
+            overrides["eval_examples"] = options.conv_eval_examples
     directory = "final_long" if long_stage else "final"
     return jobs_lib.Job(f"{directory}/{row.name}", row.preset, overrides)
 
@@ -297,7 +314,9 @@ def _row_sigma(row: Row, selections: dict[str, Any], long_stage: bool) -> float:
     return config_lib.make_config(row.preset, **row.overrides).sigma
 
 
-def plan(selection_stages: list[Stage], rows: list[tuple[Row, bool]]) -> list[jobs_lib.Task]:
+def plan(
+    selection_stages: list[Stage], rows: list[tuple[Row, bool]], options: Options
+) -> list[jobs_lib.Task]:
     """Every run as a task; a final run starts once the stage choosing its sigma is done.
 
     Start order, longest chains first: the conv selection and the conv row,
@@ -312,7 +331,9 @@ def plan(selection_stages: list[Stage], rows: list[tuple[Row, bool]]) -> list[jo
     def final(row, long_stage):
         stage = _stage_of(row, long_stage)
         return jobs_lib.Task(
-            lambda summaries: final_job(row, _row_sigma(row, summaries, long_stage), long_stage),
+            lambda summaries: final_job(
+                row, _row_sigma(row, summaries, long_stage), options, long_stage
+            ),
             needs=(stage,) if stage in known else (),
         )
 
@@ -326,16 +347,8 @@ def plan(selection_stages: list[Stage], rows: list[tuple[Row, bool]]) -> list[jo
 
 
 def _check_flags() -> None:
-    ignored = [
-        f.name for f in config_lib.FIELDS if FLAGS[f.name].present and f.name not in SHARED_FLAGS
-    ]
-    ignored += ["preset"] if FLAGS["preset"].present else []
-    if ignored:
-        raise app.UsageError(
-            "train.reproduce sets the training settings of each row itself; of "
-            f"train.main's flags it takes --workdir and --{', --'.join(SHARED_FLAGS)}. "
-            f"Received: {', '.join('--' + name for name in ignored)}"
-        )
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir must name the directory of the runs. Received: none")
     for flag in ("rows", "long_rows"):
         unknown = sorted(set(FLAGS[flag].value) - set(ROWS_BY_NAME))
         if unknown:
@@ -347,31 +360,36 @@ def _check_flags() -> None:
                 f"--long_rows={name} uses the sigma chosen for method {row.method!r}: add it "
                 f"to --long_methods. Received: --long_methods={','.join(FLAGS.long_methods)}"
             )
-    for value in FLAGS.select_sigmas + FLAGS.long_sigmas + FLAGS.conv_sigmas:
-        config_lib.make_config("mnist_maxout_mlp", sigma=float(value))  # Validates each.
-    if FLAGS.data_npz is None or not os.path.isfile(FLAGS.data_npz):
-        raise app.UsageError(f"--data_npz must name the MNIST .npz. Received: {FLAGS.data_npz}")
+    try:
+        for value in FLAGS.select_sigmas + FLAGS.long_sigmas + FLAGS.conv_sigmas:
+            config_lib.make_config("mnist_maxout_mlp", sigma=float(value))  # Validates each.
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
+    if FLAGS.data_npz is None:
+        raise app.UsageError("--data_npz must name the MNIST .npz. Received: --data_npz=None")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     _check_flags()
+    options = Options.from_flags()
     rows = [ROWS_BY_NAME[name] for name in FLAGS.rows] if FLAGS.rows else list(ROWS)
     planned = [(row, False) for row in rows]
     planned += [(ROWS_BY_NAME[name], True) for name in FLAGS.long_rows if FLAGS.long_sigmas]
     used = {_stage_of(row, long_stage) for row, long_stage in planned}
-    selection_stages = [stage for stage in stages() if stage.key in used]
+    selection_stages = [stage for stage in stages(options) if stage.key in used]
     ran, selections = jobs_lib.run_tasks(
         FLAGS.workdir,
-        plan(selection_stages, planned),
+        plan(selection_stages, planned, options),
         {stage.key: stage.summarize for stage in selection_stages},
         FLAGS.parallel,
     )
     records = []
     for row, long_stage in planned:
         sigma = _row_sigma(row, selections, long_stage)
-        record = mnist_table.table_row(row, ran[final_job(row, sigma, long_stage).name], sigma)
+        result = ran[final_job(row, sigma, options, long_stage).name]
+        record = mnist_table.table_row(row, result, sigma)
         if long_stage:
             record["name"] += "_long"
             record["label"] += " (long stage)"
@@ -379,7 +397,7 @@ def main(argv: list[str]) -> None:
     logging.info("All runs finished; writing the results.")
     results = {
         "table": FLAGS.table,
-        "hardware": hardware(),
+        "hardware": jobs_lib.hardware(),
         "eval_examples": FLAGS.eval_examples,
         "selections": selections,
         "rows": records,
@@ -390,21 +408,21 @@ def main(argv: list[str]) -> None:
             earlier = json.load(f)
         order = [row.name for row in ROWS] + [f"{row.name}_long" for row in ROWS]
         results = mnist_table.merge_earlier(earlier, results, order)
-    write_results(results)
+    write_results(results, FLAGS.results_dir, FLAGS.readme)
 
 
-def write_results(results: dict[str, Any]) -> None:
+def write_results(results: dict[str, Any], results_dir: str, readme: str) -> None:
     """mnist.json, mnist.md, the validation plot, the pictures and the README block."""
-    os.makedirs(FLAGS.results_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.results_dir, "mnist.json"), "w") as f:
+    os.makedirs(results_dir, exist_ok=True)
+    with open(os.path.join(results_dir, "mnist.json"), "w") as f:
         json.dump(results, f, indent=2)
-    mnist_table.plot_validation(results, os.path.join(FLAGS.results_dir, "mnist_validation.png"))
-    mnist_table.publish_pictures(results["rows"], FLAGS.results_dir)
+    mnist_table.plot_validation(results, os.path.join(results_dir, "mnist_validation.png"))
+    mnist_table.publish_pictures(results["rows"], results_dir)
     text = mnist_table.markdown(results)
-    with open(os.path.join(FLAGS.results_dir, "mnist.md"), "w") as f:
+    with open(os.path.join(results_dir, "mnist.md"), "w") as f:
         f.write(text)
-    if FLAGS.readme:
-        mnist_table.update_readme(FLAGS.readme, text)
+    if readme:
+        mnist_table.update_readme(readme, text)
     print(text)
 
 

@@ -1,37 +1,34 @@
-"""Training runs of a reproduction: each a `train.main` run in a workdir of its own.
+"""Training runs of an experiment: each a `train.main` run in a workdir of its own.
 
 A finished run (its metrics.json says "done") is read, not repeated, once
-its recorded settings are checked against the ones asked for; an unfinished
-one resumes. Runs go one after another in this process, or up to `parallel`
-at a time as `python -m train.main` subprocesses (each with a log file next
-to its workdir).
+its recorded settings are checked against the ones asked for (the binary's
+rule, `train.workdir.check_same_run`); an unfinished one resumes. Runs go
+one after another in this process, or up to `parallel` at a time as
+`python -m train.main` subprocesses (each with a log file next to its
+workdir).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
+import platform
+import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from absl import logging
+from absl import flags, logging
 
 from train import config as config_lib
-from train import train_lib
-from train.workdir import EVALUATION_FIELDS, METRICS_FILE
+from train import field_flags, train_lib
+from train import workdir as workdir_lib
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATH_FLAGS = frozenset({"data_npz", "tfds_data_dir"})
-# Where the data is and how the run executes: a finished run may be reused
-# across them (train_lib resumes across them too).
-RUN_LOCATION_FIELDS = frozenset(
-    {"data_npz", "tfds_data_dir", "strategy", "jit_compile", "deterministic"}
-)
+METRICS_FILE = workdir_lib.METRICS_FILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +51,8 @@ def command_arguments(preset: str, overrides: dict[str, Any]) -> list[str]:
     for key, value in overrides.items():
         if key in PATH_FLAGS and value:
             value = checkout_relative(value)
-        if isinstance(value, float) and math.isinf(value):
-            value = "inf"
         if isinstance(value, (tuple, list)):
-            value = ",".join("inf" if v == math.inf else str(v) for v in value)
+            value = ",".join(str(v) for v in value)  # str(math.inf) is "inf".
         if isinstance(value, bool):
             arguments.append(f"--{key}" if value else f"--no{key}")
         else:
@@ -70,52 +65,21 @@ def command_line(preset: str, overrides: dict[str, Any]) -> str:
     return " ".join(["python -m train.main", *command_arguments(preset, overrides)])
 
 
-def check_same_settings(
-    workdir: str, recorded: dict[str, Any], wanted: dict[str, Any], finished: bool = True
-) -> None:
-    """Raises if a run directory holds a run with other settings than `wanted`.
-
-    Where the data is and how the run executes may differ; for a run that has
-    not finished, its evaluation settings too (it has not been evaluated yet,
-    and train.main resumes it with the new ones).
-    """
-    free = RUN_LOCATION_FIELDS | (set() if finished else {*EVALUATION_FIELDS, "pictures"})
-
-    def same(a, b):
-        a, b = (float(v) if v in ("inf", "-inf") else v for v in (a, b))  # JSON has no inf.
-        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-            return math.isclose(a, b) or (math.isinf(a) and math.isinf(b) and a == b)
-        return a == b
-
-    differing = sorted(
-        k for k in wanted if k not in free and k in recorded and not same(recorded[k], wanted[k])
-    )
-    if differing:
-        raise ValueError(
-            f"{workdir} holds a run with other settings; move it away or choose another "
-            "--workdir. Differing: "
-            + ", ".join(f"{k}={recorded[k]!r} (wanted {wanted[k]!r})" for k in differing)
-        )
-
-
 def _finished(root: str, job: Job) -> dict[str, Any] | None:
-    """The metrics of a finished run of `job` (checked), or None if it has not finished."""
+    """The metrics of a finished run of `job` (checked), or None if it has not finished.
+
+    Raises:
+        train.errors.InputError: If the workdir holds a run with other
+            settings (a finished run's results are reused as they are, so
+            only where the data is and how the run executes may differ).
+    """
     workdir = os.path.join(root, job.name)
-    config = config_lib.make_config(job.preset, **job.overrides)
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
+    done = workdir_lib.read_metrics(workdir)
+    if done is None:
         return None
-    with open(path) as f:
-        done = json.load(f)
     finished = done.get("status") == "done"
-    check_same_settings(
-        workdir,
-        config_lib.comparable_settings(done.get("flags", {})),
-        config_lib.comparable_settings(dataclasses.asdict(config)),
-        finished,
-    )
+    config = config_lib.make_config(job.preset, **job.overrides)
+    workdir_lib.check_same_run(done, config, workdir, reused=finished)
     return done if finished else None
 
 
@@ -242,3 +206,67 @@ def _check_exit(name: str, process: subprocess.Popen, running: dict) -> None:
     with open(process.log_path) as f:
         tail = f.read()[-3000:]
     raise RuntimeError(f"{name} failed (exit {process.returncode}):\n{tail}")
+
+
+def hardware() -> str:
+    """CPU model, core count and GPUs of this machine (what is known of it)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = re.findall(r"model name\s*:\s*(.+)", f.read())
+        if names:
+            model = names[0].strip()
+    except OSError:
+        pass
+    import tensorflow as tf
+
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    return f"{model}, {os.cpu_count()} cores, " + (f"{gpus} GPU" if gpus else "no GPU")
+
+
+def define_binary_flags(names: Sequence[str], module: str) -> None:
+    """Defines train.main's flags `names` for an experiment that passes them on to its runs.
+
+    Each has the binary's type, default, help and check; the `--help` of
+    `module` (the experiment's `__name__`) lists them.
+    """
+    for name in names:
+        field_flags.define(config_lib.FIELDS_BY_NAME[name], module, key_of=module)
+
+
+def define_flag(module: str, kind: str, name: str, default: Any, help_text: str, **kw) -> None:
+    """Defines an experiment's own flag (`kind`: "string", "integer", "bool" or "list").
+
+    Experiments share the flags of one name (`--workdir`, `--parallel`, ...):
+    defined by the first imported (tests import several), listed by each one's
+    `--help`.
+    """
+    parser = {
+        "string": flags.ArgumentParser,
+        "integer": lambda: flags.IntegerParser(**kw),
+        "list": flags.ListParser,
+    }
+    if kind == "bool":
+        flag = flags.BooleanFlag(name, default, help_text)
+    else:
+        serializer = flags.CsvListSerializer(",") if kind == "list" else flags.ArgumentSerializer()
+        flag = flags.Flag(parser[kind](), serializer, name, default, help_text)
+    field_flags.define_once(flag, module, key_of=module)
+
+
+def given_binary_flags(names: Sequence[str]) -> dict[str, Any]:
+    """The values of those flags of `names` given on the command line (tuples for lists)."""
+    values = {name: flags.FLAGS[name].value for name in names if flags.FLAGS[name].present}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def define_common_flags(module: str, readme: bool = True) -> None:
+    """--workdir, --parallel, --results_dir and (`readme`) --readme, shared by the experiments."""
+    define_flag(module, "string", "workdir", None, "Directory holding one workdir per run.")
+    define_flag(module, "integer", "parallel", 1, "Runs at a time (above 1: subprocesses).",
+                lower_bound=1)  # fmt: skip
+    define_flag(module, "string", "results_dir", "results", "Where the results files go.")
+    if readme:
+        define_flag(
+            module, "string", "readme", "README.md", "README whose table is replaced ('' for none)."
+        )

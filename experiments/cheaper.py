@@ -1,6 +1,6 @@
 r"""Cheaper regularization on MNIST: `every` and `fraction` against the full term.
 
-    python -m train.cheaper --data_npz=../shared/data/mnist.npz \
+    python -m experiments.cheaper --data_npz=../shared/data/mnist.npz \
         --workdir=runs/cheaper_mnist [--parallel=2]
 
 Trains the maxout MLP (preset `mnist_maxout_mlp`, all 60k images) once per
@@ -17,8 +17,7 @@ since the runs' own wall times are shared with other jobs.
 Every run is a `train.main` run in its own workdir, so an interrupted run of
 this script resumes. Writes `cheaper.json`, `cheaper.md` and
 `cheaper_frontier.png` to `--results_dir`, and the table between the
-`--readme`'s cheaper-table markers (`--parallel`, `--results_dir` and
-`--readme` are train.reproduce's flags).
+`--readme`'s cheaper-table markers.
 """
 
 from __future__ import annotations
@@ -30,11 +29,17 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from train import jobs as jobs_lib
-from train import main as main_lib  # noqa: F401  (defines --workdir, --data_npz, ...)
-from train import mnist_table, reproduce
+from experiments import jobs as jobs_lib
+from experiments import mnist_table
 
 FLAGS = flags.FLAGS
+# The train.main flags this command passes on to every run (the rows set the others).
+SHARED_FLAGS = (
+    "data_npz", "eval_examples", "eval_suite", "eval_apgd_steps", "eval_square_queries",
+    "eval_epsilons_inf", "eval_epsilons_2",
+)  # fmt: skip
+jobs_lib.define_binary_flags(SHARED_FLAGS, __name__)
+jobs_lib.define_common_flags(__name__)
 flags.DEFINE_float("cheaper_sigma", 0.3, "sigma of every regularized row.", lower_bound=0.0)
 flags.DEFINE_integer("cheaper_epochs", 40, "Epochs of every row.", lower_bound=1)
 flags.DEFINE_list("cheaper_rows", [], "Rows to run (empty: all). Names: see ROWS.")
@@ -48,14 +53,16 @@ flags.DEFINE_string(
 BENCH_CONFIG = "maxout_mlp_preset[FastDropout:auto]"
 README_START = "<!-- cheaper-table:start -->"
 README_END = "<!-- cheaper-table:end -->"
-SHARED_FLAGS = (
-    ("data_npz",)
-    + reproduce.SHARED_FLAGS[1:]
-    + (
-        "eval_epsilons_inf",
-        "eval_epsilons_2",
-    )
-)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The MNIST file, every row's sigma and epochs, and the train.main flags given."""
+
+    data_npz: str | None
+    sigma: float = 0.3
+    epochs: int = 40
+    passed: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,24 +103,20 @@ ROWS = (  # In the order they run: the comparisons the issue asks for first.
 ROWS_BY_NAME = {row.name: row for row in ROWS}
 
 
-def job(row: Row) -> jobs_lib.Job:
+def job(row: Row, options: Options) -> jobs_lib.Job:
     """The `train.main` run of one row."""
-    overrides: dict[str, Any] = {"data_npz": FLAGS.data_npz, "p": 2.0}
+    overrides: dict[str, Any] = {"data_npz": options.data_npz, "p": 2.0}
     if row.method == "plain":
         overrides["sigma"] = 0.0
     else:
-        overrides.update(method=row.method, sigma=FLAGS.cheaper_sigma)
+        overrides.update(method=row.method, sigma=options.sigma)
         if row.method == "adversarial":
             overrides["clean_weight"] = 0.0
         if row.every != 1:
             overrides["every"] = row.every
         if row.fraction != 1.0:
             overrides["fraction"] = row.fraction
-    overrides.update(epochs=FLAGS.cheaper_epochs, pictures=False)
-    for name in SHARED_FLAGS[1:]:
-        if FLAGS[name].present:
-            value = FLAGS[name].value
-            overrides[name] = tuple(map(float, value)) if isinstance(value, list) else value
+    overrides.update(epochs=options.epochs, pictures=False, **options.passed)
     return jobs_lib.Job(row.name, "mnist_maxout_mlp", overrides)
 
 
@@ -134,11 +137,9 @@ def bench_ratios(path: str) -> dict[str, float]:
     }
 
 
-def record(row: Row, result: dict[str, Any], ratios: dict[str, float]) -> dict[str, Any]:
+def record(row: Row, result: dict[str, Any], sigma: float, ratios: dict[str, float]) -> dict:
     """The table record of a finished row: the MNIST table's fields and the step cost."""
-    table_row = mnist_table.table_row(
-        row, result, 0.0 if row.method == "plain" else FLAGS.cheaper_sigma
-    )
+    table_row = mnist_table.table_row(row, result, 0.0 if row.method == "plain" else sigma)
     table_row["step_ratio"] = ratios.get(row.bench_method)
     return table_row
 
@@ -201,30 +202,44 @@ def main(argv: list[str]) -> None:
     unknown = sorted(set(FLAGS.cheaper_rows) - set(ROWS_BY_NAME))
     if unknown:
         raise app.UsageError(f"Unknown --cheaper_rows {unknown}. Known: {sorted(ROWS_BY_NAME)}")
-    if FLAGS.data_npz is None or not os.path.isfile(FLAGS.data_npz):
-        raise app.UsageError(f"--data_npz must name the MNIST .npz. Received: {FLAGS.data_npz}")
+    if FLAGS.data_npz is None or not FLAGS.workdir:
+        raise app.UsageError(
+            "--data_npz (the MNIST .npz) and --workdir are required. "
+            f"Received: --data_npz={FLAGS.data_npz} --workdir={FLAGS.workdir}"
+        )
     if FLAGS.bench_json and not os.path.isfile(FLAGS.bench_json):
         raise app.UsageError(f"--bench_json: no such file. Received: {FLAGS.bench_json}")
+    options = Options(
+        FLAGS.data_npz,
+        FLAGS.cheaper_sigma,
+        FLAGS.cheaper_epochs,
+        jobs_lib.given_binary_flags(SHARED_FLAGS[1:]),
+    )
     rows = [ROWS_BY_NAME[n] for n in FLAGS.cheaper_rows] if FLAGS.cheaper_rows else list(ROWS)
-    ran = jobs_lib.run_jobs(FLAGS.workdir, [job(row) for row in rows], FLAGS.parallel)
+    ran = jobs_lib.run_jobs(FLAGS.workdir, [job(row, options) for row in rows], FLAGS.parallel)
     ratios = bench_ratios(FLAGS.bench_json)
     results = {
-        "sigma": FLAGS.cheaper_sigma,
-        "epochs": FLAGS.cheaper_epochs,
+        "sigma": options.sigma,
+        "epochs": options.epochs,
         "bench": FLAGS.bench_json or "no bench",
-        "hardware": reproduce.hardware(),
-        "rows": [record(row, ran[row.name], ratios) for row in rows],
+        "hardware": jobs_lib.hardware(),
+        "rows": [record(row, ran[row.name], options.sigma, ratios) for row in rows],
     }
     logging.info("All runs finished; writing the results.")
-    os.makedirs(FLAGS.results_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.results_dir, "cheaper.json"), "w") as f:
+    write_results(results, FLAGS.results_dir, FLAGS.readme)
+
+
+def write_results(results: dict[str, Any], results_dir: str, readme: str) -> None:
+    """cheaper.json, cheaper.md, the frontier plot and the README block."""
+    os.makedirs(results_dir, exist_ok=True)
+    with open(os.path.join(results_dir, "cheaper.json"), "w") as f:
         json.dump(results, f, indent=2)
-    plot_frontier(results, os.path.join(FLAGS.results_dir, "cheaper_frontier.png"))
+    plot_frontier(results, os.path.join(results_dir, "cheaper_frontier.png"))
     text = markdown(results)
-    with open(os.path.join(FLAGS.results_dir, "cheaper.md"), "w") as f:
+    with open(os.path.join(results_dir, "cheaper.md"), "w") as f:
         f.write(text)
-    if FLAGS.readme:
-        mnist_table.update_readme(FLAGS.readme, text, README_START, README_END)
+    if readme:
+        mnist_table.update_readme(readme, text, README_START, README_END)
     print(text)
 
 

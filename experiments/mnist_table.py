@@ -15,6 +15,8 @@ from typing import Any
 
 from absl import logging
 
+from keras_gradreg.robustness.report import find_row
+
 README_START = "<!-- mnist-table:start -->"
 README_END = "<!-- mnist-table:end -->"
 EPSILONS = {"inf": (0.1, 0.2, 0.3), "2": (1.0, 2.0)}
@@ -36,10 +38,8 @@ ATTACK_NAMES = {
 
 def accuracy(robustness: dict[str, Any] | None, attack: str, p: str, epsilon: float):
     """The accuracy of one row of a report's dict, or None."""
-    for row in (robustness or {}).get("rows", []):
-        if row["attack"] == attack and str(row["p"]) == p and math.isclose(row["epsilon"], epsilon):
-            return row["accuracy"]
-    return None
+    row = find_row((robustness or {}).get("rows", []), attack, p, epsilon)
+    return None if row is None else row["accuracy"]
 
 
 def evaluation_label(robustness: dict[str, Any] | None) -> str:
@@ -86,7 +86,8 @@ def table_row(row, result: dict[str, Any], sigma: float) -> dict[str, Any]:
 
 
 def robust(record: dict[str, Any], p: str, epsilon: float) -> float | None:
-    """The record's robust accuracy; records of an earlier format hold PGD's."""
+    """The record's robust accuracy; results/mnist.json's rows of an earlier run
+    (before the attack suite) hold PGD's."""
     key = f"robust_{p}_{epsilon:g}"
     return record[key] if key in record else record.get(f"pgd_{p}_{epsilon:g}")
 
@@ -111,7 +112,7 @@ def merge_earlier(earlier: dict[str, Any], results: dict[str, Any], order: list[
     rows.sort(key=lambda r: rank.get(r["name"], len(order)))
     selections = {
         key: dict(selection, earlier=True)
-        for key, selection in _selections(earlier).items()
+        for key, selection in earlier.get("selections", {}).items()
         if key not in results["selections"]
     }
     merged = dict(results, rows=rows, selections={**selections, **results["selections"]})
@@ -121,21 +122,6 @@ def merge_earlier(earlier: dict[str, Any], results: dict[str, Any], order: list[
     if hardware and hardware != results.get("hardware") and len(rows) > len(results["rows"]):
         merged["hardware"] = f"{results.get('hardware')}; rows of an earlier run: {hardware}"
     return merged
-
-
-def _selections(results: dict[str, Any]) -> dict[str, Any]:
-    """The selection stages of `results` by key, either format."""
-    if "selections" in results:
-        return results["selections"]
-    old = {
-        "screen": ("sigma for p=2", "selection"),
-        "long_penalty": ("Long stage: sigma", "long_selection"),
-    }
-    return {
-        key: dict(results[name], title=title)
-        for key, (title, name) in old.items()
-        if results.get(name)
-    }
 
 
 def percent(value: float | None) -> str:
@@ -195,7 +181,7 @@ def selection_stages(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]
     """(title, selection) of every selection stage of `results`."""
     return [
         (s["title"] + (" (an earlier run)" if s.get("earlier") else ""), s)
-        for s in _selections(results).values()
+        for s in results.get("selections", {}).values()
         if s
     ]
 
