@@ -9,7 +9,8 @@ somewhere deep in a training step; tests/test_internals.py calls every
 function, so such a release fails there first.
 
 Private methods that `RegularizedModel` overrides are listed in
-`OVERRIDDEN_HOOKS` and checked by `check_overridden_hooks`.
+`OVERRIDDEN_HOOKS` and checked by `check_overridden_hooks` at import, which
+warns (naming the versions) if Keras no longer calls one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -291,24 +293,32 @@ OVERRIDDEN_HOOKS = {
 }
 
 
-def check_overridden_hooks() -> None:
-    """Raises `InternalsChangedError` if Keras no longer calls a hook we override."""
+def check_overridden_hooks() -> list[str]:
+    """Warns, naming the versions, for each hook we override that Keras no longer calls.
+
+    Run when keras_gradreg is imported: a Keras release that renames a hook
+    does not stop the import (only what the hook does is lost), but says so.
+
+    Returns:
+        The warnings' messages (empty when every hook is in place).
+    """
+    problems = []
     for name, parameters in OVERRIDDEN_HOOKS.items():
         hook = getattr(keras.Model, name, None)
         if hook is None:
-            raise _changed(
-                f"keras.Model.{name}",
-                "overridden by RegularizedModel",
-                AttributeError(f"keras.Model has no {name}"),
+            error = AttributeError(f"keras.Model has no {name}")
+            problems.append(
+                _changed(f"keras.Model.{name}", "overridden by RegularizedModel", error)
             )
+            continue
         found = tuple(inspect.signature(hook).parameters)
-        missing = [p for p in parameters if p not in found]
-        if missing:
-            raise _changed(
-                f"keras.Model.{name}{parameters}",
-                "overridden by RegularizedModel",
-                TypeError(f"its parameters are now {found}"),
-            )
+        if any(p not in found for p in parameters):
+            error = TypeError(f"its parameters are now {found}")
+            what = f"keras.Model.{name}{parameters}"
+            problems.append(_changed(what, "overridden by RegularizedModel", error))
+    for problem in problems:
+        warnings.warn(str(problem), RuntimeWarning, stacklevel=2)
+    return [str(problem) for problem in problems]
 
 
 @_guarded(

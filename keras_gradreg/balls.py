@@ -2,7 +2,7 @@
 
 Axis 0 is the batch everywhere. The L1 projection is the exact sort-based
 algorithm of Duchi et al. (2008). Random draws are stateless, from a seed of
-shape (2,); points in the ball come from an integer hash (`keras_gradreg.hashing`),
+shape (2,); points in the ball come from an integer hash (`keras_gradreg._hashing`),
 so they are the same eagerly, in graphs and under XLA.
 """
 
@@ -12,7 +12,7 @@ import math
 
 import tensorflow as tf
 
-from keras_gradreg import hashing
+from keras_gradreg import _hashing as hashing
 from keras_gradreg.norms import PValue, canonical_p
 
 BALL_NORMS = (1.0, 2.0, math.inf)
@@ -107,7 +107,7 @@ def project_ball(delta: tf.Tensor, p: PValue, radius) -> tf.Tensor:
 def random_in_ball(shape, p: PValue, radius, seed, dtype=tf.float32, positions=None) -> tf.Tensor:
     """Points drawn uniformly from the p-ball of `radius`, the same in every mode.
 
-    The numbers come from `keras_gradreg.hashing`, keyed by each row's
+    The numbers come from `keras_gradreg._hashing`, keyed by each row's
     position: eager, graph and XLA calls give the same points, and a row's
     point does not depend on the rest of the batch.
 

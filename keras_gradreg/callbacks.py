@@ -12,16 +12,20 @@ from typing import Any
 
 import keras
 
-from keras_gradreg import _checks
+from keras_gradreg import _checks, _deprecated
 
 SCHEDULABLE = ("sigma", "clean_weight")
 
+__all__ = ["RegularizerScheduler", "linear_warmup"]
 
-class RegularizerSchedule(keras.callbacks.Callback):
+
+class RegularizerScheduler(keras.callbacks.Callback):
     """Sets the regularizer's `sigma` and/or `clean_weight` at the start of each epoch.
 
+    The regularizer's counterpart of `keras.callbacks.LearningRateScheduler`.
+
     ```python
-    schedule = kgr.callbacks.RegularizerSchedule(lambda epoch: {"sigma": 0.1 * min(1, epoch / 5)})
+    schedule = kgr.callbacks.RegularizerScheduler(lambda epoch: {"sigma": 0.1 * min(1, epoch / 5)})
     model.fit(x, y, epochs=20, callbacks=[schedule])
     ```
 
@@ -60,7 +64,7 @@ class RegularizerSchedule(keras.callbacks.Callback):
         self._scheduled = tuple(values)
         if self.verbose:
             settings = ", ".join(f"{name}={getattr(regularizer, name):g}" for name in values)
-            print(f"\nEpoch {epoch + 1}: RegularizerSchedule set {settings}.")
+            print(f"\nEpoch {epoch + 1}: RegularizerScheduler set {settings}.")
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs is not None:
@@ -69,8 +73,18 @@ class RegularizerSchedule(keras.callbacks.Callback):
                 logs[name] = getattr(regularizer, name)
 
 
+class RegularizerSchedule(RegularizerScheduler):
+    """Deprecated: `RegularizerScheduler` (the name Keras's `LearningRateScheduler` suggests)."""
+
+    def __init__(self, schedule: Callable[[int], dict[str, float]], verbose: int = 0):
+        _deprecated.warn(
+            "kgr.callbacks.RegularizerSchedule", "`kgr.callbacks.RegularizerScheduler`"
+        )
+        super().__init__(schedule, verbose)
+
+
 def linear_warmup(sigma: float, epochs: int, start: float = 0.0) -> Callable[[int], dict]:
-    """A `RegularizerSchedule` function that raises sigma linearly over `epochs` epochs.
+    """A `RegularizerScheduler` function that raises sigma linearly over `epochs` epochs.
 
     Epoch e (from 0) gets `start + (sigma - start) * min(1, (e + 1) / epochs)`:
     with `epochs=4`, sigma / 4, sigma / 2, 3 sigma / 4, then sigma from the
@@ -98,7 +112,7 @@ def _regularizer_of(model: Any):
     regularizer = getattr(model, "regularizer", None)
     if not hasattr(regularizer, "sigma") or not hasattr(regularizer, "clean_weight"):
         raise ValueError(
-            "RegularizerSchedule needs a kgr.RegularizedModel (a model with a "
+            "RegularizerScheduler needs a kgr.RegularizedModel (a model with a "
             f"`regularizer`). Received: model of type {type(model).__name__}"
         )
     return regularizer

@@ -8,7 +8,10 @@ from typing import Any, NamedTuple
 import keras
 import tensorflow as tf
 
-from keras_gradreg import _internals, randomness
+from keras_gradreg import _internals
+from keras_gradreg import _randomness as randomness
+from keras_gradreg._subsets import gather_rows
+from keras_gradreg._train_function import make_distributed_function
 from keras_gradreg.objective import (
     RegularizedLoss,
     check_subset_reduction,
@@ -18,8 +21,6 @@ from keras_gradreg.objective import (
     unscale_for_replicas,
 )
 from keras_gradreg.regularizer import GradientRegularizer, as_regularizer
-from keras_gradreg.subsets import gather_rows
-from keras_gradreg.train_function import make_distributed_function
 
 _EVAL_ONLY_EXCLUDED = ("data_loss", "penalty")
 _SEED_STATE_KEY = "seed_generator_state_"
@@ -32,7 +33,7 @@ class StepResult(NamedTuple):
     Attributes:
         gradients: Parameter gradients of the loss-scaled `loss.total`, in
             the order of `trainable_weights`.
-        loss: The `kgr.RegularizedLoss` of the batch, as Keras computes
+        loss: The `kgr.RegularizedLossResult` of the batch, as Keras computes
             losses: divided by the number of replicas under a strategy.
         objective: The value `fit` logs as `loss`: the objective L + T, the
             term not multiplied by `every` (`objective.logged_objective`).
@@ -169,7 +170,7 @@ class RegularizedModel(keras.Model):
         (bench/README.md). Without a strategy, the optimizer update, loss
         trackers and metrics are a second XLA computation. Under a
         tf.distribute strategy the gradient all-reduce and optimizer update
-        run outside XLA; see `keras_gradreg.train_function`.
+        run outside XLA; see `keras_gradreg._train_function`.
         """
         if self.train_function is not None and not force:
             return self.train_function

@@ -33,8 +33,12 @@ from typing import Any, NamedTuple
 import keras
 import tensorflow as tf
 
-from keras_gradreg import _checks, _internals, hashing, randomness
-from keras_gradreg.ascent import ascent_step, box
+from keras_gradreg import _checks, _internals
+from keras_gradreg import _hashing as hashing
+from keras_gradreg import _randomness as randomness
+from keras_gradreg._ascent import ascent_step, box
+from keras_gradreg._kl import KLDivergence
+from keras_gradreg._subsets import batch_size_of, gather_rows, subset_rows
 from keras_gradreg.balls import random_in_ball
 from keras_gradreg.gradients import (
     concat_per_example,
@@ -45,10 +49,8 @@ from keras_gradreg.gradients import (
     replace_floating_inputs,
     split_per_example,
 )
-from keras_gradreg.kl import KLDivergence
 from keras_gradreg.norms import dual_norm, worst_case_perturbation
 from keras_gradreg.regularizer import GradientRegularizer, as_regularizer
-from keras_gradreg.subsets import batch_size_of, gather_rows, subset_rows
 
 Forward = Callable[..., tuple[Any, tf.Tensor]]
 """One forward pass: `forward(x, rows=None) -> (predictions, reduced scalar loss)`.
@@ -64,7 +66,7 @@ over them.
 SUBSET_REDUCTIONS = ("sum_over_batch_size", "mean")
 
 
-class RegularizedLoss(NamedTuple):
+class RegularizedLossResult(NamedTuple):
     """The regularised objective of one batch and its parts.
 
     Losses are scalars reduced as the loss function reduces them (under a
@@ -93,6 +95,10 @@ class RegularizedLoss(NamedTuple):
     data_loss: tf.Tensor
     penalty: tf.Tensor
     y_pred: Any
+
+
+# The name inside the library (`kgr.RegularizedLoss` is a deprecated alias until 0.3.0).
+RegularizedLoss = RegularizedLossResult
 
 
 def regularized_loss(
@@ -151,7 +157,7 @@ def regularized_loss(
             when the regularizer's `every` is above 1, ignored otherwise.
 
     Returns:
-        A `RegularizedLoss(total, data_loss, penalty, y_pred)`.
+        A `RegularizedLossResult(total, data_loss, penalty, y_pred)`.
 
     Raises:
         ValueError: On a bad argument, before any work; or if `x` has no

@@ -1,4 +1,6 @@
-"""Pictures: worst-case perturbations r* per norm, and robustness curves.
+"""Pictures of the worst-case perturbations r* per norm (`perturbations`).
+
+The robustness curves are drawn by `kgr.RobustnessReport.plot`.
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so nothing
 needs a screen and the global backend of the caller is left alone.
@@ -21,6 +23,8 @@ from keras_gradreg.gradients import LossLike, input_gradients
 from keras_gradreg.norms import PValue, canonical_p, worst_case_perturbation
 
 DEFAULT_SIGMA = {1.0: 1.0, 2.0: 1.5, math.inf: 0.1}
+
+__all__ = ["perturbations"]
 
 
 def _sigmas(ps: Sequence[PValue], sigma: Any) -> dict[float, float]:

@@ -234,7 +234,7 @@ def subset_reference(method, initial_seed, replicas=2, epochs=3):
             xb, yb, wb = x[rows], y[rows], weights[rows]
             counted = (epoch * STEPS + batch) % 2 == 0
             seed = np.array(initial_seed) + np.array([0, draws])
-            picked = kgr.subsets.subset_rows(seed, local, 0.5).numpy()
+            picked = kgr._subsets.subset_rows(seed, local, 0.5).numpy()
             union = np.concatenate([picked + r * local for r in range(replicas)])
             with tf.GradientTape() as tape:
                 data = kgr.regularized_loss(

@@ -143,7 +143,7 @@ def scaled_term_gradients(x, y, w, b, *, scale, weights=None, term_rows=None, **
     return gw + scale * (ow - lw), gb + scale * (ob - lb), logs
 
 
-# The subset hash of keras_gradreg/subsets.py, in NumPy: an independent check of its rows.
+# The subset hash of keras_gradreg/_subsets.py, in NumPy: an independent check of its rows.
 _MASK = 0xFFFFFFFF
 
 

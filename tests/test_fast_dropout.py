@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_gradreg as kgr  # noqa: E402
-from keras_gradreg import randomness  # noqa: E402
+from keras_gradreg import _randomness as randomness  # noqa: E402
 from keras_gradreg.layers import FastDropout, replace_dropout  # noqa: E402
 
 ONES = np.ones((500, 400), "float32")  # 200k elements: keep-rate std ~0.001.

@@ -8,6 +8,10 @@ TensorFlow and Keras versions and the public API that is missing.
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -146,10 +150,34 @@ def test_a_moved_internal_names_the_versions(monkeypatch):
     assert "Layer._flatten_layers" in message and "no public recursive walk" in message
 
 
-def test_a_renamed_hook_is_reported(monkeypatch):
+def test_a_renamed_hook_is_reported_with_a_warning_naming_the_versions(monkeypatch):
+    assert _internals.check_overridden_hooks() == []  # The installed Keras has them all.
     monkeypatch.setitem(_internals.OVERRIDDEN_HOOKS, "_no_such_hook", ("iterator",))
-    with pytest.raises(_internals.InternalsChangedError, match=r"keras.Model._no_such_hook"):
-        _internals.check_overridden_hooks()
+    monkeypatch.setitem(_internals.OVERRIDDEN_HOOKS, "fit", ("no_such_parameter",))
+    versions = rf"TensorFlow {re.escape(tf.__version__)}, Keras {re.escape(keras.__version__)}"
+    with pytest.warns(RuntimeWarning) as caught:
+        messages = _internals.check_overridden_hooks()
+    assert [str(w.message) for w in caught] == messages and len(messages) == 2
+    assert re.search(rf"keras\.Model\._no_such_hook .*{versions}", messages[0])
+    assert re.search(rf"keras\.Model\.fit\('no_such_parameter',\).*{versions}", messages[1])
+
+
+@pytest.mark.slow
+def test_importing_keras_gradreg_warns_for_a_missing_hook():
+    """check_overridden_hooks runs at import, beside check_versions: a warning, not an error."""
+    code = (
+        "import warnings, keras\n"
+        "keras.Model._maybe_symbolic_build = lambda self: None\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import keras_gradreg\n"
+        "print([str(w.message) for w in caught if w.category is RuntimeWarning])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert "keras.Model._maybe_symbolic_build('iterator', 'data_batch')" in out
+    assert f"Keras {keras.__version__}" in out
 
 
 def test_versions_below_the_supported_range_are_refused(monkeypatch):

@@ -12,7 +12,7 @@ import tensorflow as tf
 from conftest import NUM_CLASSES, NUM_FEATURES, compile_sgd, linear_data, linear_model
 
 import keras_gradreg as kgr
-from keras_gradreg import subsets
+from keras_gradreg import _subsets as subsets
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 SETTINGS = {

@@ -13,7 +13,7 @@ import tensorflow as tf
 from conftest import compile_sgd, linear_data, linear_model
 
 import keras_gradreg as kgr
-from keras_gradreg import hashing
+from keras_gradreg import _hashing as hashing
 from keras_gradreg.balls import random_in_ball
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -438,7 +438,7 @@ def test_every_pass_of_the_ascent_shares_the_steps_dropout_mask(settings):
     )
     model.set_weights([w, b])
     compile_sgd(model)
-    generators = kgr.randomness.seed_generators(model)
+    generators = kgr._randomness.seed_generators(model)
     before = [g.state.numpy() for g in generators]
     seed = start_seed(regularizer) if regularizer.draws_starts else None
     fit_one_step(model, x, y)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import keras
 import linear_reference as ref
@@ -87,7 +88,7 @@ def test_schedule_values_are_used_by_the_next_step_without_retracing(method, sch
     name = f"scheduled_{method}"
     model = counting_linear({"sigma": 0.7, **settings}, w, b, name)
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS, jit_compile=True)
-    callback = kgr.callbacks.RegularizerSchedule(lambda epoch: schedule[epoch])
+    callback = kgr.callbacks.RegularizerScheduler(lambda epoch: schedule[epoch])
     history = model.fit(x, y, batch_size=12, epochs=3, verbose=0, callbacks=[callback]).history
     assert traces_of(name) == 1
 
@@ -136,7 +137,7 @@ def test_every_fraction_and_schedule_under_xla_and_steps_per_execution_trace_onc
     model.compile(
         optimizer=keras.optimizers.SGD(0.1), loss=LOSS, jit_compile=True, steps_per_execution=3
     )
-    schedule = kgr.callbacks.RegularizerSchedule(kgr.callbacks.linear_warmup(0.3, epochs=2))
+    schedule = kgr.callbacks.RegularizerScheduler(kgr.callbacks.linear_warmup(0.3, epochs=2))
     history = model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[schedule]).history
     assert traces_of("combined") == 1
     np.testing.assert_allclose(history["sigma"], [0.15, 0.3, 0.3])
@@ -158,7 +159,7 @@ def test_linear_warmup_values():
         (lambda: kgr.callbacks.linear_warmup(-1.0, 3), r"Received: sigma=-1\.0"),
         (lambda: kgr.callbacks.linear_warmup(0.1, 0), r"Received: epochs=0"),
         (lambda: kgr.callbacks.linear_warmup(0.1, 2, start=math.nan), r"Received: start=nan"),
-        (lambda: kgr.callbacks.RegularizerSchedule(0.1), r"Received: schedule=0\.1"),
+        (lambda: kgr.callbacks.RegularizerScheduler(0.1), r"Received: schedule=0\.1"),
     ],
 )
 def test_bad_schedule_arguments_are_rejected(call, match):
@@ -179,7 +180,7 @@ def test_bad_schedule_values_stop_fit_before_the_epoch(values, match):
     x, y, w, b = problem()
     model = counting_linear({"sigma": 0.1}, w, b, "bad_values")
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
-    callback = kgr.callbacks.RegularizerSchedule(lambda epoch: values)
+    callback = kgr.callbacks.RegularizerScheduler(lambda epoch: values)
     with pytest.raises(ValueError, match=match):
         model.fit(x, y, verbose=0, callbacks=[callback])
     np.testing.assert_array_equal(model.get_weights()[0], w)
@@ -189,9 +190,35 @@ def test_schedule_needs_a_regularized_model():
     x, y, _, _ = problem()
     plain = keras.Sequential([keras.Input((NUM_FEATURES,)), keras.layers.Dense(NUM_CLASSES)])
     plain.compile(optimizer="sgd", loss=LOSS)
-    callback = kgr.callbacks.RegularizerSchedule(lambda epoch: {"sigma": 0.1})
+    callback = kgr.callbacks.RegularizerScheduler(lambda epoch: {"sigma": 0.1})
     with pytest.raises(ValueError, match=r"Received: model of type Sequential"):
         plain.fit(x, y, verbose=0, callbacks=[callback])
+
+
+def test_the_old_name_regularizer_schedule_warns_and_sets_the_same_values():
+    x, y, w, b = problem()
+    values = {}
+    for name in ("RegularizerScheduler", "RegularizerSchedule"):
+        model = counting_linear({"sigma": 0.1}, w, b, f"renamed_{name}")
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            callback = getattr(kgr.callbacks, name)(lambda e: {"sigma": 0.25, "clean_weight": 0.5})
+        deprecations = [str(w.message) for w in caught if w.category is DeprecationWarning]
+        if name == "RegularizerSchedule":
+            assert isinstance(callback, kgr.callbacks.RegularizerScheduler)
+            assert deprecations == [
+                "`kgr.callbacks.RegularizerSchedule` is deprecated and will be removed in "
+                "keras_gradreg 0.3.0: use `kgr.callbacks.RegularizerScheduler`."
+            ]
+        else:
+            assert deprecations == []
+        history = model.fit(x, y, batch_size=12, epochs=1, verbose=0, callbacks=[callback])
+        values[name] = (history.history["loss"], model.get_weights()[0])
+    assert values["RegularizerSchedule"][0] == values["RegularizerScheduler"][0]
+    np.testing.assert_array_equal(
+        values["RegularizerSchedule"][1], values["RegularizerScheduler"][1]
+    )
 
 
 def test_assignment_is_validated_and_the_step_reads_the_variable():
@@ -216,7 +243,7 @@ def test_scheduled_values_and_subset_seeds_are_saved_and_restored(tmp_path, savi
     settings = {"sigma": 0.1, "method": "adversarial", "fraction": 0.5, "every": 2}
     model = counting_linear(settings, w, b, "saved")
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
-    callback = kgr.callbacks.RegularizerSchedule(lambda e: {"sigma": 0.35, "clean_weight": 0.125})
+    callback = kgr.callbacks.RegularizerScheduler(lambda e: {"sigma": 0.35, "clean_weight": 0.125})
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[callback])
     if saving == "keras_file":
         path = tmp_path / "model.keras"

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_gradreg import randomness
+from keras_gradreg import _randomness as randomness
 
 pytestmark = pytest.mark.slow
 

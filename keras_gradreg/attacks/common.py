@@ -18,8 +18,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_gradreg import _deprecated
+from keras_gradreg._ascent import box  # noqa: F401  (the attacks' box, re-exported)
 from keras_gradreg._checks import Clip, check_bool, check_count, check_seed
-from keras_gradreg.ascent import box  # noqa: F401  (the attacks' box, re-exported)
 from keras_gradreg.balls import ALG
 from keras_gradreg.gradients import LossLike, loss_from_logits, resolve_loss  # noqa: F401
 
@@ -84,7 +85,7 @@ def attack_result(x_adv: Any, correct: Any, return_correct: bool) -> tf.Tensor |
     return tf.convert_to_tensor(x_adv)
 
 
-REMOVED_IN = "0.3.0"
+REMOVED_IN = _deprecated.REMOVED_IN
 
 
 def deprecated_twin(attack: Callable, old_name: str) -> Callable[..., AttackResult]:

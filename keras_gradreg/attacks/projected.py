@@ -19,7 +19,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from keras_gradreg import hashing
+from keras_gradreg import _hashing as hashing
+from keras_gradreg._ascent import ascent_step
 from keras_gradreg._checks import (
     Clip,
     check_bool,
@@ -28,7 +29,6 @@ from keras_gradreg._checks import (
     check_count,
     check_nonnegative,
 )
-from keras_gradreg.ascent import ascent_step
 from keras_gradreg.attacks.common import (
     AttackResult,
     attack_result,
@@ -196,7 +196,7 @@ def pgd(
     misclassified if any was (the clean input counts), else the highest loss
     (`keep="last"`: the last iterate, as the multi-step members of the family
     train on). The step and the random start are those of the family's
-    multi-step members (`keras_gradreg.ascent`).
+    multi-step members (`keras_gradreg._ascent`).
 
     Args:
         model: A Keras classifier (logits or probabilities).
