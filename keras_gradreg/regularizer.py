@@ -83,7 +83,7 @@ class GradientRegularizer:
 
     `sigma` and `clean_weight` live in variables read by the compiled step:
     assigning them (`model.regularizer.sigma = 0.3`, or
-    `kgr.callbacks.RegularizerSchedule`) takes effect on the next step with no
+    `kgr.callbacks.RegularizerScheduler`) takes effect on the next step with no
     retracing. The other fields are fixed: to change them, give the model a
     new regularizer (its step is then rebuilt).
 

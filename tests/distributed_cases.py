@@ -184,7 +184,7 @@ def lazy_fit(strategy, method, name, steps_per_execution=1, every=2, fraction=1.
     initial_seed = None
     if fraction < 1.0:
         initial_seed = model.regularizer.subset_seed_generator().state.numpy().tolist()
-    schedule = kgr.callbacks.RegularizerSchedule(lambda epoch: {"sigma": (0.5, 0.2, 0.8)[epoch]})
+    schedule = kgr.callbacks.RegularizerScheduler(lambda epoch: {"sigma": (0.5, 0.2, 0.8)[epoch]})
     first = {}
 
     class AfterFirstEpoch(keras.callbacks.Callback):
