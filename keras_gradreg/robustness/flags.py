@@ -12,9 +12,9 @@ outputs read with the wrong `from_logits`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
+from keras_gradreg.norms import canonical_p
 from keras_gradreg.robustness.report import NOISE, WORST_CASE, find_row
 
 
@@ -61,7 +61,7 @@ def _accuracy(rows, name, p, epsilon):
 def _points(rows) -> list[tuple[Any, float]]:
     def order(point):
         p, epsilon = point
-        return (math.inf if p == "inf" else float(p), epsilon)
+        return (canonical_p(p), epsilon)
 
     return sorted({(r["p"], r["epsilon"]) for r in rows}, key=order)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from keras_gradreg import _checks
 from keras_gradreg.norms import canonical_p
 
 # Rows that are not attacks: the per-example worst case and the noise baseline.
@@ -20,9 +21,7 @@ NOISE = "noise"
 def p_label(p: Any) -> float | int | str:
     """A norm exponent as stored in reports: "inf", or an int when whole."""
     p = canonical_p(p)
-    if math.isinf(p):
-        return "inf"
-    return int(p) if p.is_integer() else p
+    return int(p) if p.is_integer() else _checks.inf_as_text(p)
 
 
 def find_row(

@@ -11,7 +11,6 @@ come out of the same run.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 
@@ -175,7 +174,7 @@ def run_attacks(
         start = time.perf_counter()
         candidates = np.flatnonzero(robust if cascade else clean_correct)
         correct = np.ones(len(x), bool)
-        title = f"{name} p={'inf' if math.isinf(p) else f'{p:g}'} epsilon={epsilon:g}"
+        title = f"{name} p={p:g} epsilon={epsilon:g}"
         progress = _Progress(verbose, title, len(candidates), int(robust.sum()), len(x))
         attack_seed = tf.random.experimental.stateless_fold_in(seed, index, alg=ALG)
         broken = 0
