@@ -328,3 +328,20 @@ def test_each_experiment_lists_only_its_own_flags():
     for module in (reproduce, cheaper, aat):
         assert not key_flags(module) & binary_only
     assert "readme" not in key_flags(aat) and "select_sigmas" not in key_flags(cheaper)
+
+
+def test_jobs_reuse_a_finished_run_recorded_without_a_setting_only_at_its_default(tmp_path):
+    """A finished run recorded before `every` existed: read for every=1, refused for every=4
+    (the experiments skipped settings missing from a record before the one rule)."""
+    recorded = _record(sigma=0.1, epochs=2, method="penalty")
+    del recorded["flags"]["every"]
+    recorded["epochs"] = [{"epoch": 1}, {"epoch": 2}]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "metrics.json").write_text(json.dumps(recorded))
+    settings = {"sigma": 0.1, "epochs": 2, "method": "penalty"}
+    default = jobs.Job("old", "mnist_maxout_mlp", {**settings, "every": 1})
+    assert jobs.run_jobs(str(tmp_path), [default])["old"]["metrics"] == recorded
+    with pytest.raises(ValueError, match=r"other settings \(every: 1 -> 4\)"):
+        jobs.run_jobs(
+            str(tmp_path), [jobs.Job("old", "mnist_maxout_mlp", {**settings, "every": 4})]
+        )
