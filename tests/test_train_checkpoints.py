@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import keras
@@ -47,14 +46,3 @@ def test_states_keep_two_epochs_and_fall_back_from_an_unreadable_one(tmp_path):
     restored = _model(9)
     assert state.restore(restored) == 2
     _same(restored, saved[2])
-
-
-def test_a_backup_and_restore_backup_of_an_earlier_version_is_restored(tmp_path):
-    backup = tmp_path / "backup"
-    backup.mkdir()
-    old = _model(4)
-    old.save_weights(str(backup / "latest.weights.h5"))
-    (backup / "training_metadata.json").write_text(json.dumps({"epoch": 5, "batch": 0}))
-    restored = _model(9)
-    assert checkpoints.TrainingState(str(backup)).restore(restored) == 5
-    _same(restored, old)

@@ -21,9 +21,6 @@ from absl import logging
 
 WEIGHTS = "state.weights.h5"
 _EPOCH_DIR = re.compile(r"^epoch_(\d{6})$")
-# The files keras.callbacks.BackupAndRestore wrote (runs of earlier versions).
-_LEGACY_WEIGHTS = "latest.weights.h5"
-_LEGACY_METADATA = "training_metadata.json"
 
 
 def _fsync(path: str) -> None:
@@ -85,20 +82,7 @@ class TrainingState:
                 logging.warning("Backup of epoch %d unreadable (%s); trying older.", epoch, error)
                 continue
             return epoch
-        return self._restore_legacy(model)
-
-    def _restore_legacy(self, model: keras.Model) -> int:
-        weights = os.path.join(self.directory, _LEGACY_WEIGHTS)
-        metadata = os.path.join(self.directory, _LEGACY_METADATA)
-        if not (os.path.exists(weights) and os.path.exists(metadata)):
-            return 0
-        import json
-
-        with open(metadata) as f:
-            epoch = int(json.load(f)["epoch"])
-        model.load_weights(weights)
-        logging.info("Restored a BackupAndRestore backup of epoch %d.", epoch)
-        return epoch
+        return 0
 
 
 class SaveTrainingState(keras.callbacks.Callback):
