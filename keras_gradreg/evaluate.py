@@ -160,8 +160,10 @@ def run(args: argparse.Namespace) -> None:
     epsilons = _epsilons(args)
     model, kind = load_model(args.model)
     x, y, data_flag = load_data(args)
+    x, reshaped = fit_input_shape(model, x)
     print(f"model: {args.model} ({kind}); data: {data_flag}, {len(x)} examples, "
-          f"inputs {x.dtype} from {x.min():g} to {x.max():g}")  # fmt: skip
+          f"inputs {x.dtype} from {x.min():g} to {x.max():g}"
+          + (f", reshaped from {reshaped[0]} to {reshaped[1]}" if reshaped else ""))  # fmt: skip
     loss = _loss(model, x, y, args.from_logits, data_flag)
     if kind == "SavedModel":
         _check_gradients(model, x[:1])
@@ -183,6 +185,7 @@ def run(args: argparse.Namespace) -> None:
         "data": data_flag,
         "examples": len(x),
         "scale": args.scale,
+        "reshaped": reshaped,
         "from_logits": args.from_logits,
     }
     print(_detection_line(report.settings, args.from_logits))
@@ -286,6 +289,24 @@ def load_data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
     else:
         x = x.astype(np.float32) / np.float32(args.scale)
     return x, y, flag
+
+
+def fit_input_shape(model: keras.Model, x: np.ndarray) -> tuple[np.ndarray, list | None]:
+    """`x` reshaped to the model's input shape when only the layout differs.
+
+    MNIST's (n, 28, 28) for a model taking (28, 28, 1) or (784,): the same
+    values per example, in row-major order. Returns the inputs and
+    [shape before, shape after] per example, or None if left as they were.
+    """
+    try:
+        expected = tuple(model.inputs[0].shape)[1:] if len(model.inputs) == 1 else None
+    except (AttributeError, ValueError, TypeError):
+        expected = None
+    if not expected or None in expected or expected == x.shape[1:]:
+        return x, None
+    if math.prod(expected) != math.prod(x.shape[1:]):
+        return x, None  # Refused later, naming the shapes.
+    return x.reshape((len(x), *expected)), [list(x.shape[1:]), list(expected)]
 
 
 def _npz(path: str, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:

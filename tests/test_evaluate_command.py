@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -137,6 +138,23 @@ def test_exported_savedmodel_passes_gradients_and_gives_the_keras_models_report(
             reports[1]["gradient_norms"][p], rel=1e-5
         )
     assert reports[0]["settings"]["command"]["model_kind"] == "SavedModel"
+
+
+def test_inputs_are_reshaped_when_only_the_layout_differs(files, tmp_path, capsys):
+    """(n, 6) inputs for a model taking (2, 3): the same linear model after a Flatten."""
+    model = keras.Sequential(
+        [keras.Input((2, 3)), keras.layers.Flatten(), keras.layers.Dense(CLASSES)]
+    )
+    model.set_weights(linear_model().get_weights())
+    model.save(tmp_path / "grid.keras")
+    out = tmp_path / "out"
+    assert run(f"--model={tmp_path}/grid.keras", f"--npz={files}/data.npz", *FAST,
+               f"--output_dir={out}") == 0  # fmt: skip
+    report = read(out)
+    x, y, w = dataset()
+    assert report["clean_accuracy"] == pytest.approx(numpy_accuracy(x, y, w))
+    assert report["settings"]["command"]["reshaped"] == [[6], [2, 3]]
+    assert "reshaped from [6] to [2, 3]" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------- #
@@ -355,3 +373,61 @@ def test_import_registers_custom_layers(files, tmp_path):
                       path=tmp_path)  # fmt: skip
     assert accepted.returncode == 0, accepted.stderr[-2000:]
     assert read(tmp_path / "b")["num_examples"] == N
+
+
+# ---------------------------------------------------------------------- #
+# The commands in README.md and docs/evaluate.md, run as written.
+# ---------------------------------------------------------------------- #
+
+MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
+# What the test changes in each documented command: where the model, the data
+# and the outputs are, and (appended, so they win) budgets small enough for a test.
+CHEAP = ["--examples=20", "--steps=3", "--apgd_steps=3", "--fab_steps=3",
+         "--square_queries=10", "--verbose=0"]  # fmt: skip
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """(file, argv) of each shell block after an `evaluate-command` marker."""
+    found = []
+    for path in (ROOT / "README.md", ROOT / "docs" / "evaluate.md"):
+        blocks = re.findall(
+            r"<!-- evaluate-command[^>]*-->\s*```sh\n(.*?)```", path.read_text(), re.S
+        )
+        found += [(path.name, shlex.split(block)) for block in blocks]
+    return found
+
+
+def test_the_documented_commands_are_found():
+    commands = documented_commands()
+    assert [name for name, _ in commands] == ["README.md", "evaluate.md", "evaluate.md"]
+    for _, argv in commands:
+        assert argv[0] == "kgr-evaluate" or argv[:3] == ["python", "-m", "keras_gradreg.evaluate"]
+
+
+@pytest.mark.slow  # The standard suite (small budgets) on MNIST.
+@pytest.mark.skipif(not MNIST.exists(), reason="no MNIST file at ../shared/data")
+def test_docs_commands_run_as_written(tmp_path, monkeypatch):
+    with np.load(MNIST) as data:
+        x, y = data["x_train"][:1000].reshape(-1, 784) / 255.0, data["y_train"][:1000]
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(10)])
+    model.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=2, batch_size=100, verbose=0)
+    model.save(tmp_path / "model.keras")
+    model.export(str(tmp_path / "exported_model"), verbose=False)
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "shared" / "data" / "mnist.npz").symlink_to(MNIST)
+    (tmp_path / "checkout").mkdir()
+    monkeypatch.chdir(tmp_path / "checkout")  # ../shared/data/mnist.npz as written
+    for name, argv in documented_commands():
+        argv = argv[1:] if argv[0] == "kgr-evaluate" else argv[3:]
+        argv = [a.replace("--model=", f"--model={tmp_path}/") for a in argv]
+        assert command.main([*argv, *CHEAP]) == 0, (name, argv)
+        output_dir = next(a.split("=", 1)[1] for a in argv if a.startswith("--output_dir="))
+        report = read(output_dir)
+        assert report["num_examples"] == 20
+        assert report["settings"]["command"]["reshaped"] == [[28, 28], [784]]
+        suite = next((a.split("=")[1] for a in argv if a.startswith("--suite=")), "standard")
+        assert report["settings"]["suite"] == suite
+        if "--linf=0.1,0.3" in argv:
+            assert {r["epsilon"] for r in report["rows"]} == {0.1, 0.3}
