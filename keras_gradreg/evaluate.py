@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("square_queries", "Square queries"),
     ):  # fmt: skip
         add(f"--{name}", type=_positive, help=f"{what} (default: the library's)")
+    add("--sanity_examples", type=int, default=100,
+        help="examples APGD-CE attacks at the box diameter, to check accuracy falls to 0 "
+        "there (0 skips the check)")  # fmt: skip
     add("--output_dir", required=True, help="where robustness.json and robustness.png go")
     add("--verbose", choices=("auto", "0", "1", "2"), default="auto",
         help="1 a progress bar per attack, 2 a line per attack, 0 none; auto: 1 on a tty",
@@ -173,6 +176,7 @@ def run(args: argparse.Namespace) -> None:
         report = evaluate_robustness(
             model, (x, y), epsilons, _attacks(args), suite=args.suite, loss=loss,
             clip=args.clip, batch_size=args.batch_size, seed=args.seed, verbose=verbose,
+            sanity_examples=args.sanity_examples,
             **{k: v for k, v in budgets.items() if v is not None},
         )  # fmt: skip
     except data_lib.DataError as error:

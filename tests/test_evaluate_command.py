@@ -24,7 +24,14 @@ from keras_gradreg import evaluate as command
 
 ROOT = Path(__file__).resolve().parent.parent
 FEATURES, CLASSES, N = 6, 3, 24
-FAST = ["--suite=fast", "--steps=3", "--linf=0,0.2", "--l2=0.5", "--verbose=0"]
+FAST = [
+    "--suite=fast",
+    "--steps=3",
+    "--linf=0,0.2",
+    "--l2=0.5",
+    "--sanity_examples=0",
+    "--verbose=0",
+]
 
 
 def dataset(seed=0, n=N):
