@@ -86,3 +86,20 @@ def test_dual_exponents():
 def test_bad_p_is_rejected(bad):
     with pytest.raises(ValueError, match=r"Received: p="):
         kgr.dual_norm(tf.zeros((1, 2)), bad)
+
+
+# ---------------------------------------------------------------------- #
+# Cases added to kill mutants (docs/testing.md, "Mutation testing").
+# ---------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("p", P_VALUES)
+def test_one_example_keeps_its_batch_axis(p):
+    """A batch of one gives norms of shape (1,) and r* of g's shape, as NumPy's row norms."""
+    g = np.array([[3.0, -4.0, 1.0]])
+    norm = kgr.dual_norm(tf.constant(g), p).numpy()
+    assert norm.shape == (1,)
+    np.testing.assert_allclose(norm, ref.dual_norm(g, p), rtol=1e-12)
+    r = kgr.worst_case_perturbation(tf.constant(g), p, 0.5).numpy()
+    assert r.shape == (1, 3)
+    np.testing.assert_allclose(p_norm(r, p), [0.5], rtol=1e-12)

@@ -1,0 +1,108 @@
+"""keras_gradreg.balls against NumPy: cases added to kill mutants (docs/testing.md).
+
+The projections' main tests are in tests/test_attacks.py; these pin what
+they leave open: exact random points (the hash reproduced in NumPy by
+tests/members_reference.py), image-shaped batches with one radius per
+example, and the sign and sphere draws' exact support.
+"""
+
+from __future__ import annotations
+
+import math
+
+import members_reference as mref
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_gradreg import balls
+
+SEED = [7, 11]
+
+
+def _np_in_ball(p, radius, rows, size, positions):
+    """The documented draws: cube uniforms; normal direction times u^(1/d); L1 exponentials."""
+    if math.isinf(p):
+        return radius * (2.0 * mref.uniform(SEED, positions, size) - 1.0)
+    if p == 2.0:
+        direction = mref.normal(SEED, positions, size)
+        direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+        u = mref.uniform(SEED, positions, 1, stream=2)
+        return radius * u ** (1.0 / size) * direction
+    exponential = -np.log(1.0 - mref.uniform(SEED, positions, size + 1))
+    point = exponential[:, :-1] / exponential.sum(axis=1, keepdims=True)
+    signs = np.where(mref.uniform(SEED, positions, size, stream=1) < 0.5, -1.0, 1.0)
+    return radius * signs * point
+
+
+@pytest.mark.parametrize("p", [math.inf, 2.0, 1.0])
+def test_random_in_ball_equals_numpy_draws(p):
+    """Rows keyed 0..n-1 by default, or by `positions`; image shape and dtype kept."""
+    seed = tf.constant(SEED, tf.int64)
+    got = balls.random_in_ball([3, 2, 4], p, 0.25, seed, dtype=tf.float64).numpy()
+    assert got.shape == (3, 2, 4) and got.dtype == np.float64
+    want = _np_in_ball(p, 0.25, 3, 8, np.arange(3)).reshape(3, 2, 4)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+    positions = np.array([4, 0, 17])
+    keyed = balls.random_in_ball([3, 8], p, 0.25, seed, positions=tf.constant(positions))
+    want = _np_in_ball(p, 0.25, 3, 8, positions)
+    np.testing.assert_allclose(keyed.numpy(), want, rtol=2e-5, atol=1e-7)
+
+
+def test_random_signs_are_plus_or_minus_one():
+    signs = balls.random_signs([50, 4], tf.constant([1, 2]), tf.float64).numpy()
+    assert signs.dtype == np.float64
+    assert set(np.unique(signs)) == {-1.0, 1.0}
+    assert 0.3 < np.mean(signs > 0) < 0.7
+
+
+@pytest.mark.parametrize("p", [math.inf, 2.0, 1.0])
+def test_random_on_sphere_support(p):
+    """L-inf: every coordinate is +-radius; L2 and L1: the p-norm is radius; both signs occur."""
+    on = balls.random_on_sphere([40, 3, 2], p, 0.5, tf.constant([5, 6]), tf.float64).numpy()
+    assert on.shape == (40, 3, 2) and on.dtype == np.float64
+    flat = on.reshape(40, -1)
+    if math.isinf(p):
+        np.testing.assert_array_equal(np.abs(flat), 0.5)
+    else:
+        np.testing.assert_allclose(np.linalg.norm(flat, ord=p, axis=1), 0.5, rtol=1e-12)
+        assert np.abs(flat).min() > 0 and np.abs(flat).max() < 0.5
+    assert 0.3 < np.mean(flat > 0) < 0.7
+
+
+@pytest.mark.parametrize("p", [math.inf, 2.0, 1.0])
+def test_projection_of_image_batches_with_per_example_radius(p):
+    """Rank-3 rows, one radius each (a zero row and a zero radius among them)."""
+    rng = np.random.default_rng(4)
+    v = rng.normal(size=(4, 3, 2))
+    v[2] = 0.0
+    radius = np.array([0.3, 0.0, 0.7, 50.0])
+    got = balls.project_ball(tf.constant(v), p, tf.constant(radius)).numpy()
+    assert got.shape == v.shape
+    flat = v.reshape(4, -1)
+    if math.isinf(p):
+        want = np.clip(flat, -radius[:, None], radius[:, None])
+    elif p == 2.0:
+        norm = np.linalg.norm(flat, axis=1, keepdims=True)
+        want = flat * np.minimum(1.0, radius[:, None] / np.maximum(norm, 1e-300))
+    else:
+        want = []
+        for row, r in zip(flat, radius):
+            if np.abs(row).sum() <= r:
+                want.append(row)
+                continue
+            # The soft threshold theta with sum(max(|row| - theta, 0)) = r, by bisection.
+            lo, hi = 0.0, np.abs(row).max()
+            for _ in range(200):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if np.maximum(np.abs(row) - mid, 0).sum() > r else (lo, mid)
+            want.append(np.sign(row) * np.maximum(np.abs(row) - hi, 0))
+        want = np.stack(want)
+    np.testing.assert_allclose(got.reshape(4, -1), want, atol=1e-12)
+
+
+def test_ball_norm_accepts_only_exact_projections():
+    assert balls.ball_norm("inf") == math.inf and balls.ball_norm(1) == 1.0
+    assert balls.ball_norm(2) == 2.0
+    with pytest.raises(ValueError, match=r"Received: p=3"):
+        balls.ball_norm(3)

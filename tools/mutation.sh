@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Mutation testing of one library module with mutmut 3 (issue 19, section 6).
+#
+#   bash tools/mutation.sh MODULE            # run (or resume) MODULE's mutants
+#   bash tools/mutation.sh MODULE --fresh    # start again from a new copy of HEAD
+#   bash tools/mutation.sh MODULE --summary  # only print the tally and the survivors
+#   bash tools/mutation.sh MODULE --show NAME  # the diff of one mutant
+#
+# MODULE: norms, balls, subsets, flags, estimators (more in the table below).
+# The run happens in a copy of the committed tree (git archive HEAD) under
+# $MUTATION_DIR (default ~/.cache/keras_gradreg_mutation/MODULE), so it never
+# writes into the checkout and a second call resumes where the first stopped
+# (mutmut keeps every verdict in mutants/*.meta there). Only MODULE's file is
+# mutated, and each mutant runs only the listed test files' tests that call
+# the mutated function (mutmut's own selection), with -x: seconds per mutant.
+#
+# TensorFlow is not fork-safe once it has run an op: mutmut's default
+# "fork" isolation deadlocks (children sleep until the timeout). The
+# "forkserver" isolation keeps a server that has imported the tests but run
+# nothing, and forks each mutant's process from it.
+set -euo pipefail -o noglob
+
+usage() { sed -n '2,9p' "$0"; exit 2; }
+[[ $# -ge 1 ]] || usage
+module=$1
+shift
+names=""
+
+# MODULE -> file to mutate | test selection (pytest args) | mutant name globs (empty: all)
+case $module in
+  norms) file=keras_gradreg/norms.py
+    tests="tests/test_norms.py" ;;
+  balls) file=keras_gradreg/balls.py
+    tests="tests/test_mutation_kills_balls.py tests/test_attacks.py tests/test_members.py
+      -k 'balls or projection or random_points or hashed_starts'" ;;
+  subsets) file=keras_gradreg/_subsets.py
+    tests="tests/test_mutation_kills_subsets.py tests/test_lazy.py -k 'subsets or subset_term'" ;;
+  flags) file=keras_gradreg/robustness/flags.py
+    tests="tests/test_mutation_kills_flags.py tests/test_robustness.py
+      -k 'flags and not flagged or flag_logic'" ;;
+  estimators) file=keras_gradreg/objective.py
+    tests="tests/test_golden.py tests/test_nonlinear_golden.py"
+    names="" ;;
+  *) echo "unknown module: $module" >&2; usage ;;
+esac
+if [[ $module == estimators ]]; then
+  # The functions that compute the penalty, adversarial, finite-difference and TRADES terms.
+  for f in penalty_objective perturbed_objective _penalty _finite_difference \
+    _adversarial_weights _trades_term _times _closed_form_perturbation \
+    _nan_gradient_unless_finite _clean_pass_and_input_gradient; do
+    names+=" keras_gradreg.objective.x_${f}__mutmut_*"
+  done
+fi
+repo=$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)
+work=${MUTATION_DIR:-$HOME/.cache/keras_gradreg_mutation}/$module
+action=run
+case ${1:-} in
+  --fresh) rm -rf "$work"; shift ;;
+  --summary) action=summary; shift ;;
+  --show) action=show; shift ;;
+esac
+
+if [[ ! -d $work ]]; then
+  mkdir -p "$work"
+  git -C "$repo" archive HEAD keras_gradreg tests setup.cfg pyproject.toml | tar -xf - -C "$work"
+  selection=$(python - "$tests" <<'PY'
+import shlex, sys
+print(", ".join(f'"{a}"' for a in shlex.split(sys.argv[1])))
+PY
+)
+  cat >>"$work/pyproject.toml" <<CFG
+
+[tool.mutmut]
+source_paths = ["keras_gradreg"]
+only_mutate = ["$file"]
+pytest_add_cli_args = ["-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", "-o", "addopts=-m 'not slow'"]
+pytest_add_cli_args_test_selection = [$selection]
+process_isolation = "forkserver"
+forkserver_warmup = "collect"
+CFG
+fi
+
+cd "$work"
+case $action in
+  run)
+    globs=$names
+    if [[ -n $names && -f mutants/$file.meta ]]; then
+      # mutmut reruns every mutant it is given by name: give it only the unchecked ones.
+      # shellcheck disable=SC2086
+      names=$(python "$repo/tools/mutation_summary.py" "$file" --pending --globs $names)
+      [[ -n $names ]] || { python "$repo/tools/mutation_summary.py" "$file"; exit 0; }
+    fi
+    # One worker: the machine is shared. mutmut exits non-zero when mutants survive.
+    # shellcheck disable=SC2086
+    mutmut run --max-children "${MUTATION_JOBS:-1}" $names "$@" || true
+    # shellcheck disable=SC2086
+    python "$repo/tools/mutation_summary.py" "$file" ${globs:+--globs $globs} ;;
+  summary)
+    # shellcheck disable=SC2086
+    python "$repo/tools/mutation_summary.py" "$file" ${names:+--globs $names} ;;
+  show) mutmut show "$@" ;;
+esac
