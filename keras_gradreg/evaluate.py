@@ -337,12 +337,17 @@ def _tfds(name: str, split: str, examples: int | None) -> tuple[np.ndarray, np.n
         ) from error  # fmt: skip
     chosen = split if examples is None else f"{split}[:{examples}]"
     try:
-        x, y = tfds.as_numpy(tfds.load(name, split=chosen, as_supervised=True, batch_size=-1))
+        dataset = tfds.load(name, split=chosen, as_supervised=True)
+        if examples is not None:
+            dataset = dataset.take(examples)
+        batches = list(tfds.as_numpy(dataset.batch(1024)))
     except Exception as error:  # noqa: BLE001 (unknown name, split, download failure)
         raise RefusedError(
             "--tfds", f"cannot load {name!r} split {chosen!r}: {_line(error)}"
         ) from error
-    return x, y
+    if not batches:
+        raise RefusedError("--tfds", f"{name!r} split {chosen!r} holds no examples")
+    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
 
 
 def _loss(model, x, y, from_logits: str, data_flag: str):

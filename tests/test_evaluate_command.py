@@ -265,6 +265,28 @@ def test_tfds_without_tensorflow_datasets_names_the_extra(files, tmp_path, capsy
     assert not out.exists()
 
 
+@pytest.mark.slow  # tensorflow-datasets' import and mock data.
+def test_tfds_data_through_mock_data(tmp_path):
+    """--tfds reads the split as (image, label) pairs, takes --examples, scales uint8."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    model = keras.Sequential(
+        [keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(10)]
+    )
+    model.save(tmp_path / "mnist.keras")
+    out = tmp_path / "out"
+    with tfds.testing.mock_data(num_examples=30):
+        assert run(f"--model={tmp_path}/mnist.keras", "--tfds=mnist", "--examples=12", *FAST,
+                   f"--output_dir={out}") == 0  # fmt: skip
+        pairs = list(tfds.as_numpy(tfds.load("mnist", split="test", as_supervised=True).take(12)))
+    x = np.stack([image for image, _ in pairs]).astype("float32") / 255.0
+    y = np.array([label for _, label in pairs])
+    report = read(out)
+    assert report["num_examples"] == 12
+    assert report["settings"]["command"]["data"] == "--tfds=mnist --split=test"
+    expected = np.mean(np.argmax(model.predict(x, verbose=0), axis=1) == y)
+    assert report["clean_accuracy"] == pytest.approx(expected)
+
+
 def test_a_failed_write_leaves_no_partial_output(files, tmp_path, monkeypatch):
     out = tmp_path / "out"
 
