@@ -416,9 +416,9 @@ CHEAP = ["--examples=20", "--steps=3", "--apgd_steps=3", "--fab_steps=3",
 
 
 def documented_commands() -> list[tuple[str, list[str]]]:
-    """(file, argv) of each shell block after an `evaluate-command` marker."""
+    """(file, argv) of each shell block after an `evaluate-command` marker in the docs."""
     found = []
-    for path in (ROOT / "README.md", ROOT / "docs" / "evaluate.md"):
+    for path in (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))):
         blocks = re.findall(
             r"<!-- evaluate-command[^>]*-->\s*```sh\n(.*?)```", path.read_text(), re.S
         )
@@ -428,7 +428,8 @@ def documented_commands() -> list[tuple[str, list[str]]]:
 
 def test_the_documented_commands_are_found():
     commands = documented_commands()
-    assert [name for name, _ in commands] == ["README.md", "evaluate.md", "evaluate.md"]
+    names = [name for name, _ in commands]
+    assert names.count("evaluate.md") == 2 and "README.md" in names, names
     for _, argv in commands:
         assert argv[0] == "kgr-evaluate" or argv[:3] == ["python", "-m", "keras_gradreg.evaluate"]
 
