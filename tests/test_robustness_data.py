@@ -189,6 +189,18 @@ def test_detection_reads_one_output_as_a_sigmoid_and_rows_within_the_tolerance()
     assert not data_lib.looks_like_probabilities(np.array([[1.2, -0.2]]))  # Sums to 1.
 
 
+def test_the_detection_is_printed_unless_silent(capsys):
+    x, y = examples()
+    args = dict(epsilons={math.inf: [0.0]}, attacks=("fgsm",), sanity_examples=0)
+    evaluate_robustness(functional("softmax"), (x, y), verbose=2, **args)
+    assert capsys.readouterr().out.startswith(
+        "No compiled loss: the outputs on the 12 examples look like probabilities, so the "
+        "attacks use cross-entropy with from_logits=False.\n"
+    )
+    evaluate_robustness(functional("softmax"), (x, y), verbose=0, **args)
+    assert capsys.readouterr().out == ""
+
+
 def test_compiled_and_given_losses_are_recorded_as_such():
     x, y = examples()
     model = functional()

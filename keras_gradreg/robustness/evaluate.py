@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -198,6 +199,13 @@ def _choose_loss(plan: _Plan, model, loss, y, outputs) -> _Plan:
     outputs_read = "probabilities" if probabilities else "logits"
     if loss is None and getattr(model, "loss", None) is None:
         detected = data_lib.cross_entropy(y, outputs, from_logits=not probabilities)
+        if plan.verbose:
+            print(
+                f"No compiled loss: the outputs on the {len(y)} examples look like "
+                f"{outputs_read}, so the attacks use cross-entropy with "
+                f"from_logits={not probabilities}.",
+                file=sys.stdout,
+            )
         settings = dataclasses.replace(
             plan.attack_settings, loss=detected, from_logits=not probabilities
         )
