@@ -103,3 +103,24 @@ def test_one_example_keeps_its_batch_axis(p):
     r = kgr.worst_case_perturbation(tf.constant(g), p, 0.5).numpy()
     assert r.shape == (1, 3)
     np.testing.assert_allclose(p_norm(r, p), [0.5], rtol=1e-12)
+
+
+@pytest.mark.parametrize("p", [1.5, 2.0, 3.0])
+@pytest.mark.parametrize("magnitude", [1e-30, 1e30])
+def test_perturbation_of_tiny_and_huge_float32_gradients(p, magnitude):
+    """r* depends only on g's direction: rows near float32's limits give NumPy's r* exactly."""
+    g = np.array([[3.0, -4.0], [1.0, 2.0]], "float32") * np.float32(magnitude)
+    r = kgr.worst_case_perturbation(tf.constant(g), p, 0.5).numpy()
+    unit = np.array([[3.0, -4.0], [1.0, 2.0]])
+    np.testing.assert_allclose(r, 0.5 * ref.direction(unit, p), rtol=1e-5)
+
+
+def test_per_example_sigma_of_another_dtype_and_in_a_graph():
+    """A float64 sigma tensor with float32 gradients, eagerly and traced: ||r*||_2 = sigma."""
+    g = np.random.default_rng(5).normal(size=(3, 5)).astype("float32")
+    sigma = tf.constant([0.1, 1.0, 2.0], tf.float64)
+    r = kgr.worst_case_perturbation(tf.constant(g), 2, sigma)
+    assert r.dtype == tf.float32
+    np.testing.assert_allclose(p_norm(r.numpy(), 2), sigma.numpy(), rtol=1e-6)
+    traced = tf.function(lambda t, s: kgr.worst_case_perturbation(t, 2, s))
+    np.testing.assert_allclose(p_norm(traced(g, sigma).numpy(), 2), sigma.numpy(), rtol=1e-6)
