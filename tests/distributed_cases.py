@@ -5,8 +5,13 @@ tests run this file in a subprocess:
 
     python tests/distributed_cases.py mirrored OUT.json
     python tests/distributed_cases.py lazy OUT.json      # every, fraction, schedules
-    python tests/distributed_cases.py worker OUT.npz   # with TF_CONFIG set
-    python tests/distributed_cases.py single OUT.npz
+    TF_CONFIG=... python tests/distributed_cases.py worker OUT.npz SETTINGS_JSON
+    python tests/distributed_cases.py single OUT.npz SETTINGS_JSON
+
+SETTINGS_JSON is a list of `kgr.GradientRegularizer` argument dicts, trained
+one after the other in the same process (tests/test_multi_worker_methods.py);
+OUT.npz gets, for setting i, its final weights (`i/w0`, `i/w1`, ...) and its
+`evaluate` loss (`i/evaluation_loss`).
 """
 
 from __future__ import annotations
@@ -265,27 +270,44 @@ def lazy(out_path: str) -> None:
         json.dump(results, f)
 
 
-def multi_worker(out_path: str) -> None:
+def train_settings(strategy, settings_list: list, dataset) -> dict:
+    """Two epochs of each setting on `dataset`, then `evaluate`: weights and loss by index."""
+    results = {}
+    for index, settings in enumerate(settings_list):
+        with strategy.scope():
+            plain = plain_model()
+            model = kgr.RegularizedModel(plain.inputs, plain.outputs, regularizer=settings)
+            model.compile(
+                optimizer=keras.optimizers.SGD(0.1, momentum=0.5),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                jit_compile=True,
+            )
+        model.fit(dataset, epochs=2, verbose=0)
+        evaluation = model.evaluate(dataset, verbose=0, return_dict=True)
+        for k, weight in enumerate(model.get_weights()):
+            results[f"{index}/w{k}"] = weight
+        results[f"{index}/evaluation_loss"] = np.asarray(evaluation["loss"])
+    return results
+
+
+def multi_worker(out_path: str, settings_json: str) -> None:
     """One of two workers; each global batch is split between them by TF."""
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     x, y = problem()
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH).with_options(options)
-    with strategy.scope():
-        model = build("penalty")
-    model.fit(dataset, epochs=1, verbose=0)
-    evaluation = model.evaluate(dataset, verbose=0, return_dict=True)
-    np.savez(out_path, *model.get_weights(), evaluation_loss=evaluation["loss"])
+    np.savez(out_path, **train_settings(strategy, json.loads(settings_json), dataset))
 
 
-def single(out_path: str) -> None:
-    model, _ = train(tf.distribute.get_strategy(), "penalty")
+def single(out_path: str, settings_json: str) -> None:
+    """The same settings in one process on one device."""
     x, y = problem()
-    evaluation = model.evaluate(x, y, batch_size=GLOBAL_BATCH, verbose=0, return_dict=True)
-    np.savez(out_path, *model.get_weights(), evaluation_loss=evaluation["loss"])
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
+    results = train_settings(tf.distribute.get_strategy(), json.loads(settings_json), dataset)
+    np.savez(out_path, **results)
 
 
 if __name__ == "__main__":
     cases = {"mirrored": mirrored, "lazy": lazy, "worker": multi_worker, "single": single}
-    cases[sys.argv[1]](sys.argv[2])
+    cases[sys.argv[1]](*sys.argv[2:])

@@ -1,30 +1,23 @@
 """Two worker processes train like one, for every method (README: "for every method").
 
-Each worker is a subprocess (tests/multi_worker_cases.py) under
+Each worker is a subprocess (tests/distributed_cases.py, "worker") under
 `MultiWorkerMirroredStrategy` on 127.0.0.1; all settings train in the same
 pair of processes, one after the other, and are compared with one process
-on the same global batches.
+("single") on the same global batches. `evaluate` on the workers (broken in
+stock Keras 3.15 under this strategy) gives one process's loss.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
-import os
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from cluster import CASES, run_case, run_workers
 
 from keras_gradreg.regularizer import METHODS, GradientRegularizer
-
-CASES = Path(__file__).with_name("multi_worker_cases.py")
-ROOT = CASES.parent.parent
-PYTHONPATH = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 BASE = dict(p=2, sigma=0.5)
 SETTINGS = [
@@ -39,49 +32,20 @@ if "steps" in inspect.signature(GradientRegularizer).parameters:
     SETTINGS.append(dict(BASE, method="adversarial", steps=3))
 
 
-def reserve_ports(count: int) -> list[int]:
-    """`count` distinct free ports: all sockets stay bound until every port is chosen."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-
-
-def _env(**extra) -> dict:
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": PYTHONPATH, **extra}
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multi_worker")
     settings = json.dumps(SETTINGS)
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in reserve_ports(2)]}
-    workers = []
-    for index in range(2):
-        tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
-        workers.append(
-            subprocess.Popen(
-                [sys.executable, str(CASES), "worker", str(tmp / f"worker{index}.npz"), settings],
-                env=_env(TF_CONFIG=json.dumps(tf_config)),
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    for worker in workers:
-        output, _ = worker.communicate(timeout=900)
-        assert worker.returncode == 0, output[-5000:]
-    single = subprocess.run(
-        [sys.executable, str(CASES), "single", str(tmp / "single.npz"), settings],
-        env=_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    run_workers(
+        lambda index: [
+            sys.executable,
+            str(CASES),
+            "worker",
+            str(tmp / f"worker{index}.npz"),
+            settings,
+        ]
     )
-    assert single.returncode == 0, single.stderr[-5000:]
+    run_case("single", str(tmp / "single.npz"), settings, timeout=900)
     return {name: dict(np.load(tmp / f"{name}.npz")) for name in ("worker0", "worker1", "single")}
 
 
