@@ -3,6 +3,7 @@
 #
 #   bash tools/mutation.sh MODULE            # run (or resume) MODULE's mutants
 #   bash tools/mutation.sh MODULE --fresh    # start again from a new copy of HEAD
+#   bash tools/mutation.sh MODULE --survivors  # check the survivors again (new tests)
 #   bash tools/mutation.sh MODULE --summary  # only print the tally and the survivors
 #   bash tools/mutation.sh MODULE --show NAME  # the diff of one mutant
 #
@@ -37,7 +38,7 @@ case $module in
     tests="tests/test_mutation_kills_subsets.py tests/test_lazy.py -k 'subsets or subset_term'" ;;
   flags) file=keras_gradreg/robustness/flags.py
     tests="tests/test_mutation_kills_flags.py tests/test_robustness.py
-      -k 'flags and not flagged or flag_logic'" ;;
+      -k 'mutation_kills_flags or flag_logic_on_constructed'" ;;
   estimators) file=keras_gradreg/objective.py
     tests="tests/test_golden.py tests/test_nonlinear_golden.py"
     names="" ;;
@@ -57,6 +58,7 @@ action=run
 case ${1:-} in
   --fresh) rm -rf "$work"; shift ;;
   --summary) action=summary; shift ;;
+  --survivors) action=survivors; shift ;;
   --show) action=show; shift ;;
 esac
 
@@ -73,11 +75,14 @@ PY
 [tool.mutmut]
 source_paths = ["keras_gradreg"]
 only_mutate = ["$file"]
-pytest_add_cli_args = ["-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", "-o", "addopts=-m 'not slow'"]
+pytest_add_cli_args = ["-x", "-p", "no:randomly", "-p", "no:cacheprovider", "-q", "-o", "addopts=-m 'not slow'"]
 pytest_add_cli_args_test_selection = [$selection]
 process_isolation = "forkserver"
 forkserver_warmup = "collect"
 CFG
+else
+  # Resume with the committed tests and source (mutmut keeps the verdicts of unchanged code).
+  git -C "$repo" archive HEAD keras_gradreg tests | tar -xf - -C "$work"
 fi
 
 cd "$work"
@@ -95,6 +100,13 @@ case $action in
     mutmut run --max-children "${MUTATION_JOBS:-1}" $names "$@" || true
     # shellcheck disable=SC2086
     python "$repo/tools/mutation_summary.py" "$file" ${globs:+--globs $globs} ;;
+  survivors)
+    # shellcheck disable=SC2086
+    open=$(python "$repo/tools/mutation_summary.py" "$file" --open ${names:+--globs $names})
+    # shellcheck disable=SC2086
+    [[ -z $open ]] || mutmut run --max-children "${MUTATION_JOBS:-1}" $open || true
+    # shellcheck disable=SC2086
+    python "$repo/tools/mutation_summary.py" "$file" ${names:+--globs $names} ;;
   summary)
     # shellcheck disable=SC2086
     python "$repo/tools/mutation_summary.py" "$file" ${names:+--globs $names} ;;

@@ -1,6 +1,6 @@
 """Tally of a mutmut 3 run for one module (run by tools/mutation.sh, in its work directory).
 
-Usage: python tools/mutation_summary.py FILE [--globs G ...] [--pending]
+Usage: python tools/mutation_summary.py FILE [--globs G ...] [--pending | --open]
 
 Counts the verdicts in mutants/FILE.meta. Timeouts count as killed (issue 19);
 mutants that change only the text of a raised error's message are excluded
@@ -8,7 +8,7 @@ mutants that change only the text of a raised error's message are excluded
 blanked); mutants listed in tools/mutation_equivalent.txt (`name  reason`)
 are equivalent. Prints the score (killed / (total - excluded - equivalent))
 and every other survivor. With --pending, prints only the names not yet
-checked (for `mutmut run NAME...`).
+checked, with --open only those not killed (for `mutmut run NAME...`).
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ def main() -> int:
     parser.add_argument("file")
     parser.add_argument("--globs", nargs="*", default=[])
     parser.add_argument("--pending", action="store_true")
+    parser.add_argument("--open", action="store_true")
     args = parser.parse_args()
     meta = json.loads(pathlib.Path(f"mutants/{args.file}.meta").read_text())
     verdicts = meta["exit_code_by_key"]
@@ -92,6 +93,16 @@ def main() -> int:
     messages = message_only(source)
     excluded = {k for k in verdicts if k.split(".")[-1] in messages}
     equivalent = {k: r for k, r in equivalents().items() if k in verdicts}
+    if args.open:
+        settled = KILLED.keys() | TIMEOUT | {None}
+        print(
+            " ".join(
+                k
+                for k, v in sorted(verdicts.items())
+                if v not in settled and k not in excluded and k not in equivalent
+            )
+        )
+        return 0
     counts = {"killed": 0, "timeout": 0, "survived": 0, "no tests": 0, "other": 0, "unchecked": 0}
     open_ = []
     for name, code in sorted(verdicts.items()):
