@@ -53,8 +53,18 @@ def _assert_png(path):
     assert os.path.getsize(path) > 1000
 
 
-@pytest.mark.parametrize("preset", list(config_lib.PRESETS))
-def test_preset_end_to_end(preset, tmp_path):
+class TestPresets:
+    """A class is its own pytest-xdist scope under `--dist loadscope`: the presets
+    (the module's longest part) can run on one worker while the module's other
+    tests run on the other."""
+
+    @pytest.mark.parametrize("preset", list(config_lib.PRESETS))
+    def test_preset_end_to_end(self, preset, tmp_path):
+        check_preset_end_to_end(preset, tmp_path)
+
+
+def check_preset_end_to_end(preset, tmp_path):
+    """A preset trains, evaluates and writes consistent files (tiny budgets, mock data)."""
     # The CIFAR-10 network compiles for long under XLA: test it without.
     jit = preset != "cifar10_conv_maxout"
     config = config_lib.make_config(preset, jit_compile=jit, **TINY)
