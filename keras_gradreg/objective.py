@@ -111,6 +111,7 @@ def regularized_loss(
     training: bool = True,
     loss_scale: float | tf.Tensor | None = None,
     step: int | tf.Tensor | tf.Variable | None = None,
+    fixed_settings: bool | None = None,
 ) -> RegularizedLoss:
     """The regularised loss of one batch, for a custom training loop.
 
@@ -119,18 +120,39 @@ def regularized_loss(
     share the step's dropout masks; the pass at x + r* leaves no trace in
     the model's state. Eager, `tf.function`, XLA, and under `strategy.run`.
 
-    With `every > 1` the term is computed when `step % every == 0` (pass the
-    optimizer's `iterations`, as `fit` uses); the choice is made at run time
-    (a `tf.cond`, differentiated through), so a traced step serves every
-    step. `sigma` and `clean_weight` are read from the regularizer's
-    variables, so assigning them between steps needs no retracing.
+    With `every > 1` (or `fraction < 1`) the term is computed when
+    `step % every == 0` (pass the optimizer's `iterations`, as `fit` uses);
+    the choice is made at run time by a `tf.cond` around the term's own
+    passes (differentiated through; the clean pass is outside it), so a
+    traced step serves every step and a skipped step runs what a plain step
+    does.
 
-    Cost: with `every=1, fraction=1` there is no run-time branch, so a
-    sigma = 0 step costs a regularised one (its values and gradients are the
-    plain objective's), and "adversarial" differentiates its clean loss
-    even at clean_weight 0. `fit` skips both. With `every > 1` or
-    `fraction < 1` under XLA on a CPU, the branch makes every step of a
-    convolutional network slow (bench/README.md): use `fit` there.
+    **Settings read at run time or fixed when traced.** By default (a
+    `GradientRegularizer` object) `sigma` and `clean_weight` are read from
+    the regularizer's variables at every step, so assigning them between
+    steps (a schedule) needs no retracing. The step then cannot know at
+    trace time that either is 0: with `every=1, fraction=1` a sigma = 0
+    step computes the term and selects the plain objective's values and
+    gradients (the cost of a regularised step), and "adversarial" at
+    clean_weight 0 still differentiates its clean loss (multiplied by 0).
+    With `fixed_settings=True` (the default for a dict or None, whose
+    settings nobody can assign) they are Python numbers read once, when
+    the step is traced, like any Python number in a `tf.function`: sigma = 0
+    traces the plain objective alone, clean_weight = 0 leaves the clean
+    loss out of `total`, and a step costs what a hand-written step of the
+    same constant objective does. Assigning them later does not reach a
+    step traced before: trace a new `tf.function`.
+
+    With `every > 1` or `fraction < 1` under XLA on a CPU, the steps that
+    compute the term are slow on a convolutional network (XLA runs the
+    convolution gradients inside a conditional as naive loops), and the
+    skipped steps write zeros for the term's intermediate values
+    (bench/README.md): use `fit` there, or no XLA.
+
+    Outputs not used are not computed inside a `tf.function`: when only
+    `total` is differentiated and it does not depend on the clean pass (an
+    ascent from a random start at a fixed clean_weight 0), the clean
+    forward pass behind `data_loss` and `y_pred` is pruned.
 
     Args:
         model: The Keras model; called as `model(x, training=training)`.
@@ -155,6 +177,10 @@ def regularized_loss(
             `optimizer.scale_loss(result.total)`). None: no scaling.
         step: The training step's index (`optimizer.iterations`): needed
             when the regularizer's `every` is above 1, ignored otherwise.
+        fixed_settings: Whether sigma and clean_weight are the regularizer's
+            values when the step is traced (True) or read from its variables
+            at every step (False). None: True for a dict or None
+            `regularizer`, False for a `GradientRegularizer`.
 
     Returns:
         A `RegularizedLossResult(total, data_loss, penalty, y_pred)`.
@@ -164,6 +190,13 @@ def regularized_loss(
             floating-point tensor while sigma > 0.
     """
     _check_layer_and_training(model, training)
+    if fixed_settings is None:
+        fixed_settings = not isinstance(regularizer, GradientRegularizer)
+    elif not isinstance(fixed_settings, bool):
+        raise ValueError(
+            "`fixed_settings` must be True, False or None. "
+            f"Received: fixed_settings={fixed_settings!r}"
+        )
     regularizer = _shared_regularizer(regularizer)
     reduced_loss = _reduced_loss(loss_fn)
     if regularizer.fraction < 1.0:
@@ -182,7 +215,14 @@ def regularized_loss(
         return y_pred, loss
 
     return regularized_objective(
-        model, forward, x, regularizer, loss_scale=loss_scale, step=step, divergence=divergence
+        model,
+        forward,
+        x,
+        regularizer,
+        loss_scale=loss_scale,
+        step=step,
+        divergence=divergence,
+        fixed_settings=fixed_settings,
     )
 
 
@@ -211,12 +251,17 @@ def regularized_objective(
     extra_state: list | tuple = (),
     step: int | tf.Tensor | tf.Variable | None = None,
     divergence: KLDivergence | None = None,
+    fixed_settings: bool = False,
 ) -> RegularizedLoss:
     """The regularised objective of one batch, by the regularizer's estimator.
 
-    The choice between the plain and the regularised objective (sigma = 0,
-    or a step that `every` skips) is made at run time by a `tf.switch_case`
-    that the caller's tape differentiates through.
+    The choice between the plain and the regularised objective (a step that
+    `every` skips, or sigma = 0) is made at run time by a `tf.cond` around
+    the term's passes that the caller's tape differentiates through
+    (`_plain_outside_branch`); with `every=1, fraction=1` there is no
+    branch (`_term_unless_sigma`). With
+    `fixed_settings`, sigma and clean_weight are the regularizer's Python
+    values at trace time and their zeros are skipped when traced.
 
     Args:
         model: The model `forward` calls (its seed generators and
@@ -229,16 +274,81 @@ def regularized_objective(
             pass must leave untouched (e.g. per-output loss trackers).
         step: The training step's index; needed when `regularizer.every > 1`.
         divergence: The KL of "trades" (`trades_divergence`); None otherwise.
+        fixed_settings: Read sigma and clean_weight when traced, not from
+            their variables.
 
     Returns:
         A `RegularizedLoss`.
     """
+    if fixed_settings:
+        return _fixed_objective(
+            model,
+            forward,
+            x,
+            _FixedSettings(regularizer),
+            loss_scale,
+            extra_state,
+            step,
+            divergence,
+        )
     branches = objective_branches(
         model, forward, x, regularizer, loss_scale, extra_state, step, divergence
     )
-    if regularizer.every == 1 and regularizer.fraction == 1.0 and len(branches.functions) > 1:
+    if len(branches.functions) == 1:
+        return branches.run()
+    if regularizer.every == 1 and regularizer.fraction == 1.0:
         return _term_unless_sigma(branches.functions[1], regularizer)
-    return branches.run()
+    return _plain_outside_branch(model, forward, x, branches, extra_state)
+
+
+class _FixedSettings:
+    """A regularizer whose sigma and clean_weight are constants: its values when traced."""
+
+    def __init__(self, regularizer: GradientRegularizer):
+        self._regularizer = regularizer
+        self._sigma = tf.constant(regularizer.sigma, tf.float32)
+        self._clean_weight = tf.constant(regularizer.clean_weight, tf.float32)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._regularizer, name)
+
+    def sigma_tensor(self) -> tf.Tensor:
+        return self._sigma
+
+    def clean_weight_tensor(self) -> tf.Tensor:
+        return self._clean_weight
+
+
+def _fixed_objective(
+    model, forward, x, regularizer: _FixedSettings, loss_scale, extra_state, step, divergence
+) -> RegularizedLoss:
+    """`regularized_objective` with sigma and clean_weight known when traced.
+
+    sigma = 0 is the plain objective, with no branch; with `every=1,
+    fraction=1` the term is computed with no branch either, and at
+    clean_weight 0 "adversarial" leaves the clean loss out of `total`.
+    Only `every > 1` and `fraction < 1` still choose at run time.
+    """
+    if regularizer.sigma == 0.0:
+        return plain_objective(forward, x)
+    if regularizer.every > 1 or regularizer.fraction < 1.0:
+        branches = objective_branches(
+            model, forward, x, regularizer, loss_scale, extra_state, step, divergence
+        )
+        return _plain_outside_branch(model, forward, x, branches, extra_state)
+    if not floating_inputs(x):  # Raises the missing-input error.
+        objective_branches(model, forward, x, regularizer, loss_scale, extra_state, step)
+    skip_clean = _clean_gradient_can_be_skipped(regularizer) and regularizer.clean_weight == 0.0
+    return term_objective(
+        model,
+        forward,
+        x,
+        regularizer,
+        loss_scale,
+        extra_state,
+        clean_gradient=not skip_clean,
+        divergence=divergence,
+    )
 
 
 class Branches(NamedTuple):
@@ -371,9 +481,7 @@ def term_objective(
 ) -> RegularizedLoss:
     """The regularised objective with the term multiplied by `every`, on the batch or a subset."""
     if regularizer.fraction < 1.0:
-        return subset_objective(
-            model, forward, x, regularizer, loss_scale, extra_state, divergence
-        )
+        return subset_objective(model, forward, x, regularizer, loss_scale, extra_state, divergence)
     if regularizer.method == "penalty":
         return penalty_objective(forward, x, regularizer, loss_scale, scale=regularizer.every)
     return perturbed_objective(
@@ -424,18 +532,20 @@ def perturbed_objective(
     ("finite_difference"), or the last iterate of the ascent (multi-step
     "adversarial", "trades"), held constant. The second pass draws the clean
     pass's dropout masks and leaves no trace in the model's state. The term
-    is multiplied by `scale`; `clean_gradient=False` drops the clean loss's
-    gradient, valid only where its weight is 0 ("adversarial", clean_weight
-    0, scale 1).
+    is multiplied by `scale`; `clean_gradient=False` leaves the clean loss
+    out of `total` (so that it is not differentiated, and inside a
+    `tf.function` not computed unless `data_loss` or `y_pred` is used), valid
+    only where its weight is 0 ("adversarial", clean_weight 0, scale 1).
     """
     clean, moved = _clean_and_moved_passes(
         model, forward, x, regularizer, loss_scale, extra_state, divergence
     )
     (y_pred, loss), (moved_pred, moved_loss) = clean, moved
     if regularizer.method == "adversarial":
-        clean_loss = loss if clean_gradient else tf.stop_gradient(loss)
         clean_weight, moved_weight = _adversarial_weights(regularizer, scale, loss.dtype)
-        total = clean_weight * clean_loss + moved_weight * moved_loss
+        total = moved_weight * moved_loss
+        if clean_gradient:
+            total = clean_weight * loss + total
         return RegularizedLoss(total, loss, moved_loss, y_pred)
     if regularizer.method == "trades":
         penalty = _trades_term(regularizer, divergence, y_pred, moved_pred, loss.dtype)
@@ -492,9 +602,7 @@ def subset_objective(
             weight = 1.0 - tf.cast(regularizer.clean_weight_tensor(), loss.dtype)
             penalty, term = moved_loss, weight * (moved_loss - rows_loss)
         elif regularizer.method == "trades":
-            penalty = _trades_term(
-                regularizer, divergence, rows_pred, moved_pred, loss.dtype, rows
-            )
+            penalty = _trades_term(regularizer, divergence, rows_pred, moved_pred, loss.dtype, rows)
             term = penalty
         else:
             penalty = _finite_difference(regularizer, moved_loss, rows_loss)
@@ -773,6 +881,37 @@ def _plain_unless_sigma(forward: Forward, x: Any, regularizer: GradientRegulariz
     nan = tf.where(regularizer.sigma_tensor() > 0.0, float("nan"), 0.0)
     total = result.total + tf.cast(nan, result.total.dtype)
     return result._replace(total=total, penalty=result.penalty + tf.cast(nan, result.total.dtype))
+
+
+def _plain_outside_branch(
+    model, forward: Forward, x: Any, branches: Branches, extra_state
+) -> RegularizedLoss:
+    """L(x) outside any branch, plus the term's part, `total - data_loss`, in a `tf.cond`.
+
+    `regularized_objective`'s form for a run-time choice (`every`, `fraction`)
+    that the caller's tape differentiates through. Only the term's own passes
+    are in the conditional, so a step that skips it runs the plain forward
+    and backward passes as a plain step does (an untaken `tf.cond` costs
+    nothing measurable without XLA, where a differentiated `tf.cond` holding
+    the plain objective cost 1.5x: bench/README.md). The term's passes start
+    from the state before the clean pass (seeds, BatchNorm statistics), so
+    they draw its dropout masks and the step updates the state once.
+    """
+    seed_states = [generator.state for generator in randomness.seed_generators(model)]
+    state = [*seed_states, *_state_outside(model, seed_states, extra_state)]
+    before = randomness.snapshot(state)
+    y_pred, loss = forward(x)
+
+    def regularized():
+        randomness.restore(state, before)
+        term = branches.functions[1]()
+        return term.total - term.data_loss, tf.cast(term.penalty, loss.dtype)
+
+    def plain():
+        return tf.zeros_like(loss), tf.zeros_like(loss)
+
+    extra, penalty = tf.cond(tf.greater(branches.index, 0), regularized, plain)
+    return RegularizedLoss(loss + extra, loss, penalty, y_pred)
 
 
 def _term_unless_sigma(term: Callable[[], RegularizedLoss], regularizer) -> RegularizedLoss:
