@@ -167,10 +167,12 @@ class RegularizedModel(keras.Model):
         outside XLA, over one XLA computation per objective, each computing
         its loss and gradients with no conditional inside: XLA's CPU backend
         runs the convolutions of a conditional's branch as naive loops
-        (bench/README.md). Without a strategy, the optimizer update, loss
-        trackers and metrics are a second XLA computation. Under a
-        tf.distribute strategy the gradient all-reduce and optimizer update
-        run outside XLA; see `keras_gradreg._train_function`.
+        (bench/README.md). Without a strategy, each of these computations
+        also applies the optimizer update and updates the loss trackers and
+        metrics (one XLA launch per step: a separate update computation cost
+        8% of a step of the bare maxout MLP). Under a tf.distribute strategy
+        the gradient all-reduce and optimizer update run outside XLA; see
+        `keras_gradreg._train_function`.
         """
         if self.train_function is not None and not force:
             return self.train_function
@@ -186,9 +188,7 @@ class RegularizedModel(keras.Model):
                 function = super().make_train_function(force=force)
             finally:
                 self.jit_compile = True
-            self._compiled_update = tf.function(
-                self._update, jit_compile=True, reduce_retracing=True
-            )
+            self._compiled_update = self._update  # Inside each branch's XLA computation.
             return function
         self.train_function = make_distributed_function(self, self.train_step)
         return self.train_function
@@ -249,9 +249,11 @@ class RegularizedModel(keras.Model):
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         self._check_has_loss()
+        if getattr(self, "_compiled_update", None) is not None:
+            # Each branch's XLA computation applies the update itself.
+            return self.regularized_step(x, y, sample_weight, _then=self._compiled_update)
         result = self.regularized_step(x, y, sample_weight)
-        update = getattr(self, "_compiled_update", None) or self._update
-        return update(x, y, sample_weight, result)
+        return self._update(x, y, sample_weight, result)
 
     def _update(self, x, y, sample_weight, result: StepResult):
         """Applies a step's gradients, adds its losses to the logs; the metrics' results."""
@@ -259,7 +261,7 @@ class RegularizedModel(keras.Model):
         self._log_losses(result, _batch_size(x))
         return self.compute_metrics(x, y, result.loss.y_pred, sample_weight=sample_weight)
 
-    def regularized_step(self, x, y, sample_weight=None) -> StepResult:
+    def regularized_step(self, x, y, sample_weight=None, _then=None) -> StepResult:
         """Computes the regularised loss and its gradients for one batch.
 
         The loss is `kgr.objective`'s regularised objective of the compiled
@@ -281,39 +283,59 @@ class RegularizedModel(keras.Model):
 
         Returns:
             A `StepResult`. Its gradients are scaled like the loss by the
-            optimizer (loss scaling under mixed precision).
+            optimizer (loss scaling under mixed precision). (With `_then`,
+            private, and compiled branches: each branch's XLA computation
+            ends with `_then(x, y, sample_weight, result)`, whose output is
+            returned; `fit` applies its update there.)
         """
         branches = self._objective_branches(x, y, sample_weight)
         count = len(branches.functions)
+        counted = tf.convert_to_tensor(branches.counted)
+        compiled = getattr(self, "_compile_branches", False)
 
         def run(index):
-            if getattr(self, "_compile_branches", False):
-                function = self._compiled_branches.get(index)
+            if compiled:
+                key = (index, _then is not None)
+                function = self._compiled_branches.get(key)
                 if function is None:
 
-                    def regularized_step_branch(x, y, sample_weight, index=index):
-                        return self._branch_gradients(x, y, sample_weight, index)
+                    def regularized_step_branch(x, y, sample_weight, counted, index=index):
+                        gradients, loss = self._branch_gradients(x, y, sample_weight, index)
+                        if _then is None:
+                            return gradients, loss
+                        # None for the weights this branch has no gradient for (the
+                        # same weights in every branch: they differentiate one model).
+                        unused = self._unused_weights[count, index]
+                        gradients = [None if i in unused else g for i, g in enumerate(gradients)]
+                        computed = tf.constant(index > 0)
+                        objective = logged_objective(loss, self._regularizer, computed)
+                        return _then(
+                            x, y, sample_weight, StepResult(gradients, loss, objective, counted)
+                        )
 
                     # XLA names the computation after it ("regularized_step_branch").
                     function = tf.function(
                         regularized_step_branch, jit_compile=True, reduce_retracing=True
                     )
-                    self._compiled_branches[index] = function
-                return lambda: function(x, y, sample_weight)
+                    self._compiled_branches[key] = function
+                return lambda: function(x, y, sample_weight, counted)
             return functools.partial(self._branch_gradients, x, y, sample_weight, index, branches)
 
         functions = [run(index) for index in range(count)]
         if count == 1:
-            gradients, loss = functions[0]()
+            outputs = functions[0]()
         else:
-            gradients, loss = tf.switch_case(branches.index, functions)
+            outputs = tf.switch_case(branches.index, functions)
+        if compiled and _then is not None:
+            return outputs
+        gradients, loss = outputs
         # The weights no branch has a gradient for (each branch records its own when traced).
         unused = [self._unused_weights.get((count, index)) for index in range(count)]
         never_used = set.intersection(*[u for u in unused if u is not None] or [set()])
         gradients = [None if i in never_used else g for i, g in enumerate(gradients)]
         computed = tf.greater(branches.index, 0)
         objective = logged_objective(loss, self._regularizer, computed)
-        return StepResult(gradients, loss, objective, tf.convert_to_tensor(branches.counted))
+        return StepResult(gradients, loss, objective, counted)
 
     def _objective_branches(self, x, y, sample_weight):
         def forward(inputs, rows=None):
