@@ -41,6 +41,8 @@ def test_quiet_evidence_raises_nothing():
         (dict(large_epsilon=(1.0, 0.01, 100)), "large_epsilon_not_broken", "left 1.00% of 100"),
         (dict(zero_share=0.05), None, None),
         (dict(zero_share=0.06), "zero_gradients", "6.0% of examples"),
+        (dict(zero_share=0.15, zero_threshold=0.1), "zero_gradients",
+         "15.0% of examples have an exactly-zero input gradient (threshold 10.0%)"),
         (dict(zero_share=0.5, zero_threshold=0.6), None, None),
         (dict(from_logits=True, probability_share=0.99), None, None),
         (dict(from_logits=True, probability_share=0.995), "probabilities_with_logits_loss",
@@ -49,6 +51,8 @@ def test_quiet_evidence_raises_nothing():
         (dict(from_logits=False, probability_share=1.0), None, None),
         (dict(from_logits=False, outside_unit_share=0.01), None, None),
         (dict(from_logits=False, outside_unit_share=0.02), "logits_with_probability_loss", "2.0%"),
+        (dict(from_logits=False, outside_unit_share=0.5), "logits_with_probability_loss",
+         "50.0% of outputs lie outside [0, 1]"),
         (dict(from_logits=True, outside_unit_share=1.0), None, None),
         (dict(from_logits=None, outside_unit_share=1.0), None, None),
         (dict(masked={("inf", 0.1): 0.005}), None, None),
@@ -111,4 +115,17 @@ def test_noise_below_the_worst_case_beyond_the_tolerance():
     flags = flags_lib.sanity_flags(rows, _evidence(clean_accuracy=1.0))
     assert flags == {
         "noise_stronger_than_attack": "p=inf epsilon=0.2: noise 38.00% < best attack 40.00%"
+    }
+
+
+def test_a_missing_point_is_skipped_not_the_end_of_the_curve():
+    """pgd has no row at epsilon=0.1 (only the worst case has): its later points are still read."""
+    rows = [
+        _row("worst_case", "inf", 0.1, 0.1),
+        _row("pgd", "inf", 0.2, 0.3),
+        _row("pgd", "inf", 0.3, 0.5),
+    ]
+    flags = flags_lib.sanity_flags(rows, _evidence(cascade=True))
+    assert flags == {
+        "accuracy_not_decreasing": "pgd p=inf: 30.00% at epsilon=0.2 but 50.00% at epsilon=0.3"
     }
