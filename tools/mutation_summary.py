@@ -1,6 +1,6 @@
 """Tally of a mutmut 3 run for one module (run by tools/mutation.sh, in its work directory).
 
-Usage: python tools/mutation_summary.py FILE [--globs G ...] [--pending | --open]
+Usage: python tools/mutation_summary.py FILE [--globs G ...] [--pending | --open | --excluded]
 
 Counts the verdicts in mutants/FILE.meta. Timeouts count as killed (issue 19);
 mutants that change only the text of a raised error's message are excluded
@@ -8,7 +8,8 @@ mutants that change only the text of a raised error's message are excluded
 blanked); mutants listed in tools/mutation_equivalent.txt (`name  reason`)
 are equivalent. Prints the score (killed / (total - excluded - equivalent))
 and every other survivor. With --pending, prints only the names not yet
-checked, with --open only those not killed (for `mutmut run NAME...`).
+checked, with --open only those not killed (for `mutmut run NAME...`),
+with --excluded the excluded ones.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def main() -> int:
     parser.add_argument("--globs", nargs="*", default=[])
     parser.add_argument("--pending", action="store_true")
     parser.add_argument("--open", action="store_true")
+    parser.add_argument("--excluded", action="store_true")
     args = parser.parse_args()
     meta = json.loads(pathlib.Path(f"mutants/{args.file}.meta").read_text())
     verdicts = meta["exit_code_by_key"]
@@ -93,6 +95,14 @@ def main() -> int:
     messages = message_only(source)
     excluded = {k for k in verdicts if k.split(".")[-1] in messages}
     equivalent = {k: r for k, r in equivalents().items() if k in verdicts}
+    if args.excluded:
+        by_function: dict[str, list[str]] = {}
+        for name in sorted(excluded, key=lambda k: int(k.rsplit("_", 1)[1])):
+            function, number = name.rsplit("__mutmut_", 1)
+            by_function.setdefault(function, []).append(number)
+        for function, numbers in sorted(by_function.items()):
+            print(f"{function}__mutmut_{{{','.join(numbers)}}}")
+        return 0
     if args.open:
         settled = KILLED.keys() | TIMEOUT | {None}
         print(
