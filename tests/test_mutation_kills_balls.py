@@ -106,3 +106,14 @@ def test_ball_norm_accepts_only_exact_projections():
     assert balls.ball_norm(2) == 2.0
     with pytest.raises(ValueError, match=r"Received: p=3"):
         balls.ball_norm(3)
+
+
+def test_l2_projection_gradient_is_finite_at_zero_and_the_closed_form_outside():
+    """d/dv sum(P(v)): ones inside the ball (zero row too); sum(v)/||v|| outside, by hand."""
+    v = tf.Variable([[0.0, 0.0, 0.0], [3.0, 4.0, 0.0], [0.1, 0.2, 0.0]], dtype=tf.float64)
+    with tf.GradientTape() as tape:
+        total = tf.reduce_sum(balls.project_l2(v, 1.0))
+    grad = tape.gradient(total, v).numpy()
+    # Outside: grad of sum(v) / ||v|| = 1/||v|| - sum(v) v / ||v||^3, ||v|| = 5, sum(v) = 7.
+    outside = 0.2 - 7.0 * np.array([3.0, 4.0, 0.0]) / 125.0
+    np.testing.assert_allclose(grad, [[1.0, 1.0, 1.0], outside, [1.0, 1.0, 1.0]], rtol=1e-12)
