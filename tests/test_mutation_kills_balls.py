@@ -117,3 +117,23 @@ def test_l2_projection_gradient_is_finite_at_zero_and_the_closed_form_outside():
     # Outside: grad of sum(v) / ||v|| = 1/||v|| - sum(v) v / ||v||^3, ||v|| = 5, sum(v) = 7.
     outside = 0.2 - 7.0 * np.array([3.0, 4.0, 0.0]) / 125.0
     np.testing.assert_allclose(grad, [[1.0, 1.0, 1.0], outside, [1.0, 1.0, 1.0]], rtol=1e-12)
+
+
+@pytest.mark.parametrize("p", [math.inf, 2.0, 1.0])
+def test_random_on_sphere_follows_its_documented_recipe(p):
+    """The seed split in two: signs from the first, magnitudes or directions from the second."""
+    seed = tf.constant([5, 6])
+    got = balls.random_on_sphere([6, 2, 2], p, 0.5, seed, tf.float64).numpy().reshape(6, 4)
+    first, second = tf.random.experimental.stateless_split(seed, 2, alg="philox")
+    bits = tf.random.stateless_uniform([6, 4], first, 0, 2, dtype=tf.int32, alg="philox")
+    signs = 2.0 * bits.numpy() - 1.0
+    if math.isinf(p):
+        want = 0.5 * signs
+    elif p == 2.0:
+        normal = tf.random.stateless_normal([6, 4], second, dtype=tf.float64, alg="philox")
+        want = 0.5 * normal.numpy() / np.linalg.norm(normal.numpy(), axis=1, keepdims=True)
+    else:
+        u = tf.random.stateless_uniform([6, 4], second, 1e-12, 1.0, tf.float64, alg="philox")
+        magnitude = -np.log(u.numpy())
+        want = 0.5 * signs * magnitude / magnitude.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
