@@ -137,3 +137,10 @@ def test_random_on_sphere_follows_its_documented_recipe(p):
         magnitude = -np.log(u.numpy())
         want = 0.5 * signs * magnitude / magnitude.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("p", [math.inf, 2.0, 1.0])
+def test_one_dimensional_sphere_is_two_points(p):
+    """In one dimension every p-sphere of radius r is {-r, r}, however short the raw draw."""
+    on = balls.random_on_sphere([40, 1], p, 0.5, tf.constant([8, 9]), tf.float64).numpy()
+    np.testing.assert_allclose(np.abs(on), 0.5, rtol=1e-12)
