@@ -144,3 +144,11 @@ def test_one_dimensional_sphere_is_two_points(p):
     """In one dimension every p-sphere of radius r is {-r, r}, however short the raw draw."""
     on = balls.random_on_sphere([40, 1], p, 0.5, tf.constant([8, 9]), tf.float64).numpy()
     np.testing.assert_allclose(np.abs(on), 0.5, rtol=1e-12)
+
+
+def test_random_in_ball_in_one_dimension_equals_numpy():
+    """L2 in one dimension: the direction is the normal draw's sign, short draws included."""
+    seed = tf.constant(SEED, tf.int64)
+    got = balls.random_in_ball([40, 1], 2.0, 0.25, seed, dtype=tf.float64).numpy()
+    want = _np_in_ball(2.0, 0.25, 40, 1, np.arange(40))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
