@@ -152,3 +152,13 @@ def test_random_in_ball_in_one_dimension_equals_numpy():
     got = balls.random_in_ball([40, 1], 2.0, 0.25, seed, dtype=tf.float64).numpy()
     want = _np_in_ball(2.0, 0.25, 40, 1, np.arange(40))
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+
+
+def test_l1_sign_of_a_uniform_of_exactly_one_half_is_plus():
+    """Sign -1 for u < 1/2: exactly half of the 2**24 values. Row 621155's column 57 is u = 0.5."""
+    assert mref.uniform(SEED, [621155], 64, stream=1)[0, 57] == 0.5
+    seed = tf.constant(SEED, tf.int64)
+    got = balls.random_in_ball([1, 64], 1.0, 0.25, seed, tf.float64, tf.constant([621155]))
+    want = _np_in_ball(1.0, 0.25, 1, 64, np.array([621155]))
+    assert want[0, 57] > 0
+    np.testing.assert_allclose(got.numpy(), want, rtol=2e-5, atol=1e-7)
