@@ -170,7 +170,7 @@ def make_model(config: Config, arrays: data_lib.Arrays) -> kgr.RegularizedModel:
 def sigma_warmup(config: Config) -> list[keras.callbacks.Callback]:
     """The callback of `--sigma_warmup_epochs` (none for 0).
 
-    `kgr.callbacks.RegularizerSchedule` with `kgr.callbacks.linear_warmup`:
+    `kgr.callbacks.RegularizerScheduler` with `kgr.callbacks.linear_warmup`:
     epoch e (from 0) trains with sigma * min(1, (e + 1) / N), set before its
     first step and logged as `train/sigma`. A function of the epoch, so a
     resumed run sets the epoch's value again.
@@ -178,7 +178,7 @@ def sigma_warmup(config: Config) -> list[keras.callbacks.Callback]:
     if not config.sigma_warmup_epochs:
         return []
     schedule = kgr.callbacks.linear_warmup(config.sigma, config.sigma_warmup_epochs)
-    return [kgr.callbacks.RegularizerSchedule(schedule)]
+    return [kgr.callbacks.RegularizerScheduler(schedule)]
 
 
 def library_versions() -> dict[str, str]:
