@@ -69,7 +69,7 @@ PRESET = "mnist_cnn"
 DATA_FLAGS = ("dataset", "data_npz", "tfds_data_dir", "steps_per_epoch")
 EVAL_FLAGS = ("eval_examples", "eval_apgd_steps", "eval_square_queries")
 jobs_lib.define_binary_flags(DATA_FLAGS + EVAL_FLAGS, __name__)
-jobs_lib.define_common_flags(__name__, readme=False)
+jobs_lib.define_common_flags(__name__, pages=False)
 
 flags.DEFINE_list(
     "experiment_rows", [], "Rows to run (empty: the default set, see default_rows())."

@@ -16,8 +16,11 @@ since the runs' own wall times are shared with other jobs.
 
 Every run is a `train.main` run in its own workdir, so an interrupted run of
 this script resumes. Writes `cheaper.json`, `cheaper.md` and
-`cheaper_frontier.png` to `--results_dir`, and the table between the
-`--readme`'s cheaper-table markers.
+`cheaper_frontier.png` to `--results_dir`, and the table between
+`--results_page`'s cheaper-table markers. `--render` writes the Markdown again
+from `results/cheaper.json` and runs nothing:
+
+    python -m experiments.cheaper --render
 """
 
 from __future__ import annotations
@@ -199,6 +202,10 @@ def plot_frontier(results: dict[str, Any], path: str) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.render:
+        with open(os.path.join(FLAGS.results_dir, "cheaper.json")) as f:
+            print(write_markdown(json.load(f), FLAGS.results_dir, FLAGS.results_page))
+        return
     unknown = sorted(set(FLAGS.cheaper_rows) - set(ROWS_BY_NAME))
     if unknown:
         raise app.UsageError(f"Unknown --cheaper_rows {unknown}. Known: {sorted(ROWS_BY_NAME)}")
@@ -226,21 +233,26 @@ def main(argv: list[str]) -> None:
         "rows": [record(row, ran[row.name], options.sigma, ratios) for row in rows],
     }
     logging.info("All runs finished; writing the results.")
-    write_results(results, FLAGS.results_dir, FLAGS.readme)
+    write_results(results, FLAGS.results_dir, FLAGS.results_page)
 
 
-def write_results(results: dict[str, Any], results_dir: str, readme: str) -> None:
-    """cheaper.json, cheaper.md, the frontier plot and the README block."""
+def write_results(results: dict[str, Any], results_dir: str, page: str) -> None:
+    """cheaper.json, the frontier plot and `write_markdown`'s files."""
     os.makedirs(results_dir, exist_ok=True)
     with open(os.path.join(results_dir, "cheaper.json"), "w") as f:
         json.dump(results, f, indent=2)
     plot_frontier(results, os.path.join(results_dir, "cheaper_frontier.png"))
+    print(write_markdown(results, results_dir, page))
+
+
+def write_markdown(results: dict[str, Any], results_dir: str, page: str) -> str:
+    """cheaper.md and the table between `page`'s markers ('': none); returns the table."""
     text = markdown(results)
     with open(os.path.join(results_dir, "cheaper.md"), "w") as f:
         f.write(text)
-    if readme:
-        mnist_table.update_readme(readme, text, README_START, README_END)
-    print(text)
+    if page:
+        mnist_table.update_readme(page, text, README_START, README_END)
+    return text
 
 
 if __name__ == "__main__":

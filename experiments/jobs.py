@@ -260,13 +260,22 @@ def given_binary_flags(names: Sequence[str]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
-def define_common_flags(module: str, readme: bool = True) -> None:
-    """--workdir, --parallel, --results_dir and (`readme`) --readme, shared by the experiments."""
+def define_common_flags(module: str, pages: bool = True, readme: bool = False) -> None:
+    """The experiments' shared flags.
+
+    --workdir, --parallel and --results_dir; with `pages`, --results_page (the
+    page whose table is replaced) and --render; with `readme`, --readme (the
+    page whose headline table is replaced).
+    """
     define_flag(module, "string", "workdir", None, "Directory holding one workdir per run.")
     define_flag(module, "integer", "parallel", 1, "Runs at a time (above 1: subprocesses).",
                 lower_bound=1)  # fmt: skip
     define_flag(module, "string", "results_dir", "results", "Where the results files go.")
+    if pages:
+        page_help = "Page whose table is replaced ('' for none)."
+        define_flag(module, "string", "results_page", "docs/results.md", page_help)
+        render_help = "Only write the Markdown again from --results_dir's JSON; run nothing."
+        define_flag(module, "bool", "render", False, render_help)
     if readme:
-        define_flag(
-            module, "string", "readme", "README.md", "README whose table is replaced ('' for none)."
-        )
+        readme_help = "Page whose headline table is replaced ('' for none)."
+        define_flag(module, "string", "readme", "README.md", readme_help)

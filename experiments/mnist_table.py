@@ -1,4 +1,4 @@
-"""The MNIST results table: records from finished runs, Markdown, pictures, README block.
+"""The MNIST results table: records from finished runs, Markdown, pictures, page blocks.
 
 Robustness columns hold each row's robust accuracy: the worst case per
 example over the attacks of the strongest evaluation the run had (the
@@ -17,8 +17,16 @@ from absl import logging
 
 from keras_gradreg.robustness.report import find_row
 
-README_START = "<!-- mnist-table:start -->"
+README_START = "<!-- mnist-table:start -->"  # The full table, in docs/results.md.
 README_END = "<!-- mnist-table:end -->"
+HEADLINE_START = "<!-- mnist-headline:start -->"  # Its headline rows, in README.md.
+HEADLINE_END = "<!-- mnist-headline:end -->"
+HEADLINE_ROWS = (
+    "maxout_plain_long",
+    "maxout_p2_penalty_long",
+    "maxout_p2_adversarial_long",
+    "conv_pinf_penalty",
+)
 EPSILONS = {"inf": (0.1, 0.2, 0.3), "2": (1.0, 2.0)}
 PICTURE = "perturbations.png"  # Written by train_lib into each run's workdir.
 PICTURES = {
@@ -129,15 +137,27 @@ def percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def markdown(results: dict[str, Any]) -> str:
-    """The table, its flags, the selections and the commands, as Markdown."""
+def protocol(results: dict[str, Any]) -> str:
+    """The paragraph that says what the robustness columns measure, and on what hardware."""
+    return (
+        "Robust accuracy (%) is the worst case per test image over the attacks named in the "
+        "row, on the first images of the test set; the attacks column names each row's; these "
+        "rows' standard suite is AutoAttack's standard cascade without FAB-T (APGD-CE and "
+        "APGD-T with 100 steps, 9 targets, then Square), which `kgr.evaluate_robustness` ran "
+        "before FAB-T joined it. "
+        f"Hardware: {results['hardware']}.\n\n"
+    )
+
+
+def table(rows: list[dict[str, Any]], pgd_steps: Any) -> str:
+    """The Markdown table of `rows`, without a final newline."""
     header = (
         "| model | sigma | epochs | test error % | robust % L-inf .1/.2/.3 | robust % L2 1/2 "
         "| attacks (images) | train time |\n"
         "| --- | --- | --- | --- | --- | --- | --- | --- |\n"
     )
     lines = []
-    for r in results["rows"]:
+    for r in rows:
         epochs = f"{r['epochs']}" + (
             f" x {r['steps_per_epoch']} steps" if r.get("steps_per_epoch") else ""
         )
@@ -148,10 +168,15 @@ def markdown(results: dict[str, Any]) -> str:
             f"{r['test_error_percent']:.2f}",
             "/".join(percent(robust(r, "inf", e)) for e in EPSILONS["inf"]),
             "/".join(percent(robust(r, "2", e)) for e in EPSILONS["2"]),
-            _evaluation(r, results.get("pgd_steps")),
+            _evaluation(r, pgd_steps),
             f"{r['train_seconds'] / 60:.1f} min",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    return header + "\n".join(lines)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The table, its flags, the selections and the commands, as Markdown."""
     flagged = "\n".join(
         f"- {r['label']}: " + "; ".join(f"{name}: {text}" for name, text in r["flags"].items())
         for r in results["rows"]
@@ -161,20 +186,21 @@ def markdown(results: dict[str, Any]) -> str:
     commands = "\n".join(f"- {r['label']}: `{r['command']}`" for r in results["rows"])
     selections = "".join(selection_text(title, s) for title, s in selection_stages(results))
     return (
-        "Robust accuracy (%) is the worst case per test image over the attacks named in the "
-        "row, on the first images of the test set; the attacks column names each row's; these "
-        "rows' standard suite is AutoAttack's standard cascade without FAB-T (APGD-CE and "
-        "APGD-T with 100 steps, 9 targets, then Square), which `kgr.evaluate_robustness` ran "
-        "before FAB-T joined it. "
-        f"Hardware: {results['hardware']}.\n\n"
-        + header
-        + "\n".join(lines)
+        protocol(results)
+        + table(results["rows"], results.get("pgd_steps"))
         + flag_text
         + "\n\nTrain time is wall time on the hardware above, shared with other jobs during "
         "these runs, not a cost comparison (see the step-cost table)."
         + selections
         + f"\n\nCommands (with `--data_npz=...`, `--workdir=...`):\n\n{commands}\n"
     )
+
+
+def headline_markdown(results: dict[str, Any], names: tuple[str, ...] = HEADLINE_ROWS) -> str:
+    """The README's short version: the protocol and the rows of `names` found in `results`."""
+    by_name = {r["name"]: r for r in results["rows"]}
+    rows = [by_name[name] for name in names if name in by_name]
+    return protocol(results) + table(rows, results.get("pgd_steps")) + "\n"
 
 
 def selection_stages(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -258,7 +284,7 @@ def publish_pictures(records: list[dict[str, Any]], results_dir: str) -> list[st
 
 
 def update_readme(path: str, text: str, start: str = README_START, end: str = README_END) -> None:
-    """Replaces the README's text between the markers `start` and `end` by `text`."""
+    """Replaces the text of the Markdown page `path` between the markers `start` and `end`."""
     with open(path) as f:
         readme = f.read()
     if start not in readme or end not in readme:

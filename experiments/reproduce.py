@@ -21,7 +21,11 @@ repeated; `--parallel=N` runs N at a time as subprocesses. `--data_npz`,
 `--eval_square_queries` are passed on to train.main; the rows set its other
 flags.
 Writes `results/mnist.json`, `results/mnist.md`, the validation curves and the
-r* pictures, and the table between the README's markers.
+r* pictures, the table between `--results_page`'s mnist-table markers and its
+headline rows between `--readme`'s mnist-headline markers. `--render` writes
+the Markdown again from `results/mnist.json` and runs nothing:
+
+    python -m experiments.reproduce --render
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ FLAGS = flags.FLAGS
 # The train.main flags a reproduction passes on to every final run.
 SHARED_FLAGS = ("data_npz", "eval_examples", "eval_suite", "eval_apgd_steps", "eval_square_queries")
 jobs_lib.define_binary_flags(SHARED_FLAGS, __name__)
-jobs_lib.define_common_flags(__name__)
+jobs_lib.define_common_flags(__name__, readme=True)
 flags.DEFINE_enum("table", "mnist", ["mnist"], "Which table to reproduce.")
 flags.DEFINE_list("select_sigmas", ["0.03", "0.1", "0.3", "1.0"], "p=2 sigmas to select from.")
 flags.DEFINE_integer("select_epochs", 5, "Epochs of each selection run.", lower_bound=1)
@@ -372,6 +376,10 @@ def _check_flags() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.render:
+        with open(os.path.join(FLAGS.results_dir, "mnist.json")) as f:
+            print(write_markdown(json.load(f), FLAGS.results_dir, FLAGS.results_page, FLAGS.readme))
+        return
     _check_flags()
     options = Options.from_flags()
     rows = [ROWS_BY_NAME[name] for name in FLAGS.rows] if FLAGS.rows else list(ROWS)
@@ -408,22 +416,32 @@ def main(argv: list[str]) -> None:
             earlier = json.load(f)
         order = [row.name for row in ROWS] + [f"{row.name}_long" for row in ROWS]
         results = mnist_table.merge_earlier(earlier, results, order)
-    write_results(results, FLAGS.results_dir, FLAGS.readme)
+    write_results(results, FLAGS.results_dir, FLAGS.results_page, FLAGS.readme)
 
 
-def write_results(results: dict[str, Any], results_dir: str, readme: str) -> None:
-    """mnist.json, mnist.md, the validation plot, the pictures and the README block."""
+def write_results(results: dict[str, Any], results_dir: str, page: str, readme: str) -> None:
+    """mnist.json, the validation plot, the pictures and `write_markdown`'s files."""
     os.makedirs(results_dir, exist_ok=True)
     with open(os.path.join(results_dir, "mnist.json"), "w") as f:
         json.dump(results, f, indent=2)
     mnist_table.plot_validation(results, os.path.join(results_dir, "mnist_validation.png"))
     mnist_table.publish_pictures(results["rows"], results_dir)
+    print(write_markdown(results, results_dir, page, readme))
+
+
+def write_markdown(results: dict[str, Any], results_dir: str, page: str, readme: str) -> str:
+    """mnist.md, the table in `page` and the headline rows in `readme` ('': none); the table."""
     text = mnist_table.markdown(results)
     with open(os.path.join(results_dir, "mnist.md"), "w") as f:
         f.write(text)
+    if page:
+        mnist_table.update_readme(page, text)
     if readme:
-        mnist_table.update_readme(readme, text)
-    print(text)
+        headline = mnist_table.headline_markdown(results)
+        mnist_table.update_readme(
+            readme, headline, mnist_table.HEADLINE_START, mnist_table.HEADLINE_END
+        )
+    return text
 
 
 if __name__ == "__main__":

@@ -405,7 +405,7 @@ def test_import_registers_custom_layers(files, tmp_path):
 
 
 # ---------------------------------------------------------------------- #
-# The commands in README.md and docs/evaluate.md, run as written.
+# The commands in docs/guide.md and docs/evaluate.md, run as written.
 # ---------------------------------------------------------------------- #
 
 MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
@@ -429,7 +429,7 @@ def documented_commands() -> list[tuple[str, list[str]]]:
 def test_the_documented_commands_are_found():
     commands = documented_commands()
     names = [name for name, _ in commands]
-    assert names.count("evaluate.md") == 2 and "README.md" in names, names
+    assert names.count("evaluate.md") == 2 and "guide.md" in names, names
     for _, argv in commands:
         assert argv[0] == "kgr-evaluate" or argv[:3] == ["python", "-m", "keras_gradreg.evaluate"]
 

@@ -9,7 +9,7 @@ import linear_reference as ref
 import numpy as np
 import pytest
 import tensorflow as tf
-from readme_code import readme_custom_loop
+from readme_code import GUIDE, code_block
 
 import keras_gradreg as kgr
 
@@ -171,14 +171,14 @@ def test_overflowing_loss_scale_steps_are_left_out_of_the_logged_means(policy, p
 @pytest.mark.parametrize("method", ["penalty", "adversarial"])
 @pytest.mark.parametrize("policy", ["mixed_float16"], indirect=True)
 def test_readme_custom_loop_scales_the_input_gradient_like_fit(policy, method):
-    """The README loop with a LossScaleOptimizer gives fit's weights on a gradient float16 loses.
+    """The guide's loop with a LossScaleOptimizer gives fit's weights on a gradient float16 loses.
 
     One step on the problem whose unscaled float16 input gradient is exactly
     0 (see above): the regularised weights differ from the unregularised ones
     only if the input gradient was loss-scaled.
     """
     namespace = {}
-    code = readme_custom_loop().split("\nmodel = keras.Sequential(")[0]  # The function only.
+    code = code_block(GUIDE, "custom-loop").split("\nmodel = keras.Sequential(")[0]  # The function.
     exec(code, namespace)  # noqa: S102
     x, y, w, b = confident_linear_problem()
     reg = kgr.GradientRegularizer(p=2, sigma=1.0, method=method)

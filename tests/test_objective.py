@@ -1,4 +1,4 @@
-"""`kgr.regularized_loss` in custom loops: the README example, NumPy goldens, arguments."""
+"""`kgr.regularized_loss` in custom loops: docs/guide.md's loop, NumPy goldens, arguments."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import NUM_CLASSES, NUM_FEATURES
-from readme_code import README, readme_custom_loop
+from readme_code import GUIDE, code_block
 
 import keras_gradreg as kgr
 
@@ -20,13 +20,13 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 @pytest.fixture(scope="module")
 def custom_loop():
-    """Runs the README block as written (small MNIST-shaped random data); returns its namespace."""
+    """Runs docs/guide.md's custom-loop block as written (small MNIST-shaped random data)."""
     rng = np.random.default_rng(0)
     namespace = {
         "x_train": rng.uniform(size=(200, 784)).astype("float32"),
         "y_train": rng.integers(0, 10, size=200),
     }
-    exec(compile(readme_custom_loop(), str(README), "exec"), namespace)  # noqa: S102
+    exec(compile(code_block(GUIDE, "custom-loop"), str(GUIDE), "exec"), namespace)  # noqa: S102
     return namespace
 
 
@@ -72,7 +72,7 @@ def test_readme_example_runs_as_written(custom_loop):
     ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()),
 )
 def test_readme_loop_matches_fit(custom_loop, settings, capsys):
-    """The README's train_custom and fit end with the same weights (1e-6), with dropout.
+    """The guide's train_custom and fit end with the same weights (1e-6), with dropout.
 
     With `every` and `fraction` too: the loop passes the optimizer's
     iterations as the step, and both draw their subsets from the

@@ -1,11 +1,11 @@
-"""What README.md promises, tested with numbers.
+"""What README.md and docs/guide.md promise, tested with numbers.
 
 - Gradient accumulation with `every`: `iterations` counts optimizer updates,
   so all micro-batches of a counted update compute the term.
 - `keras.utils.set_random_seed` reproduces `fraction`'s subsets.
 - "apgd-dlr" in `evaluate_robustness`.
-- The "Using the library" code block, run as written but for one documented
-  substitution (slices of the training and test data, and one epoch).
+- docs/guide.md's whole example (its `library-example` block), run as written
+  but for one documented substitution (slices of the data, and one epoch).
 - The training binary with `--strategy=mirrored` and with `--mixed_precision`.
 (Multi-worker training for every method: tests/test_multi_worker_methods.py.)
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,11 +25,11 @@ import linear_reference as ref
 import numpy as np
 import pytest
 from conftest import linear_data, linear_model
+from readme_code import GUIDE, code_block
 
 import keras_gradreg as kgr
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
 MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
 SETTINGS = {
     "penalty": dict(p=2.0, sigma=0.3, method="penalty"),
@@ -181,7 +180,7 @@ def test_apgd_dlr_in_evaluate_robustness_breaks_exactly_the_close_examples(p):
 
 
 # ---------------------------------------------------------------------- #
-# The "Using the library" block.
+# docs/guide.md's whole example.
 # ---------------------------------------------------------------------- #
 
 # The one substitution: slices of the data and one epoch instead of five (the
@@ -195,30 +194,22 @@ SUBSTITUTIONS = (
 )
 
 
-def readme_library_block() -> str:
-    """The first Python block of README.md's "## Using the library" section."""
-    section = README.read_text().split("## Using the library", 1)[1]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "README.md's 'Using the library' has no Python block"
-    return match.group(1)
-
-
 @pytest.mark.slow
 @needs_mnist
 def test_readme_library_block_runs_as_written(tmp_path, monkeypatch, capsys):
     """The block with its own data path (../shared/data/mnist.npz, from a directory
     beside a `shared` link) and its own evaluation; the model it trains classifies,
     its logs add up, and its report's numbers are consistent."""
-    code = readme_library_block()
+    code = code_block(GUIDE, "library-example")
     for as_written, in_test in SUBSTITUTIONS:
-        assert code.count(as_written) == 1, f"README.md changed: update the test ({as_written})"
+        assert code.count(as_written) == 1, f"guide.md changed: update the test ({as_written})"
         code = code.replace(as_written, in_test)
     (tmp_path / "shared" / "data").mkdir(parents=True)
     (tmp_path / "shared" / "data" / "mnist.npz").symlink_to(MNIST)
     (tmp_path / "checkout").mkdir()
     monkeypatch.chdir(tmp_path / "checkout")
     namespace: dict = {"__name__": "readme_block"}
-    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
+    exec(compile(code, str(GUIDE), "exec"), namespace)  # noqa: S102
     printed = capsys.readouterr().out
 
     model, report = namespace["model"], namespace["report"]

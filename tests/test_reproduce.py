@@ -221,14 +221,22 @@ def test_where_the_data_is_does_not_make_a_run_different():
     _reused(recorded, sigma=0.1, jit_compile=False)
 
 
+def between(path: str, start: str, end: str) -> str:
+    with open(os.path.join(jobs.CHECKOUT, path)) as f:
+        return f.read().split(start + "\n")[1].split(end)[0]
+
+
 def test_readme_and_results_hold_what_the_generator_writes():
-    """The published table and commands are markdown(results/mnist.json), paths relative."""
+    """The published table and commands (docs/results.md) are markdown(results/mnist.json),
+    paths relative; the README's headline rows are headline_markdown's."""
     with open(os.path.join(jobs.CHECKOUT, "results", "mnist.json")) as f:
-        text = mnist_table.markdown(json.load(f))
-    with open(os.path.join(jobs.CHECKOUT, "README.md")) as f:
-        readme = f.read()
-    block = readme.split(mnist_table.README_START + "\n")[1].split(mnist_table.README_END)[0]
-    assert block == text
+        results = json.load(f)
+    text = mnist_table.markdown(results)
+    assert between("docs/results.md", mnist_table.README_START, mnist_table.README_END) == text
+    headline = between("README.md", mnist_table.HEADLINE_START, mnist_table.HEADLINE_END)
+    assert headline == mnist_table.headline_markdown(results)
+    rows = [line for line in headline.splitlines() if line.startswith("| ")][2:]
+    assert len(rows) == len(mnist_table.HEADLINE_ROWS) and all(row in text for row in rows)
     with open(os.path.join(jobs.CHECKOUT, "results", "mnist.md")) as f:
         assert f.read() == text
     assert "--data_npz=../shared/data/mnist.npz" in text
@@ -320,14 +328,17 @@ def test_each_experiment_lists_only_its_own_flags():
         return {f.name for f in flags.FLAGS.get_key_flags_for_module(module.__name__)}
 
     common = {"workdir", "parallel", "results_dir"}
-    assert key_flags(reproduce) >= {*reproduce.SHARED_FLAGS, *common, "readme", "select_sigmas"}
-    assert key_flags(cheaper) >= {*cheaper.SHARED_FLAGS, *common, "readme", "cheaper_sigma"}
+    pages = {"results_page", "render"}
+    assert key_flags(reproduce) >= {*reproduce.SHARED_FLAGS, *common, *pages, "readme"}
+    assert "select_sigmas" in key_flags(reproduce)
+    assert key_flags(cheaper) >= {*cheaper.SHARED_FLAGS, *common, *pages, "cheaper_sigma"}
     aat = against_adversarial_training
     assert key_flags(aat) >= {*aat.DATA_FLAGS, *aat.EVAL_FLAGS, *common, "experiment_rows"}
     binary_only = {"sigma", "method", "preset", "epochs", "print_config"}
     for module in (reproduce, cheaper, aat):
         assert not key_flags(module) & binary_only
-    assert "readme" not in key_flags(aat) and "select_sigmas" not in key_flags(cheaper)
+    assert not key_flags(aat) & {*pages, "readme"} and "readme" not in key_flags(cheaper)
+    assert "select_sigmas" not in key_flags(cheaper)
 
 
 def test_jobs_reuse_a_finished_run_recorded_without_a_setting_only_at_its_default(tmp_path):
