@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 
 from experiments import cheaper, jobs
 
@@ -74,3 +75,20 @@ def test_results_page_and_results_hold_what_the_generator_writes():
         assert f.read() == text
     assert "--data_npz=../shared/data/mnist.npz" in text
     assert not re.search(r"--\w+=/", text), "a command names an absolute path"
+
+
+def test_render_writes_the_published_markdown_again_byte_for_byte(tmp_path):
+    """`--render`'s write_markdown on copies of results/cheaper.json and docs/results.md
+    changes no byte."""
+    (tmp_path / "results").mkdir()
+    published = {
+        "results/cheaper.md": tmp_path / "results" / "cheaper.md",
+        "docs/results.md": tmp_path / "results_page.md",
+    }
+    for source, copy in published.items():
+        shutil.copyfile(os.path.join(jobs.CHECKOUT, source), copy)
+    with open(os.path.join(jobs.CHECKOUT, "results", "cheaper.json")) as f:
+        results = json.load(f)
+    cheaper.write_markdown(results, str(tmp_path / "results"), str(tmp_path / "results_page.md"))
+    for source, copy in published.items():
+        assert copy.read_bytes() == open(os.path.join(jobs.CHECKOUT, source), "rb").read(), source

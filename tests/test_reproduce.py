@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import pytest
 
@@ -241,6 +242,31 @@ def test_readme_and_results_hold_what_the_generator_writes():
         assert f.read() == text
     assert "--data_npz=../shared/data/mnist.npz" in text
     assert not re.search(r"--\w+=/", text), "a command names an absolute path"
+
+
+def test_render_writes_the_published_markdown_again_byte_for_byte(tmp_path):
+    """`--render`'s write_markdown on copies of results/mnist.json, docs/results.md and
+    README.md changes no byte; a changed record changes both pages."""
+    (tmp_path / "results").mkdir()
+    published = {
+        "results/mnist.json": tmp_path / "results" / "mnist.json",
+        "results/mnist.md": tmp_path / "results" / "mnist.md",
+        "docs/results.md": tmp_path / "results_page.md",
+        "README.md": tmp_path / "README.md",
+    }
+    for source, copy in published.items():
+        shutil.copyfile(os.path.join(jobs.CHECKOUT, source), copy)
+    results = json.loads(published["results/mnist.json"].read_text())
+    page, readme = str(published["docs/results.md"]), str(published["README.md"])
+    reproduce.write_markdown(results, str(tmp_path / "results"), page, readme)
+    for source, copy in published.items():
+        assert copy.read_bytes() == open(os.path.join(jobs.CHECKOUT, source), "rb").read(), source
+    row = next(r for r in results["rows"] if r["name"] == "maxout_p2_adversarial_long")
+    row["test_error_percent"] = 0.99
+    reproduce.write_markdown(results, str(tmp_path / "results"), page, readme)
+    changed = "| maxout MLP, p=2, adversarial (long stage) | 0.3 | 200 | 0.99 |"
+    for path in (page, readme):
+        assert changed in open(path).read()
 
 
 @pytest.mark.slow
