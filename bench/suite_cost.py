@@ -1,4 +1,4 @@
-"""The standard suite's wall time per attack on a small MNIST model (README, suite cost).
+"""The standard suite's wall time per attack on a small MNIST model (docs/guide.md, suite cost).
 
 Trains a small ReLU MLP (784-256-256-10) with FGSM adversarial training
 (p=inf, sigma 0.1, clean_weight 0.5) for a few epochs on MNIST, then runs
