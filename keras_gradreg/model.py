@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from keras_gradreg import _internals
 from keras_gradreg import _randomness as randomness
+from keras_gradreg._estimators import ESTIMATORS, Passes
 from keras_gradreg._subsets import gather_rows
 from keras_gradreg._train_function import make_distributed_function
 from keras_gradreg.objective import (
@@ -17,7 +18,6 @@ from keras_gradreg.objective import (
     check_subset_reduction,
     logged_objective,
     objective_branches,
-    trades_divergence,
     unscale_for_replicas,
 )
 from keras_gradreg.regularizer import GradientRegularizer, as_regularizer
@@ -344,19 +344,16 @@ class RegularizedModel(keras.Model):
             loss = _internals.compute_loss(self, inputs, targets, y_pred, weights, training=True)
             return y_pred, loss
 
-        divergence = None
-        if self._regularizer.method == "trades":
-            divergence = trades_divergence(self.loss, sample_weight, "loss")
-        return objective_branches(
+        estimator = ESTIMATORS[self._regularizer.method]
+        passes = Passes(
             self,
             forward,
-            x,
-            self._regularizer,
             loss_scale=self._loss_scale(),
             extra_state=_internals.compiled_loss_variables(self),
-            step=None if self.optimizer is None else self.optimizer.iterations,
-            divergence=divergence,
+            divergence=estimator.divergence(self.loss, sample_weight, "loss"),
         )
+        step = None if self.optimizer is None else self.optimizer.iterations
+        return objective_branches(passes, x, self._regularizer, step)
 
     def _branch_gradients(self, x, y, sample_weight, index, branches=None):
         """Objective `index` of the step's branches and its gradients (zeros where None)."""
@@ -364,6 +361,8 @@ class RegularizedModel(keras.Model):
             branches = self._objective_branches(x, y, sample_weight)
         count = len(branches.functions)
         with tf.GradientTape() as tape:
+            # Branch 1 is the estimator's entry, where the formula is:
+            # `_estimators.ESTIMATORS[method].objective` (`objective.term_function`).
             loss = branches.functions[index]()
             scaled = self._scale(loss.total)
         gradients = tape.gradient(scaled, self.trainable_weights)

@@ -39,16 +39,19 @@ case $module in
   flags) file=keras_gradreg/robustness/flags.py
     tests="tests/test_mutation_kills_flags.py tests/test_robustness.py
       -k 'mutation_kills_flags or flag_logic_on_constructed'" ;;
-  estimators) file=keras_gradreg/objective.py  # Not run yet (docs/testing.md).
+  estimators) file=keras_gradreg/_estimators.py  # Not run yet (docs/testing.md).
     tests="tests/test_golden.py tests/test_nonlinear_golden.py" ;;
   *) echo "unknown module: $module" >&2; usage ;;
 esac
 if [[ $module == estimators ]]; then
-  # The functions that compute the penalty, adversarial, finite-difference and TRADES terms.
-  for f in penalty_objective perturbed_objective _penalty _finite_difference \
-    _adversarial_weights _trades_term _times _closed_form_perturbation \
-    _nan_gradient_unless_finite _clean_pass_and_input_gradient; do
-    names+=" keras_gradreg.objective.x_${f}__mutmut_*"
+  # The entries that compute the penalty, adversarial, finite-difference and TRADES
+  # terms (mutmut names a method xǁClassǁmethod), and their pieces.
+  for c in Penalty FiniteDifference Adversarial Trades; do
+    names+=" keras_gradreg._estimators.xǁ${c}ǁ*__mutmut_*"
+  done
+  for f in _adversarial_weights times _closed_form_perturbation \
+    nan_gradient_unless_finite clean_pass_and_input_gradient; do
+    names+=" keras_gradreg._estimators.x_${f}__mutmut_*"
   done
 fi
 repo=$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)
