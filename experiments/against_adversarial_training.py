@@ -135,6 +135,13 @@ flags.DEFINE_list(
     "single-step row trained there with the highest validation robust accuracy.",
 )
 flags.DEFINE_bool(
+    "keep_earlier_rows",
+    False,
+    "Keep the rows and selections of the existing <results_dir>/<name>.json that this run "
+    "does not produce (an experiment run in several sittings whose earlier workdirs are "
+    "gone); its settings must equal this run's, seeds apart.",
+)
+flags.DEFINE_bool(
     "validate_fixed_rows",
     False,
     "Also run a validation run for rows with one setting only (PGD-AT by default).",
@@ -1248,20 +1255,33 @@ def main(argv: list[str]) -> None:
             )  # fmt: skip
         load = load_summary(FLAGS.workdir, summaries[stage])
         records.append(row_record(row, candidate, seed, result, other, settings, load))
-    order = {row.name: i for i, row in enumerate(rows)}
-    records.sort(key=lambda r: (order[r["name"]], r["seed"]))
-    add_time_ratios(records)
     selections = {}
     for row in plan.selection_rows():
         record = plan.selection(row, summaries)
         selections[row.name] = record
+    settings_json = settings_record(settings, arrays.record)
+    if FLAGS.keep_earlier_rows:
+        records, selections = with_earlier_rows(
+            os.path.join(FLAGS.results_dir, f"{NAME}.json"), settings_json, records, selections
+        )
+    order = {
+        row.name: i
+        for i, row in enumerate(
+            rows
+            + default_rows(
+                settings.threat_epsilon, settings.extra_epsilons, settings.smooth_activation
+            )
+        )
+    }
+    records.sort(key=lambda r: (order.get(r["name"], len(order)), r["name"], r["seed"]))
+    add_time_ratios(records)
     results_json = {
         "experiment": NAME,
         "hardware": jobs_lib.hardware(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "selection_rule": SELECTION_RULE,
-        "settings": settings_record(settings, arrays.record),
+        "settings": settings_json,
         "rows": records,
         "targets": targets(records),
         "selections": selections,
@@ -1269,6 +1289,41 @@ def main(argv: list[str]) -> None:
     paths = write_results(results_json, FLAGS.results_dir)
     print(markdown(results_json))
     logging.info("Wrote %s", ", ".join(paths.values()))
+
+
+def with_earlier_rows(
+    path: str,
+    settings_json: dict[str, Any],
+    records: list[dict[str, Any]],
+    selections: dict[str, Any],
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """`records` and `selections` with those of the results at `path` that they lack.
+
+    A row (name and seed) or selection this run produced replaces the earlier
+    one. The earlier results' settings must equal `settings_json` apart from
+    "seeds" (which become the union).
+
+    Raises:
+        app.UsageError: If `path` is missing or its settings differ.
+    """
+    if not os.path.exists(path):
+        raise app.UsageError(f"--keep_earlier_rows needs earlier results. Received: {path}")
+    with open(path) as f:
+        earlier = json.load(f)
+    differing = sorted(
+        key
+        for key in set(settings_json) | set(earlier["settings"])
+        if key != "seeds" and settings_json.get(key) != earlier["settings"].get(key)
+    )
+    if differing:
+        raise app.UsageError(
+            f"--keep_earlier_rows: {path} was made with other settings ({', '.join(differing)}). "
+            f"Received: {', '.join(f'{k}={settings_json.get(k)!r}' for k in differing)}"
+        )
+    produced = {(r["name"], r["seed"]) for r in records}
+    kept = [r for r in earlier["rows"] if (r["name"], r["seed"]) not in produced]
+    settings_json["seeds"] = sorted(set(settings_json["seeds"]) | set(earlier["settings"]["seeds"]))
+    return records + kept, {**earlier.get("selections", {}), **selections}
 
 
 def settings_record(settings: Settings, data_record: dict[str, Any]) -> dict[str, Any]:

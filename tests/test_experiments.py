@@ -385,3 +385,26 @@ def test_smoke_run_writes_the_documented_results(tmp_path):
         tmp_path / "runs" / "final" / "plain_relu" / "default_seed0" / "metrics.json"
     )
     assert before == after
+
+
+def test_earlier_rows_are_kept_and_replaced_by_this_runs(tmp_path):
+    settings = {"epochs": 20, "seeds": [0], "grids": {"ramp_epochs": [5]}}
+    earlier = {
+        "settings": settings,
+        "rows": [{"name": "pgd_relu_eps0.3", "seed": 0, "t": 1}, {"name": "plain_relu", "seed": 0}],
+        "selections": {"plain_relu": {"old": True}, "fgsm_relu_eps0.3": {"old": True}},
+    }
+    path = tmp_path / "aat.json"
+    path.write_text(json.dumps(earlier))
+    now = [{"name": "plain_relu", "seed": 0, "new": True}, {"name": "plain_relu", "seed": 1}]
+    records, selections = aat.with_earlier_rows(
+        str(path), {**settings, "seeds": [0, 1]}, now, {"plain_relu": {"new": True}}
+    )
+    assert sorted((r["name"], r["seed"], r.get("new")) for r in records) == [
+        ("pgd_relu_eps0.3", 0, None), ("plain_relu", 0, True), ("plain_relu", 1, None),
+    ]  # fmt: skip
+    assert selections == {"plain_relu": {"new": True}, "fgsm_relu_eps0.3": {"old": True}}
+    with pytest.raises(app.UsageError, match=r"other settings \(epochs\).*Received: epochs=5"):
+        aat.with_earlier_rows(str(path), {**settings, "epochs": 5}, now, {})
+    with pytest.raises(app.UsageError, match="needs earlier results"):
+        aat.with_earlier_rows(str(tmp_path / "missing.json"), settings, now, {})
