@@ -22,8 +22,12 @@ the bare maxout MLP (`--ref_configs`), each estimator's step through `fit`
 (`model.train_function`) and through `kgr.regularized_loss` in a custom
 `tf.function` loop, against a hand-written `tf.function` step of the same
 objective; and `fit`'s skipped (`every=1000`) and sigma = 0 steps against a
-plain Keras step. Rows ending in "fixed" call `kgr.regularized_loss` with
-`fixed_settings=True` (sigma and clean_weight read when traced). `fit` logs
+plain Keras step. Rows "regularized_loss <method>" call `kgr.regularized_loss`
+with its default for a `GradientRegularizer` (`fixed_settings=None`: the
+settings read at run time, their zeros fixed when traced); rows ending in
+"fixed" pass `fixed_settings=True` (sigma and clean_weight read when
+traced), rows ending in "variable" `fixed_settings=False` (read at every
+step, nothing decided when traced). `fit` logs
 the clean loss, so its rows for the objectives without L(x) (fast FGSM,
 PGD-10 at clean_weight 0) are timed against a hand-written step that
 returns the clean loss too ("+ clean loss"). All rows of a configuration, XLA on and off, are
@@ -598,7 +602,7 @@ def reference_rows(sigma: float) -> list[tuple[str, str, Any]]:
 
         return build
 
-    def library_loop(regularizer, fixed_settings=False):
+    def library_loop(regularizer, fixed_settings=None):
         def build(n, f, xla, x, y):
             def loss(a, b, step):
                 return kgr.regularized_loss(
@@ -629,6 +633,13 @@ def reference_rows(sigma: float) -> list[tuple[str, str, Any]]:
         )
         rows.append(
             (
+                f"regularized_loss {method} variable",
+                reference,
+                library_loop(regularizer_of(method, sigma), fixed_settings=False),
+            )
+        )
+        rows.append(
+            (
                 f"regularized_loss {method} fixed",
                 reference,
                 library_loop(regularizer_of(method, sigma), fixed_settings=True),
@@ -645,6 +656,11 @@ def reference_rows(sigma: float) -> list[tuple[str, str, Any]]:
             library_loop(skipped),
         ),
         ("regularized_loss penalty sigma=0", "hand-written plain", library_loop(zero)),
+        (
+            "regularized_loss penalty sigma=0 variable",
+            "hand-written plain",
+            library_loop(zero, fixed_settings=False),
+        ),
         (
             "regularized_loss penalty sigma=0 fixed",
             "hand-written plain",

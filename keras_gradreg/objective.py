@@ -84,20 +84,23 @@ def regularized_loss(
     does.
 
     **Settings read at run time or fixed when traced.** By default (a
-    `GradientRegularizer` object) `sigma` and `clean_weight` are read from
-    the regularizer's variables at every step, so assigning them between
-    steps (a schedule) needs no retracing. The step then cannot know at
-    trace time that either is 0: with `every=1, fraction=1` a sigma = 0
-    step computes the term and selects the plain objective's values and
-    gradients (the cost of a regularised step), and "adversarial" at
-    clean_weight 0 still differentiates its clean loss (multiplied by 0).
-    With `fixed_settings=True` (the default for a dict or None, whose
-    settings nobody can assign) they are Python numbers read once, when
-    the step is traced, like any Python number in a `tf.function`: sigma = 0
-    traces the plain objective alone, clean_weight = 0 leaves the clean
-    loss out of `total`, and a step costs what a hand-written step of the
-    same constant objective does. Assigning them later does not reach a
-    step traced before: trace a new `tf.function`.
+    `GradientRegularizer` object, `fixed_settings=None`) `sigma` and
+    `clean_weight` are read from the regularizer's variables at every step,
+    so assigning them between steps (a schedule such as an epsilon ramp)
+    needs no retracing, while *which of them are 0* is fixed when the step is
+    traced: sigma = 0 traces the plain objective alone, and "adversarial" at
+    clean_weight 0 leaves the clean loss out of `total`, so a step costs
+    what a hand-written step of the same objective does. A setting that was
+    0 when a step was traced cannot then be assigned another value (the
+    regularizer raises, since the step would not see it): to schedule it
+    away from 0, pass `fixed_settings=False`, which reads both at every step
+    and decides nothing when traced (a sigma = 0 step then computes the term
+    and selects the plain objective's values and gradients, and clean_weight
+    0 still differentiates the clean loss, multiplied by 0). With
+    `fixed_settings=True` (the default for a dict or None, whose settings
+    nobody can assign) they are Python numbers read once, when the step is
+    traced, like any Python number in a `tf.function`: assigning them later
+    does not reach a step traced before; trace a new `tf.function`.
 
     With `every > 1` or `fraction < 1` under XLA on a CPU, the steps that
     compute the term are slow on a convolutional network (XLA runs the
@@ -134,9 +137,10 @@ def regularized_loss(
         step: The training step's index (`optimizer.iterations`): needed
             when the regularizer's `every` is above 1, ignored otherwise.
         fixed_settings: Whether sigma and clean_weight are the regularizer's
-            values when the step is traced (True) or read from its variables
-            at every step (False). None: True for a dict or None
-            `regularizer`, False for a `GradientRegularizer`.
+            values when the step is traced (True), read from its variables
+            at every step (False), or read at every step with the settings
+            that are 0 fixed when traced (None; for a dict or None
+            `regularizer`, None means True).
 
     Returns:
         A `RegularizedLossResult(total, data_loss, penalty, y_pred)`.
@@ -146,13 +150,13 @@ def regularized_loss(
             floating-point tensor while sigma > 0.
     """
     _check_layer_and_training(model, training)
-    if fixed_settings is None:
-        fixed_settings = not isinstance(regularizer, GradientRegularizer)
-    elif not isinstance(fixed_settings, bool):
+    if fixed_settings is not None and not isinstance(fixed_settings, bool):
         raise ValueError(
             "`fixed_settings` must be True, False or None. "
             f"Received: fixed_settings={fixed_settings!r}"
         )
+    if fixed_settings is None and not isinstance(regularizer, GradientRegularizer):
+        fixed_settings = True  # Nobody can assign a dict's settings.
     regularizer = _shared_regularizer(regularizer)
     reduced_loss = _reduced_loss(loss_fn)
     if regularizer.fraction < 1.0:
@@ -193,7 +197,7 @@ def regularized_objective(
     x: Any,
     regularizer: GradientRegularizer,
     step: int | tf.Tensor | tf.Variable | None = None,
-    fixed_settings: bool = False,
+    fixed_settings: bool | None = False,
 ) -> RegularizedLoss:
     """The regularised objective of one batch, by the regularizer's estimator.
 
@@ -203,7 +207,9 @@ def regularized_objective(
     (`_plain_outside_branch`); with `every=1, fraction=1` there is no
     branch (`_term_unless_sigma`). With
     `fixed_settings`, sigma and clean_weight are the regularizer's Python
-    values at trace time and their zeros are skipped when traced.
+    values at trace time and their zeros are skipped when traced; with
+    `fixed_settings=None` only their zeros are fixed when traced (their
+    values are read at run time).
 
     Args:
         passes: The model, its forward pass, loss scale, extra state and divergence.
@@ -211,11 +217,14 @@ def regularized_objective(
         regularizer: The settings.
         step: The training step's index; needed when `regularizer.every > 1`.
         fixed_settings: Read sigma and clean_weight when traced, not from
-            their variables.
+            their variables (True); read them at run time (False); read them
+            at run time with their zeros fixed when traced (None).
 
     Returns:
         A `RegularizedLoss`.
     """
+    if fixed_settings is None:
+        return _fixed_objective(passes, x, _TracedZeros(regularizer), step)
     if fixed_settings:
         return _fixed_objective(passes, x, _FixedSettings(regularizer), step)
     branches = objective_branches(passes, x, regularizer, step)
@@ -243,6 +252,34 @@ class _FixedSettings:
     def clean_weight_tensor(self) -> tf.Tensor:
         return self._clean_weight
 
+    def leaves_out(self, name: str) -> None:
+        """Called when the traced step leaves out the work of `name`, 0 when traced."""
+        del name  # The values are constants: nothing to guard.
+
+
+class _TracedZeros(_FixedSettings):
+    """A regularizer whose zeros are fixed when traced and whose values are read at run time.
+
+    The step leaves out the work of a setting that is 0 when traced (sigma:
+    the term; clean_weight: the clean loss's gradient), as with fixed
+    settings, and reads the variables otherwise, so a schedule's new values
+    reach it without retracing. A setting left out at 0 cannot be assigned
+    another value afterwards (the regularizer refuses it, naming the way out).
+    """
+
+    def __init__(self, regularizer: GradientRegularizer):  # noqa: D107 (no constants)
+        self._regularizer = regularizer
+
+    def sigma_tensor(self) -> tf.Tensor:
+        return self._regularizer.sigma_tensor()
+
+    def clean_weight_tensor(self) -> tf.Tensor:
+        return self._regularizer.clean_weight_tensor()
+
+    def leaves_out(self, name: str) -> None:
+        if not tf.executing_eagerly():  # An eager call reads the settings at every step.
+            self._regularizer._note_traced_zero(name)  # noqa: SLF001
+
 
 def _fixed_objective(passes: Passes, x, regularizer: _FixedSettings, step) -> RegularizedLoss:
     """`regularized_objective` with sigma and clean_weight known when traced.
@@ -253,6 +290,7 @@ def _fixed_objective(passes: Passes, x, regularizer: _FixedSettings, step) -> Re
     Only `every > 1` and `fraction < 1` still choose at run time.
     """
     if regularizer.sigma == 0.0:
+        regularizer.leaves_out("sigma")
         return plain_objective(passes.forward, x)
     if regularizer.every > 1 or regularizer.fraction < 1.0:
         branches = objective_branches(passes, x, regularizer, step)
@@ -262,6 +300,7 @@ def _fixed_objective(passes: Passes, x, regularizer: _FixedSettings, step) -> Re
     estimator = ESTIMATORS[regularizer.method]
     term = term_function(passes, x, regularizer)
     if estimator.skips_clean_gradient(regularizer) and regularizer.clean_weight == 0.0:
+        regularizer.leaves_out("clean_weight")
         return term(clean_gradient=False)
     return term()
 

@@ -155,6 +155,9 @@ class GradientRegularizer:
                 f"p must be 1, 2 or inf. Received: p={p!r}"
             )
         self._state: _State | None = None
+        # Settings that were 0 when `kgr.regularized_loss` traced a step
+        # that left their work out (see `_note_traced_zero`).
+        self._traced_zeros: set[str] = set()
 
     p = property(lambda self: self._p, doc="Perturbation norm p (float, inf allowed).")
     method = property(lambda self: self._method, doc="The estimator's name.")
@@ -189,25 +192,56 @@ class GradientRegularizer:
 
     @property
     def sigma(self) -> float:
-        """Radius of the perturbation ball; assignable between steps (no retracing)."""
+        """Radius of the perturbation ball; assignable between steps (no retracing).
+
+        Raises:
+            ValueError: On a value other than 0 once a step traced by
+                `kgr.regularized_loss` (default `fixed_settings`) left out the
+                term because sigma was 0 then.
+        """
         return self._sigma
 
     @sigma.setter
     def sigma(self, value: float) -> None:
-        self._sigma = _checks.check_nonnegative(value, "sigma")
+        value = _checks.check_nonnegative(value, "sigma")
+        self._check_not_traced_zero("sigma", value)
+        self._sigma = value
         if self._state is not None:
             self._state.sigma.assign(self._sigma)
 
     @property
     def clean_weight(self) -> float:
-        """Clean-loss weight of "adversarial"; assignable between steps (no retracing)."""
+        """Clean-loss weight of "adversarial"; assignable between steps (no retracing).
+
+        Raises:
+            ValueError: On a value other than 0 once a step traced by
+                `kgr.regularized_loss` (default `fixed_settings`) left out the
+                clean loss because clean_weight was 0 then.
+        """
         return self._clean_weight
 
     @clean_weight.setter
     def clean_weight(self, value: float) -> None:
-        self._clean_weight = _checks.check_unit_interval(value, "clean_weight")
+        value = _checks.check_unit_interval(value, "clean_weight")
+        self._check_not_traced_zero("clean_weight", value)
+        self._clean_weight = value
         if self._state is not None:
             self._state.clean_weight.assign(self._clean_weight)
+
+    def _note_traced_zero(self, name: str) -> None:
+        """Records that a traced step left out the work of `name` (sigma or clean_weight) at 0."""
+        self._traced_zeros.add(name)
+
+    def _check_not_traced_zero(self, name: str, value: float) -> None:
+        if value != 0.0 and name in self._traced_zeros:
+            raise ValueError(
+                f"`{name}` was 0 when `kgr.regularized_loss` traced a step with this "
+                "regularizer, and that step leaves its work out (the default "
+                "`fixed_settings=None` fixes which settings are 0 when traced), so a "
+                f"new value would not reach it. To schedule `{name}` away from 0, pass "
+                "`fixed_settings=False` to `kgr.regularized_loss`, or trace the step "
+                f"with a new regularizer. Received: {name}={value!r}"
+            )
 
     @property
     def q(self) -> float:
@@ -392,7 +426,13 @@ _ARGUMENTS_OF = {
     "penalty": (*_COMMON, "clean_weight", "fd_step"),
     "finite_difference": (*_COMMON, "clean_weight", "fd_step"),
     "adversarial": (
-        *_COMMON, "clean_weight", "fd_step", "steps", "step_size", "random_start", "clip"
+        *_COMMON,
+        "clean_weight",
+        "fd_step",
+        "steps",
+        "step_size",
+        "random_start",
+        "clip",
     ),
     "trades": (*_COMMON, "steps", "step_size", "clip", "beta"),
 }

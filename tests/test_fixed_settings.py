@@ -1,4 +1,9 @@
-"""`kgr.regularized_loss(fixed_settings=...)`: sigma and clean_weight read when traced."""
+"""`kgr.regularized_loss(fixed_settings=...)`: sigma and clean_weight read when traced.
+
+True: their values when traced; False: read at every step; None (the default
+for a `GradientRegularizer`): read at every step, with the settings that are 0
+fixed when traced.
+"""
 
 import keras
 import numpy as np
@@ -58,15 +63,17 @@ def test_fixed_settings_give_the_variable_settings_results(settings, mode):
     ]
     seeds = [g.state.numpy() for g in generators]
     results = []
-    for fixed in (False, True):
+    for fixed in (False, True, None):
         for generator, state in zip(generators, seeds):  # The same starts and subsets.
             generator.state.assign(state)
         results.append(_values(net, x, y, loss_fn, regularizer, fixed, mode))
-    for variable, fixed in zip(*results):
+    for variable, fixed, zeros_fixed in zip(*results):
         np.testing.assert_allclose(fixed, variable, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(zeros_fixed, variable, rtol=1e-5, atol=1e-6)
     if settings.get("sigma") == 0.0:
-        total, data_loss, penalty = results[1][:3]
-        assert total == data_loss and penalty == 0.0
+        for result in results[1:]:
+            total, data_loss, penalty = result[:3]
+            assert total == data_loss and penalty == 0.0
 
 
 def test_fixed_settings_are_read_when_traced():
@@ -89,27 +96,77 @@ def test_fixed_settings_are_read_when_traced():
     assert steps[False][1] > plain + 1e-3  # the variable reaches the traced step
 
 
-def test_fixed_settings_default_follows_the_regularizer_argument():
+def _traced_total(net, x, y, loss_fn, regularizer, **kwargs):
+    @tf.function
+    def total():
+        return kgr.regularized_loss(net, x, y, loss_fn, regularizer, **kwargs).total
+
+    return total
+
+
+def _op_types(function):
+    return [op.type for op in function.get_concrete_function().graph.get_operations()]
+
+
+def test_default_fixes_a_zero_sigma_when_traced_and_refuses_to_raise_it():
     net, x, y, loss_fn = _setup()
     regularizer = kgr.GradientRegularizer(p=2, sigma=0.0, method="penalty")
     regularizer.build()
+    object_total = _traced_total(net, x, y, loss_fn, regularizer)
+    dict_total = _traced_total(net, x, y, loss_fn, {"p": 2, "sigma": 0.0})
+    plain = float(loss_fn(y, net(x, training=True)))
+    assert float(object_total()) == pytest.approx(plain, rel=1e-6)
+    assert float(dict_total()) == pytest.approx(plain, rel=1e-6)
+    # sigma = 0 traces the plain objective alone, for an object as for a dict
+    # (whose graph also holds its settings as two unused constants).
+    without_constants = lambda f: sorted(t for t in _op_types(f) if t != "Const")  # noqa: E731
+    assert without_constants(object_total) == without_constants(dict_total)
+    with pytest.raises(ValueError, match=r"fixed_settings=False.*Received: sigma=0\.5"):
+        regularizer.sigma = 0.5
+    assert regularizer.sigma == 0.0
+    regularizer.sigma = 0.0  # Assigning the traced zero again is fine.
 
-    @tf.function
-    def object_total():
-        return kgr.regularized_loss(net, x, y, loss_fn, regularizer).total
 
-    @tf.function
-    def dict_total():
-        return kgr.regularized_loss(net, x, y, loss_fn, {"p": 2, "sigma": 0.0}).total
+def test_default_reads_a_scheduled_sigma_at_run_time():
+    net, x, y, loss_fn = _setup()
+    regularizer = kgr.GradientRegularizer(p=2, sigma=0.1, method="penalty")
+    reference = kgr.GradientRegularizer(p=2, sigma=0.1, method="penalty")
+    regularizer.build(), reference.build()
+    total = _traced_total(net, x, y, loss_fn, regularizer)
+    variable = _traced_total(net, x, y, loss_fn, reference, fixed_settings=False)
+    values = []
+    for sigma in (0.1, 0.5, 0.0, 0.3):  # A ramp, and through 0 (the term then computes 0).
+        regularizer.sigma = reference.sigma = sigma
+        values.append((float(total()), float(variable())))
+    np.testing.assert_allclose(*zip(*values), rtol=1e-6)
+    assert values[1][0] > values[0][0] > values[2][0]
+    assert total.experimental_get_tracing_count() == 1
+    assert "ReadVariableOp" in _op_types(total)
 
-    object_total(), dict_total()
-    object_graph = object_total.get_concrete_function().graph
-    dict_graph = dict_total.get_concrete_function().graph
-    ops = lambda graph: {op.type for op in graph.get_operations()}  # noqa: E731
-    assert "ReadVariableOp" in ops(object_graph)  # sigma read at run time
-    # A dict's sigma = 0 traces the plain objective: no input gradient, no sigma read.
-    assert len(dict_graph.get_operations()) < len(object_graph.get_operations())
-    assert not any("gradient" in op.name.lower() for op in dict_graph.get_operations())
+
+def test_default_fixes_a_zero_clean_weight_when_traced():
+    net, x, y, loss_fn = _setup()
+    settings = dict(p="inf", sigma=0.1, method="adversarial", clean_weight=0.0)
+    regularizer = kgr.GradientRegularizer(**settings)
+    regularizer.build()
+    default = _traced_total(net, x, y, loss_fn, regularizer)
+    fixed = _traced_total(net, x, y, loss_fn, {**settings, "p": float("inf")})
+    variable = _traced_total(net, x, y, loss_fn, regularizer, fixed_settings=False)
+    np.testing.assert_allclose(float(default()), float(variable()), rtol=1e-6)
+    float(fixed())
+    # The clean loss is left out of the differentiated total, as with fixed
+    # settings: fewer operations than reading clean_weight at run time.
+    assert len(_op_types(default)) < len(_op_types(variable))
+    with pytest.raises(ValueError, match=r"Received: clean_weight=0\.5"):
+        regularizer.clean_weight = 0.5
+
+
+def test_eager_calls_read_every_setting_at_every_step():
+    net, x, y, loss_fn = _setup()
+    regularizer = kgr.GradientRegularizer(p=2, sigma=0.0, method="penalty")
+    plain = float(kgr.regularized_loss(net, x, y, loss_fn, regularizer).total)
+    regularizer.sigma = 0.5  # No step was traced: nothing is fixed.
+    assert float(kgr.regularized_loss(net, x, y, loss_fn, regularizer).total) > plain + 1e-3
 
 
 def test_bad_fixed_settings_names_the_value():
