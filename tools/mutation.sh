@@ -39,8 +39,9 @@ case $module in
   flags) file=keras_gradreg/robustness/flags.py
     tests="tests/test_mutation_kills_flags.py tests/test_robustness.py
       -k 'mutation_kills_flags or flag_logic_on_constructed'" ;;
-  estimators) file=keras_gradreg/_estimators.py  # Not run yet (docs/testing.md).
-    tests="tests/test_golden.py tests/test_nonlinear_golden.py" ;;
+  estimators) file=keras_gradreg/_estimators.py
+    tests="tests/test_golden.py tests/test_nonlinear_golden.py tests/test_members.py
+      tests/test_estimators.py -k 'not resumed_run and not mixed_float16'" ;;
   *) echo "unknown module: $module" >&2; usage ;;
 esac
 if [[ $module == estimators ]]; then
