@@ -7,7 +7,8 @@
 #   bash tools/mutation.sh MODULE --summary  # only print the tally and the survivors
 #   bash tools/mutation.sh MODULE --show NAME  # the diff of one mutant
 #
-# MODULE: norms, balls, subsets, flags, estimators (more in the table below).
+# MODULE: norms, balls, subsets, flags, estimators, objective, apgd, square, fab,
+# fab_projections (scores in docs/testing.md).
 # The run happens in a copy of the committed tree (git archive HEAD) under
 # $MUTATION_DIR (default ~/.cache/keras_gradreg_mutation/MODULE), so it never
 # writes into the checkout and a second call resumes where the first stopped
@@ -42,6 +43,17 @@ case $module in
   estimators) file=keras_gradreg/_estimators.py
     tests="tests/test_golden.py tests/test_nonlinear_golden.py tests/test_members.py
       tests/test_estimators.py -k 'not resumed_run and not mixed_float16'" ;;
+  objective) file=keras_gradreg/objective.py  # The scheduling: when the term is computed.
+    tests="tests/test_objective.py tests/test_fixed_settings.py tests/test_lazy.py
+      tests/test_schedule.py" ;;
+  apgd) file=keras_gradreg/attacks/auto_pgd.py
+    tests="tests/test_auto_pgd.py tests/test_attack_steps_reference.py" ;;
+  square) file=keras_gradreg/attacks/square_attack.py
+    tests="tests/test_square_attack.py tests/test_attack_steps_reference.py" ;;
+  fab) file=keras_gradreg/attacks/fab_attack.py
+    tests="tests/test_fab.py" ;;
+  fab_projections) file=keras_gradreg/attacks/fab_projections.py
+    tests="tests/test_fab.py" ;;
   *) echo "unknown module: $module" >&2; usage ;;
 esac
 if [[ $module == estimators ]]; then
