@@ -1260,21 +1260,16 @@ def main(argv: list[str]) -> None:
         record = plan.selection(row, summaries)
         selections[row.name] = record
     settings_json = settings_record(settings, arrays.record)
+    add_time_ratios(records)  # Within this sitting: kept rows keep their own sitting's.
     if FLAGS.keep_earlier_rows:
         records, selections = with_earlier_rows(
             os.path.join(FLAGS.results_dir, f"{NAME}.json"), settings_json, records, selections
         )
-    order = {
-        row.name: i
-        for i, row in enumerate(
-            rows
-            + default_rows(
-                settings.threat_epsilon, settings.extra_epsilons, settings.smooth_activation
-            )
-        )
-    }
-    records.sort(key=lambda r: (order.get(r["name"], len(order)), r["name"], r["seed"]))
-    add_time_ratios(records)
+    defaults = default_rows(
+        settings.threat_epsilon, settings.extra_epsilons, settings.smooth_activation
+    )
+    order = {name: i for i, name in enumerate(dict.fromkeys(r.name for r in defaults + rows))}
+    records.sort(key=lambda r: (order[r["name"]], r["seed"]))
     results_json = {
         "experiment": NAME,
         "hardware": jobs_lib.hardware(),
@@ -1300,11 +1295,13 @@ def with_earlier_rows(
     """`records` and `selections` with those of the results at `path` that they lack.
 
     A row (name and seed) or selection this run produced replaces the earlier
-    one. The earlier results' settings must equal `settings_json` apart from
-    "seeds" (which become the union).
+    one; kept rows keep their `time_vs_plain` (their own sitting's plain
+    row). The earlier results' settings must equal `settings_json` apart
+    from "seeds" (which become the union).
 
     Raises:
-        app.UsageError: If `path` is missing or its settings differ.
+        app.UsageError: If `path` is missing, its settings differ, or a kept
+            row (another seed) has another setting than this run's row.
     """
     if not os.path.exists(path):
         raise app.UsageError(f"--keep_earlier_rows needs earlier results. Received: {path}")
@@ -1322,6 +1319,14 @@ def with_earlier_rows(
         )
     produced = {(r["name"], r["seed"]) for r in records}
     kept = [r for r in earlier["rows"] if (r["name"], r["seed"]) not in produced]
+    settings_of = {r["name"]: r["setting"] for r in records}
+    for record in kept:
+        if settings_of.get(record["name"], record["setting"]) != record["setting"]:
+            raise app.UsageError(
+                f"--keep_earlier_rows: {record['name']} (seed {record['seed']}) of {path} was "
+                f"trained with another setting than this run's. Received: {record['setting']} "
+                f"and {settings_of[record['name']]}"
+            )
     settings_json["seeds"] = sorted(set(settings_json["seeds"]) | set(earlier["settings"]["seeds"]))
     return records + kept, {**earlier.get("selections", {}), **selections}
 

@@ -2,7 +2,10 @@
 
 `sigma` and `clean_weight` live in variables that the compiled training step
 reads, so changing them between steps costs no retracing and no XLA
-recompilation (tests/test_schedule.py counts the traces).
+recompilation (tests/test_schedule.py counts the traces). In a custom loop
+with `kgr.regularized_loss`, a sigma or clean_weight that was 0 when its
+default traced a step cannot be scheduled away from 0 while that step exists
+(trace a new one, or pass `fixed_settings=False`).
 """
 
 from __future__ import annotations

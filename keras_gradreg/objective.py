@@ -13,10 +13,11 @@ with tf.GradientTape() as tape:
 gradients = tape.gradient(result.total, model.trainable_variables)
 ```
 
-Each step chooses at run time between the plain objective (sigma = 0, or a
-step that `GradientRegularizer(every=k)` skips) and the regularised one,
-L + every * T, with T on a random subset of rows for `fraction < 1`
-(docs/method.md, section 4).
+Each step chooses between the plain objective (sigma = 0, or a step that
+`GradientRegularizer(every=k)` skips) and the regularised one, L + every * T,
+with T on a random subset of rows for `fraction < 1` (docs/method.md,
+section 4): at run time, or for `regularized_loss` partly when the step is
+traced (its `fixed_settings`).
 
 The input gradient is that of the *reduced* loss, so row i is
 c_i * d l_i / d x_i with c_i the loss's weight of example i (sample weight
@@ -83,24 +84,29 @@ def regularized_loss(
     traced step serves every step and a skipped step runs what a plain step
     does.
 
-    **Settings read at run time or fixed when traced.** By default (a
+    **Settings read at run time, their zeros when traced.** By default (a
     `GradientRegularizer` object, `fixed_settings=None`) `sigma` and
     `clean_weight` are read from the regularizer's variables at every step,
     so assigning them between steps (a schedule such as an epsilon ramp)
-    needs no retracing, while *which of them are 0* is fixed when the step is
-    traced: sigma = 0 traces the plain objective alone, and "adversarial" at
-    clean_weight 0 leaves the clean loss out of `total`, so a step costs
-    what a hand-written step of the same objective does. A setting that was
-    0 when a step was traced cannot then be assigned another value (the
-    regularizer raises, since the step would not see it): to schedule it
-    away from 0, pass `fixed_settings=False`, which reads both at every step
-    and decides nothing when traced (a sigma = 0 step then computes the term
-    and selects the plain objective's values and gradients, and clean_weight
-    0 still differentiates the clean loss, multiplied by 0). With
-    `fixed_settings=True` (the default for a dict or None, whose settings
-    nobody can assign) they are Python numbers read once, when the step is
-    traced, like any Python number in a `tf.function`: assigning them later
-    does not reach a step traced before; trace a new `tf.function`.
+    needs no retracing, while their zeros choose the traced step's form, so
+    that it costs what a hand-written step of the same objective does:
+    traced at sigma = 0, the step is the plain objective alone; traced at
+    sigma > 0, it computes the term and gives the plain objective's values
+    if sigma is later 0 (at a regularised step's cost); "adversarial"
+    traced at clean_weight 0 leaves the clean loss out of `total` (if sigma
+    is later 0 it then minimises the loss at the ascent's point of radius
+    0: L(x) for inputs inside `clip`). While a step traced at a zero sigma
+    or clean_weight exists, the regularizer refuses another value for it
+    (its work is not in that step): trace a new step, or pass
+    `fixed_settings=False` to schedule it away from 0. With
+    `fixed_settings=False` both are read at every step and nothing is
+    decided when traced (a sigma = 0 step computes the term and selects the
+    plain objective; clean_weight 0 still differentiates the clean loss,
+    multiplied by 0). With `fixed_settings=True` (the default for a dict or
+    None, whose settings nobody can assign) they are Python numbers read
+    once, when the step is traced, like any Python number in a
+    `tf.function`: assigning them later does not reach a step traced
+    before; trace a new `tf.function`.
 
     With `every > 1` or `fraction < 1` under XLA on a CPU, the steps that
     compute the term are slow on a convolutional network (XLA runs the
@@ -138,8 +144,8 @@ def regularized_loss(
             when the regularizer's `every` is above 1, ignored otherwise.
         fixed_settings: Whether sigma and clean_weight are the regularizer's
             values when the step is traced (True), read from its variables
-            at every step (False), or read at every step with the settings
-            that are 0 fixed when traced (None; for a dict or None
+            at every step (False), or read at every step with their zeros
+            choosing the traced step's form (None; for a dict or None
             `regularizer`, None means True).
 
     Returns:
@@ -252,19 +258,23 @@ class _FixedSettings:
     def clean_weight_tensor(self) -> tf.Tensor:
         return self._clean_weight
 
-    def leaves_out(self, name: str) -> None:
-        """Called when the traced step leaves out the work of `name`, 0 when traced."""
-        del name  # The values are constants: nothing to guard.
+    def leaves_out(self, setting: str) -> None:
+        """Called when the traced step leaves out the work of `setting`, 0 when traced."""
+
+    def unless_sigma(self, result: RegularizedLoss, total: bool = True) -> RegularizedLoss:
+        """`result`, with the plain objective's values when sigma is 0 at run time."""
+        del total
+        return result  # sigma is a constant above 0 here.
 
 
 class _TracedZeros(_FixedSettings):
-    """A regularizer whose zeros are fixed when traced and whose values are read at run time.
+    """A regularizer read at run time whose zeros choose the traced step's form.
 
-    The step leaves out the work of a setting that is 0 when traced (sigma:
-    the term; clean_weight: the clean loss's gradient), as with fixed
-    settings, and reads the variables otherwise, so a schedule's new values
-    reach it without retracing. A setting left out at 0 cannot be assigned
-    another value afterwards (the regularizer refuses it, naming the way out).
+    sigma = 0 when traced: the plain objective alone; sigma > 0: the term,
+    with the plain objective's values selected if sigma is later 0.
+    clean_weight 0 when traced: the clean loss left out of `total`. A
+    setting whose work a traced step left out is refused another value by
+    the regularizer while that step exists.
     """
 
     def __init__(self, regularizer: GradientRegularizer):  # noqa: D107 (no constants)
@@ -276,18 +286,25 @@ class _TracedZeros(_FixedSettings):
     def clean_weight_tensor(self) -> tf.Tensor:
         return self._regularizer.clean_weight_tensor()
 
-    def leaves_out(self, name: str) -> None:
+    def leaves_out(self, setting: str) -> None:
         if not tf.executing_eagerly():  # An eager call reads the settings at every step.
-            self._regularizer._note_traced_zero(name)  # noqa: SLF001
+            self._regularizer._note_left_out(setting)  # noqa: SLF001
+
+    def unless_sigma(self, result: RegularizedLoss, total: bool = True) -> RegularizedLoss:
+        regularize = self.sigma_tensor() > 0.0
+        penalty = tf.where(regularize, result.penalty, tf.zeros_like(result.penalty))
+        if total:  # Free when `total` already depends on data_loss.
+            result = result._replace(total=tf.where(regularize, result.total, result.data_loss))
+        return result._replace(penalty=penalty)
 
 
 def _fixed_objective(passes: Passes, x, regularizer: _FixedSettings, step) -> RegularizedLoss:
-    """`regularized_objective` with sigma and clean_weight known when traced.
+    """`regularized_objective` with the zeros of sigma and clean_weight known when traced.
 
     sigma = 0 is the plain objective, with no branch; with `every=1,
     fraction=1` the term is computed with no branch either, and at
     clean_weight 0 "adversarial" leaves the clean loss out of `total`.
-    Only `every > 1` and `fraction < 1` still choose at run time.
+    `every > 1` and `fraction < 1` choose at run time.
     """
     if regularizer.sigma == 0.0:
         regularizer.leaves_out("sigma")
@@ -301,8 +318,9 @@ def _fixed_objective(passes: Passes, x, regularizer: _FixedSettings, step) -> Re
     term = term_function(passes, x, regularizer)
     if estimator.skips_clean_gradient(regularizer) and regularizer.clean_weight == 0.0:
         regularizer.leaves_out("clean_weight")
-        return term(clean_gradient=False)
-    return term()
+        # At a run-time sigma = 0 the ascent's radius is 0: L(x) for x in `clip`.
+        return regularizer.unless_sigma(term(clean_gradient=False), total=False)
+    return regularizer.unless_sigma(term())
 
 
 class Branches(NamedTuple):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
+import weakref
 from typing import Any
 
 import keras
@@ -85,7 +87,11 @@ class GradientRegularizer:
     assigning them (`model.regularizer.sigma = 0.3`, or
     `kgr.callbacks.RegularizerScheduler`) takes effect on the next step with no
     retracing. The other fields are fixed: to change them, give the model a
-    new regularizer (its step is then rebuilt).
+    new regularizer (its step is then rebuilt). In a custom loop,
+    `kgr.regularized_loss`'s default fixes a zero sigma or clean_weight
+    when it traces a step; the regularizer then refuses another value for
+    it while that step exists (`fixed_settings=False` reads both at every
+    step).
 
     Args:
         p: Norm of the perturbation ball: a number >= 1, `math.inf` or "inf".
@@ -155,9 +161,12 @@ class GradientRegularizer:
                 f"p must be 1, 2 or inf. Received: p={p!r}"
             )
         self._state: _State | None = None
-        # Settings that were 0 when `kgr.regularized_loss` traced a step
-        # that left their work out (see `_note_traced_zero`).
-        self._traced_zeros: set[str] = set()
+        # Per setting, the graphs of steps `kgr.regularized_loss` traced with
+        # its work left out because it was 0 (`_note_left_out`).
+        self._left_out: dict[str, weakref.WeakSet] = {
+            "sigma": weakref.WeakSet(),
+            "clean_weight": weakref.WeakSet(),
+        }
 
     p = property(lambda self: self._p, doc="Perturbation norm p (float, inf allowed).")
     method = property(lambda self: self._method, doc="The estimator's name.")
@@ -195,16 +204,16 @@ class GradientRegularizer:
         """Radius of the perturbation ball; assignable between steps (no retracing).
 
         Raises:
-            ValueError: On a value other than 0 once a step traced by
-                `kgr.regularized_loss` (default `fixed_settings`) left out the
-                term because sigma was 0 then.
+            ValueError: On a value other than 0 while a step exists that
+                `kgr.regularized_loss` (default `fixed_settings`) traced as
+                the plain objective, because sigma was 0 then.
         """
         return self._sigma
 
     @sigma.setter
     def sigma(self, value: float) -> None:
         value = _checks.check_nonnegative(value, "sigma")
-        self._check_not_traced_zero("sigma", value)
+        self._check_reaches_traced_steps("sigma", value)
         self._sigma = value
         if self._state is not None:
             self._state.sigma.assign(self._sigma)
@@ -214,33 +223,37 @@ class GradientRegularizer:
         """Clean-loss weight of "adversarial"; assignable between steps (no retracing).
 
         Raises:
-            ValueError: On a value other than 0 once a step traced by
-                `kgr.regularized_loss` (default `fixed_settings`) left out the
-                clean loss because clean_weight was 0 then.
+            ValueError: On a value other than 0 while a step exists that
+                `kgr.regularized_loss` (default `fixed_settings`) traced with
+                the clean loss left out, because clean_weight was 0 then.
         """
         return self._clean_weight
 
     @clean_weight.setter
     def clean_weight(self, value: float) -> None:
         value = _checks.check_unit_interval(value, "clean_weight")
-        self._check_not_traced_zero("clean_weight", value)
+        self._check_reaches_traced_steps("clean_weight", value)
         self._clean_weight = value
         if self._state is not None:
             self._state.clean_weight.assign(self._clean_weight)
 
-    def _note_traced_zero(self, name: str) -> None:
-        """Records that a traced step left out the work of `name` (sigma or clean_weight) at 0."""
-        self._traced_zeros.add(name)
+    def _note_left_out(self, setting: str) -> None:
+        """Records that the step being traced leaves out `setting`'s work (it is 0)."""
+        self._left_out[setting].add(tf.compat.v1.get_default_graph())
 
-    def _check_not_traced_zero(self, name: str, value: float) -> None:
-        if value != 0.0 and name in self._traced_zeros:
+    def _check_reaches_traced_steps(self, setting: str, value: float) -> None:
+        if value == 0.0 or not self._left_out[setting]:
+            return
+        gc.collect()  # The graphs of steps whose functions are gone no longer count.
+        if self._left_out[setting]:
+            work = "the term" if setting == "sigma" else "the clean loss"
             raise ValueError(
-                f"`{name}` was 0 when `kgr.regularized_loss` traced a step with this "
-                "regularizer, and that step leaves its work out (the default "
-                "`fixed_settings=None` fixes which settings are 0 when traced), so a "
-                f"new value would not reach it. To schedule `{name}` away from 0, pass "
-                "`fixed_settings=False` to `kgr.regularized_loss`, or trace the step "
-                f"with a new regularizer. Received: {name}={value!r}"
+                f"{setting} was 0 when `kgr.regularized_loss` traced a step with this "
+                f"regularizer, and that step leaves {work} out (the default "
+                f"`fixed_settings=None` fixes a zero {setting} when traced), so a new value "
+                "would not reach it. Trace a new step (a new `tf.function`) after deleting "
+                f"that one, or pass `fixed_settings=False` to `kgr.regularized_loss` to "
+                f"schedule {setting} away from 0. Received: {setting}={value!r}"
             )
 
     @property

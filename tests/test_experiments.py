@@ -391,12 +391,18 @@ def test_earlier_rows_are_kept_and_replaced_by_this_runs(tmp_path):
     settings = {"epochs": 20, "seeds": [0], "grids": {"ramp_epochs": [5]}}
     earlier = {
         "settings": settings,
-        "rows": [{"name": "pgd_relu_eps0.3", "seed": 0, "t": 1}, {"name": "plain_relu", "seed": 0}],
+        "rows": [
+            {"name": "pgd_relu_eps0.3", "seed": 0, "setting": {"sigma": 0.3}},
+            {"name": "plain_relu", "seed": 0, "setting": {}},
+        ],
         "selections": {"plain_relu": {"old": True}, "fgsm_relu_eps0.3": {"old": True}},
     }
     path = tmp_path / "aat.json"
     path.write_text(json.dumps(earlier))
-    now = [{"name": "plain_relu", "seed": 0, "new": True}, {"name": "plain_relu", "seed": 1}]
+    now = [
+        {"name": "plain_relu", "seed": 0, "setting": {}, "new": True},
+        {"name": "plain_relu", "seed": 1, "setting": {}},
+    ]
     records, selections = aat.with_earlier_rows(
         str(path), {**settings, "seeds": [0, 1]}, now, {"plain_relu": {"new": True}}
     )
@@ -406,5 +412,8 @@ def test_earlier_rows_are_kept_and_replaced_by_this_runs(tmp_path):
     assert selections == {"plain_relu": {"new": True}, "fgsm_relu_eps0.3": {"old": True}}
     with pytest.raises(app.UsageError, match=r"other settings \(epochs\).*Received: epochs=5"):
         aat.with_earlier_rows(str(path), {**settings, "epochs": 5}, now, {})
+    other_setting = [{"name": "pgd_relu_eps0.3", "seed": 1, "setting": {"sigma": 0.2}}]
+    with pytest.raises(app.UsageError, match=r"pgd_relu_eps0.3 \(seed 0\).*another setting"):
+        aat.with_earlier_rows(str(path), {**settings, "seeds": [1]}, other_setting, {})
     with pytest.raises(app.UsageError, match="needs earlier results"):
         aat.with_earlier_rows(str(tmp_path / "missing.json"), settings, now, {})

@@ -1,8 +1,8 @@
 """`kgr.regularized_loss(fixed_settings=...)`: sigma and clean_weight read when traced.
 
 True: their values when traced; False: read at every step; None (the default
-for a `GradientRegularizer`): read at every step, with the settings that are 0
-fixed when traced.
+for a `GradientRegularizer`): read at every step, with their zeros choosing
+the traced step's form.
 """
 
 import keras
@@ -108,57 +108,124 @@ def _op_types(function):
     return [op.type for op in function.get_concrete_function().graph.get_operations()]
 
 
-def test_default_fixes_a_zero_sigma_when_traced_and_refuses_to_raise_it():
+def _outputs(net, x, y, loss_fn, regularizer, jit=False, **kwargs):
+    @tf.function(jit_compile=jit)
+    def outputs():
+        with tf.GradientTape() as tape:
+            result = kgr.regularized_loss(net, x, y, loss_fn, regularizer, **kwargs)
+        gradients = tape.gradient(result.total, net.trainable_variables)
+        return [result.total, result.data_loss, result.penalty, *gradients]
+
+    return outputs
+
+
+RAMPS = [
+    dict(p=2, method="penalty"),
+    dict(p="inf", method="adversarial", clean_weight=0.5),
+    dict(p="inf", method="adversarial", steps=2, random_start=True, clip=(0.0, 1.0)),
+    dict(p="inf", method="finite_difference"),
+    dict(p="inf", method="trades", steps=2),
+    dict(p=2, method="penalty", every=2),
+]
+
+
+@pytest.mark.parametrize("settings", RAMPS, ids=lambda s: " ".join(map(str, s.values())))
+def test_default_follows_a_schedule_through_zero_like_run_time_settings(settings):
+    """Traced at sigma > 0 (the plain objective's values selected at 0): every output
+    equals `fixed_settings=False`'s at every value, with one trace."""
+    first = 0.1
     net, x, y, loss_fn = _setup()
-    regularizer = kgr.GradientRegularizer(p=2, sigma=0.0, method="penalty")
-    regularizer.build()
-    object_total = _traced_total(net, x, y, loss_fn, regularizer)
-    dict_total = _traced_total(net, x, y, loss_fn, {"p": 2, "sigma": 0.0})
+    regularizer = kgr.GradientRegularizer(sigma=first, **settings)
+    reference = kgr.GradientRegularizer(sigma=first, **settings)
+    regularizer.build(), reference.build()
+    kwargs = dict(step=tf.constant(0, tf.int64))
+    default = _outputs(net, x, y, loss_fn, regularizer, **kwargs)
+    variable = _outputs(net, x, y, loss_fn, reference, fixed_settings=False, **kwargs)
+    generators = [
+        (g, h)
+        for g, h in zip(
+            (regularizer.start_seed_generator(), regularizer.subset_seed_generator()),
+            (reference.start_seed_generator(), reference.subset_seed_generator()),
+        )
+        if g is not None
+    ]
     plain = float(loss_fn(y, net(x, training=True)))
-    assert float(object_total()) == pytest.approx(plain, rel=1e-6)
-    assert float(dict_total()) == pytest.approx(plain, rel=1e-6)
+    for sigma in (first, 0.3, 0.0, 0.2):
+        regularizer.sigma = reference.sigma = sigma
+        for g, h in generators:  # The same starts for both.
+            h.state.assign(g.state)
+        for got, want in zip(default(), variable()):
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+        total, penalty = float(default()[0]), float(default()[2])
+        if sigma == 0.0:
+            assert total == pytest.approx(plain, rel=1e-6) and penalty == 0.0
+        else:
+            assert penalty > 0.0
+    assert default.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize("settings", RAMPS[:2], ids=["penalty", "adversarial"])
+def test_default_traced_at_zero_sigma_is_the_plain_objective_while_it_exists(settings):
+    net, x, y, loss_fn = _setup()
+    regularizer = kgr.GradientRegularizer(sigma=0.0, **settings)
+    regularizer.build()
+    default = _traced_total(net, x, y, loss_fn, regularizer)
+    dict_total = _traced_total(net, x, y, loss_fn, {**settings, "sigma": 0.0})
+    plain = float(loss_fn(y, net(x, training=True)))
+    assert float(default()) == pytest.approx(plain, rel=1e-6)
+    float(dict_total())
     # sigma = 0 traces the plain objective alone, for an object as for a dict
     # (whose graph also holds its settings as two unused constants).
     without_constants = lambda f: sorted(t for t in _op_types(f) if t != "Const")  # noqa: E731
-    assert without_constants(object_total) == without_constants(dict_total)
-    with pytest.raises(ValueError, match=r"fixed_settings=False.*Received: sigma=0\.5"):
-        regularizer.sigma = 0.5
+    assert without_constants(default) == without_constants(dict_total)
+    with pytest.raises(ValueError, match=r"Trace a new step.*Received: sigma=0\.3"):
+        regularizer.sigma = 0.3
     assert regularizer.sigma == 0.0
-    regularizer.sigma = 0.0  # Assigning the traced zero again is fine.
+    regularizer.sigma = 0.0  # The traced zero again is fine.
+    del default
+    regularizer.sigma = 0.3  # No step that left the term out is left.
+    retraced = _traced_total(net, x, y, loss_fn, regularizer)
+    variable = _traced_total(net, x, y, loss_fn, regularizer, fixed_settings=False)
+    assert float(retraced()) == pytest.approx(float(variable()), rel=1e-6)
+    assert float(retraced()) > plain + 1e-3
 
 
-def test_default_reads_a_scheduled_sigma_at_run_time():
-    net, x, y, loss_fn = _setup()
-    regularizer = kgr.GradientRegularizer(p=2, sigma=0.1, method="penalty")
-    reference = kgr.GradientRegularizer(p=2, sigma=0.1, method="penalty")
-    regularizer.build(), reference.build()
-    total = _traced_total(net, x, y, loss_fn, regularizer)
-    variable = _traced_total(net, x, y, loss_fn, reference, fixed_settings=False)
-    values = []
-    for sigma in (0.1, 0.5, 0.0, 0.3):  # A ramp, and through 0 (the term then computes 0).
-        regularizer.sigma = reference.sigma = sigma
-        values.append((float(total()), float(variable())))
-    np.testing.assert_allclose(*zip(*values), rtol=1e-6)
-    assert values[1][0] > values[0][0] > values[2][0]
-    assert total.experimental_get_tracing_count() == 1
-    assert "ReadVariableOp" in _op_types(total)
-
-
-def test_default_fixes_a_zero_clean_weight_when_traced():
+@pytest.mark.parametrize("jit", [False, True])
+def test_default_fixes_a_zero_clean_weight_while_its_step_exists(jit):
     net, x, y, loss_fn = _setup()
     settings = dict(p="inf", sigma=0.1, method="adversarial", clean_weight=0.0)
     regularizer = kgr.GradientRegularizer(**settings)
     regularizer.build()
-    default = _traced_total(net, x, y, loss_fn, regularizer)
-    fixed = _traced_total(net, x, y, loss_fn, {**settings, "p": float("inf")})
-    variable = _traced_total(net, x, y, loss_fn, regularizer, fixed_settings=False)
-    np.testing.assert_allclose(float(default()), float(variable()), rtol=1e-6)
-    float(fixed())
+    default = _outputs(net, x, y, loss_fn, regularizer, jit=jit)
+    variable = _outputs(net, x, y, loss_fn, regularizer, jit=jit, fixed_settings=False)
+    fixed = _outputs(net, x, y, loss_fn, {**settings, "p": float("inf")}, jit=jit)
+    for got, want in zip(default(), variable()):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+    fixed()
     # The clean loss is left out of the differentiated total, as with fixed
     # settings: fewer operations than reading clean_weight at run time.
     assert len(_op_types(default)) < len(_op_types(variable))
-    with pytest.raises(ValueError, match=r"Received: clean_weight=0\.5"):
+    with pytest.raises(ValueError, match=r"fixed_settings=False.*Received: clean_weight=0\.5"):
         regularizer.clean_weight = 0.5
+    assert regularizer.clean_weight == 0.0
+    regularizer.clean_weight = 0.0  # The traced zero again is fine.
+    del default
+    regularizer.clean_weight = 0.5  # No step that left the clean loss out is left.
+    assert regularizer.clean_weight == 0.5
+
+
+def test_a_scheduler_assigning_a_left_out_clean_weight_names_the_way_out():
+    net, x, y, loss_fn = _setup()
+    regularizer = kgr.GradientRegularizer(p="inf", sigma=0.1, method="adversarial", clean_weight=0)
+    regularizer.build()
+    step = _traced_total(net, x, y, loss_fn, regularizer)
+    float(step())
+    holder = keras.Model(net.inputs, net.outputs)
+    holder.regularizer = regularizer
+    scheduler = kgr.callbacks.RegularizerScheduler(lambda epoch: {"clean_weight": 0.5})
+    scheduler.set_model(holder)
+    with pytest.raises(ValueError, match="Received: clean_weight=0.5"):
+        scheduler.on_epoch_begin(0)
 
 
 def test_eager_calls_read_every_setting_at_every_step():
