@@ -134,13 +134,7 @@ flags.DEFINE_list(
     "Rows trained with every seed of --seeds. auto: PGD-AT (relu) at --threat_epsilon and the "
     "single-step row trained there with the highest validation robust accuracy.",
 )
-flags.DEFINE_bool(
-    "keep_earlier_rows",
-    False,
-    "Keep the rows and selections of the existing <results_dir>/<name>.json that this run "
-    "does not produce (an experiment run in several sittings whose earlier workdirs are "
-    "gone); its settings must equal this run's, seeds apart.",
-)
+jobs_lib.define_keep_earlier_rows(__name__)
 flags.DEFINE_bool(
     "validate_fixed_rows",
     False,
@@ -1207,6 +1201,10 @@ def main(argv: list[str]) -> None:
         tfds_data_dir=dict(settings.data).get("tfds_data_dir"),
         validation_split=settings.validation_fraction,
     )
+    settings_json = settings_record(settings, arrays.record)
+    earlier = None
+    if FLAGS.keep_earlier_rows:  # Checked before any run.
+        earlier = earlier_results(os.path.join(FLAGS.results_dir, f"{NAME}.json"), settings_json)
     x_val = arrays.x_validation[: settings.validation_examples]
     y_val = arrays.y_validation[: settings.validation_examples]
 
@@ -1259,12 +1257,9 @@ def main(argv: list[str]) -> None:
     for row in plan.selection_rows():
         record = plan.selection(row, summaries)
         selections[row.name] = record
-    settings_json = settings_record(settings, arrays.record)
     add_time_ratios(records)  # Within this sitting: kept rows keep their own sitting's.
-    if FLAGS.keep_earlier_rows:
-        records, selections = with_earlier_rows(
-            os.path.join(FLAGS.results_dir, f"{NAME}.json"), settings_json, records, selections
-        )
+    if earlier is not None:
+        records, selections = with_earlier_rows(earlier, settings_json, records, selections)
     defaults = default_rows(
         settings.threat_epsilon, settings.extra_epsilons, settings.smooth_activation
     )
@@ -1286,25 +1281,14 @@ def main(argv: list[str]) -> None:
     logging.info("Wrote %s", ", ".join(paths.values()))
 
 
-def with_earlier_rows(
-    path: str,
-    settings_json: dict[str, Any],
-    records: list[dict[str, Any]],
-    selections: dict[str, Any],
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """`records` and `selections` with those of the results at `path` that they lack.
-
-    A row (name and seed) or selection this run produced replaces the earlier
-    one; kept rows keep their `time_vs_plain` (their own sitting's plain
-    row). The earlier results' settings must equal `settings_json` apart
-    from "seeds" (which become the union).
+def earlier_results(path: str, settings_json: dict[str, Any]) -> dict[str, Any] | None:
+    """The results at `path` to keep rows of, or None if there are none.
 
     Raises:
-        app.UsageError: If `path` is missing, its settings differ, or a kept
-            row (another seed) has another setting than this run's row.
+        app.UsageError: If their settings differ from `settings_json` (seeds apart).
     """
     if not os.path.exists(path):
-        raise app.UsageError(f"--keep_earlier_rows needs earlier results. Received: {path}")
+        return None
     with open(path) as f:
         earlier = json.load(f)
     differing = sorted(
@@ -1314,18 +1298,38 @@ def with_earlier_rows(
     )
     if differing:
         raise app.UsageError(
-            f"--keep_earlier_rows: {path} was made with other settings ({', '.join(differing)}). "
-            f"Received: {', '.join(f'{k}={settings_json.get(k)!r}' for k in differing)}"
+            f"{path} holds results of other settings ({', '.join(differing)}): give another "
+            "--results_dir, or --nokeep_earlier_rows to replace them. Received: "
+            f"{', '.join(f'{k}={settings_json.get(k)!r}' for k in differing)}"
         )
+    return earlier
+
+
+def with_earlier_rows(
+    earlier: dict[str, Any],
+    settings_json: dict[str, Any],
+    records: list[dict[str, Any]],
+    selections: dict[str, Any],
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """`records` and `selections` with those of the `earlier` results that they lack.
+
+    A row (name and seed) or selection this run produced replaces the earlier
+    one; kept rows keep their `time_vs_plain` (their own sitting's plain
+    row); the seeds of `settings_json` become the union.
+
+    Raises:
+        app.UsageError: If a kept row (another seed) has another setting than
+            this run's row of that name.
+    """
     produced = {(r["name"], r["seed"]) for r in records}
     kept = [r for r in earlier["rows"] if (r["name"], r["seed"]) not in produced]
     settings_of = {r["name"]: r["setting"] for r in records}
     for record in kept:
         if settings_of.get(record["name"], record["setting"]) != record["setting"]:
             raise app.UsageError(
-                f"--keep_earlier_rows: {record['name']} (seed {record['seed']}) of {path} was "
-                f"trained with another setting than this run's. Received: {record['setting']} "
-                f"and {settings_of[record['name']]}"
+                f"--keep_earlier_rows: {record['name']} (seed {record['seed']}) of the earlier "
+                "results was trained with another setting than this run's. Received: "
+                f"{record['setting']} and {settings_of[record['name']]}"
             )
     settings_json["seeds"] = sorted(set(settings_json["seeds"]) | set(earlier["settings"]["seeds"]))
     return records + kept, {**earlier.get("selections", {}), **selections}

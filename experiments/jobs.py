@@ -254,6 +254,15 @@ def define_flag(module: str, kind: str, name: str, default: Any, help_text: str,
     field_flags.define_once(flag, module, key_of=module)
 
 
+def define_keep_earlier_rows(module: str) -> None:
+    """--keep_earlier_rows, shared by the experiments that publish a results JSON."""
+    define_flag(
+        module, "bool", "keep_earlier_rows", True,
+        "Keep the rows and selections of the existing results JSON in --results_dir that "
+        "this run does not produce (an experiment done in several sittings).",
+    )  # fmt: skip
+
+
 def given_binary_flags(names: Sequence[str]) -> dict[str, Any]:
     """The values of those flags of `names` given on the command line (tuples for lists)."""
     values = {name: flags.FLAGS[name].value for name in names if flags.FLAGS[name].present}

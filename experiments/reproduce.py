@@ -91,12 +91,7 @@ flags.DEFINE_bool(
     "XLA for the conv network's runs (off by default: on CPU, XLA's convolutions were "
     "slower than oneDNN's; bench/README.md).",
 )
-flags.DEFINE_bool(
-    "keep_earlier_rows",
-    True,
-    "Keep the rows and selections of an existing mnist.json in --results_dir that this "
-    "run does not produce (marked as from an earlier run).",
-)
+jobs_lib.define_keep_earlier_rows(__name__)
 
 VALIDATION_SPLIT = 10_000 / 60_000
 

@@ -399,21 +399,24 @@ def test_earlier_rows_are_kept_and_replaced_by_this_runs(tmp_path):
     }
     path = tmp_path / "aat.json"
     path.write_text(json.dumps(earlier))
+    assert aat.earlier_results(str(tmp_path / "missing.json"), settings) is None
+    loaded = aat.earlier_results(str(path), {**settings, "seeds": [1]})  # Seeds may differ.
     now = [
         {"name": "plain_relu", "seed": 0, "setting": {}, "new": True},
         {"name": "plain_relu", "seed": 1, "setting": {}},
     ]
+    merged_settings = {**settings, "seeds": [1]}
     records, selections = aat.with_earlier_rows(
-        str(path), {**settings, "seeds": [0, 1]}, now, {"plain_relu": {"new": True}}
+        loaded, merged_settings, now, {"plain_relu": {"new": True}}
     )
     assert sorted((r["name"], r["seed"], r.get("new")) for r in records) == [
         ("pgd_relu_eps0.3", 0, None), ("plain_relu", 0, True), ("plain_relu", 1, None),
     ]  # fmt: skip
     assert selections == {"plain_relu": {"new": True}, "fgsm_relu_eps0.3": {"old": True}}
+    assert merged_settings["seeds"] == [0, 1]
+    # Other settings are refused before any run, naming the way out.
     with pytest.raises(app.UsageError, match=r"other settings \(epochs\).*Received: epochs=5"):
-        aat.with_earlier_rows(str(path), {**settings, "epochs": 5}, now, {})
+        aat.earlier_results(str(path), {**settings, "epochs": 5})
     other_setting = [{"name": "pgd_relu_eps0.3", "seed": 1, "setting": {"sigma": 0.2}}]
     with pytest.raises(app.UsageError, match=r"pgd_relu_eps0.3 \(seed 0\).*another setting"):
-        aat.with_earlier_rows(str(path), {**settings, "seeds": [1]}, other_setting, {})
-    with pytest.raises(app.UsageError, match="needs earlier results"):
-        aat.with_earlier_rows(str(tmp_path / "missing.json"), settings, now, {})
+        aat.with_earlier_rows(loaded, {**settings}, other_setting, {})
