@@ -1291,6 +1291,7 @@ def earlier_results(path: str, settings_json: dict[str, Any]) -> dict[str, Any] 
         return None
     with open(path) as f:
         earlier = json.load(f)
+    settings_json = json.loads(json.dumps(settings_json))  # Tuples as the JSON's lists.
     differing = sorted(
         key
         for key in set(settings_json) | set(earlier["settings"])

@@ -400,6 +400,8 @@ def test_earlier_rows_are_kept_and_replaced_by_this_runs(tmp_path):
     path = tmp_path / "aat.json"
     path.write_text(json.dumps(earlier))
     assert aat.earlier_results(str(tmp_path / "missing.json"), settings) is None
+    as_tuples = {**settings, "grids": {"ramp_epochs": (5,)}}  # As settings_record gives them.
+    assert aat.earlier_results(str(path), as_tuples) == earlier
     loaded = aat.earlier_results(str(path), {**settings, "seeds": [1]})  # Seeds may differ.
     now = [
         {"name": "plain_relu", "seed": 0, "setting": {}, "new": True},
