@@ -211,7 +211,7 @@ def regularized_objective(
     `every` skips, or sigma = 0) is made at run time by a `tf.cond` around
     the term's passes that the caller's tape differentiates through
     (`_plain_outside_branch`); with `every=1, fraction=1` there is no
-    branch (`_term_unless_sigma`). With
+    branch (`_unless_sigma`). With
     `fixed_settings`, sigma and clean_weight are the regularizer's Python
     values at trace time and their zeros are skipped when traced; with
     `fixed_settings=None` only their zeros are fixed when traced (their
@@ -237,7 +237,7 @@ def regularized_objective(
     if len(branches.functions) == 1:
         return branches.run()
     if regularizer.every == 1 and regularizer.fraction == 1.0:
-        return _term_unless_sigma(branches.functions[1], regularizer)
+        return _unless_sigma(branches.functions[1](), regularizer)
     return _plain_outside_branch(passes, x, branches)
 
 
@@ -291,11 +291,7 @@ class _TracedZeros(_FixedSettings):
             self._regularizer._note_left_out(setting)  # noqa: SLF001
 
     def unless_sigma(self, result: RegularizedLoss, total: bool = True) -> RegularizedLoss:
-        regularize = self.sigma_tensor() > 0.0
-        penalty = tf.where(regularize, result.penalty, tf.zeros_like(result.penalty))
-        if total:  # Free when `total` already depends on data_loss.
-            result = result._replace(total=tf.where(regularize, result.total, result.data_loss))
-        return result._replace(penalty=penalty)
+        return _unless_sigma(result, self, total)
 
 
 def _fixed_objective(passes: Passes, x, regularizer: _FixedSettings, step) -> RegularizedLoss:
@@ -530,8 +526,8 @@ def _plain_outside_branch(passes: Passes, x: Any, branches: Branches) -> Regular
     return RegularizedLoss(loss + extra, loss, penalty, y_pred)
 
 
-def _term_unless_sigma(term: Callable[[], RegularizedLoss], regularizer) -> RegularizedLoss:
-    """The regularised objective, always computed; at sigma = 0 the plain objective's values.
+def _unless_sigma(result: RegularizedLoss, regularizer, total: bool = True) -> RegularizedLoss:
+    """The regularised objective's `result`, with the plain objective's values at sigma = 0.
 
     `regularized_objective`'s form when only sigma (and clean_weight) choose
     (`every=1, fraction=1`): a run-time branch that the caller's tape
@@ -540,12 +536,14 @@ def _term_unless_sigma(term: Callable[[], RegularizedLoss], regularizer) -> Regu
     (76x a plain step on a small CNN); without XLA the differentiated
     `tf.cond` cost 1.5x the same objective without it (bench/README.md). A
     sigma = 0 step costs a regularised step here; `fit` skips the term.
+    With `total=False` only the penalty is selected (`total` left out the
+    clean loss, whose gradient selecting it would cost).
     """
-    result = term()
     regularize = regularizer.sigma_tensor() > 0.0
+    if total:
+        result = result._replace(total=tf.where(regularize, result.total, result.data_loss))
     return result._replace(
-        total=tf.where(regularize, result.total, result.data_loss),
-        penalty=tf.where(regularize, result.penalty, tf.zeros_like(result.penalty)),
+        penalty=tf.where(regularize, result.penalty, tf.zeros_like(result.penalty))
     )
 
 
