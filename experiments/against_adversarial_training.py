@@ -142,6 +142,7 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_float("load_interval", 15.0, "Seconds between load-average samples.", lower_bound=1)
 
+LOAD_LOG = "load_samples.jsonl"  # Every sample of every sitting, in the workdir.
 EVAL_BATCH_SIZE = 500  # train_lib's EVAL_BATCH_SIZE (the batch size here is 100).
 
 
@@ -598,10 +599,16 @@ def worst_case(report: dict[str, Any] | None, epsilon: float) -> float | None:
 
 
 class LoadSampler:
-    """Samples the 1-minute load average every `interval` seconds in a daemon thread."""
+    """Samples the 1-minute load average every `interval` seconds in a daemon thread.
 
-    def __init__(self, interval: float):
+    With `log_path`, every sample is also appended to that file (one JSON
+    line each), so a run's sittings keep their samples when the process that
+    took them has stopped before it closed them.
+    """
+
+    def __init__(self, interval: float, log_path: str | None = None):
         self.interval = interval
+        self.log_path = log_path
         self.samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -615,11 +622,20 @@ class LoadSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.time(), os.getloadavg()[0]))
+            sample = (time.time(), os.getloadavg()[0])
+            self.samples.append(sample)
+            if self.log_path is not None:
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps(sample) + "\n")
             self._stop.wait(self.interval)
 
     def between(self, start: float, end: float) -> list[float]:
-        return [load for t, load in list(self.samples) if start <= t <= end]
+        """Loads sampled from `start` to `end`: the log's (any process's), else this one's."""
+        samples = list(self.samples)
+        if self.log_path is not None and os.path.exists(self.log_path):
+            with open(self.log_path) as f:
+                samples = [tuple(json.loads(line)) for line in f if line.strip()]
+        return [load for t, load in samples if start <= t <= end]
 
 
 def _timing_path(root: str, name: str) -> str:
@@ -647,16 +663,28 @@ def record_start(root: str, name: str) -> None:
 
 
 def record_end(root: str, name: str, sampler: LoadSampler) -> None:
-    """Closes the run's open sitting: its end, the load after it and the samples during it."""
+    """Closes the run's open sitting: its end, the load after it and the samples during it.
+
+    A finished run's sitting ends when its metrics were written "done" (the
+    file's modification time), not when this is called: a command stopped
+    between a run's end and this call closes the sitting on its next call
+    with the times of the run itself.
+    """
     path = _timing_path(root, name)
     timing = _read_json(path, {"sittings": []})
     if not timing["sittings"] or "end" in timing["sittings"][-1]:
         return
     sitting = timing["sittings"][-1]
+    end = now = time.time()
+    metrics_path = os.path.join(root, name, jobs_lib.METRICS_FILE)
+    if _read_json(metrics_path, {}).get("status") == "done":
+        end = min(now, os.path.getmtime(metrics_path))
+    load_after = list(os.getloadavg())
+    if now - end > 2 * sampler.interval:  # Closed late: the first sample after the end.
+        later = sampler.between(end, now)
+        load_after = later[:1] or load_after
     sitting.update(
-        end=time.time(),
-        load_after=list(os.getloadavg()),
-        load_samples=sampler.between(sitting["start"], time.time()),
+        end=end, load_after=load_after, load_samples=sampler.between(sitting["start"], end)
     )
     with open(path, "w") as f:
         json.dump(timing, f, indent=2)
@@ -1223,7 +1251,8 @@ def main(argv: list[str]) -> None:
         return worst_case(report, epsilon)
 
     plan.validation_robust = validation_robust
-    plan.sampler = LoadSampler(FLAGS.load_interval).start()
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    plan.sampler = LoadSampler(FLAGS.load_interval, os.path.join(FLAGS.workdir, LOAD_LOG)).start()
     tasks, summarize = plan.tasks()
     results, summaries = jobs_lib.run_tasks(FLAGS.workdir, tasks, summarize, FLAGS.parallel)
     plan.sampler.stop()

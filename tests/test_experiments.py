@@ -422,3 +422,34 @@ def test_earlier_rows_are_kept_and_replaced_by_this_runs(tmp_path):
     other_setting = [{"name": "pgd_relu_eps0.3", "seed": 1, "setting": {"sigma": 0.2}}]
     with pytest.raises(app.UsageError, match=r"pgd_relu_eps0.3 \(seed 0\).*another setting"):
         aat.with_earlier_rows(loaded, {**settings}, other_setting, {})
+
+
+def test_a_sitting_closed_late_keeps_the_runs_end_and_the_logged_load(tmp_path):
+    """A command stopped after a run finished closes its sitting on the next call with
+    the run's own end (metrics.json written "done") and the load logged meanwhile by
+    the first command's sampler, not the second command's time and samples."""
+    root, name = str(tmp_path), "final/row/seed0"
+    log = os.path.join(root, aat.LOAD_LOG)
+    aat.record_start(root, name)
+    timing = aat._read_json(aat._timing_path(root, name), {})
+    start = timing["sittings"][0]["start"] = timing["sittings"][0]["start"] - 100
+    with open(aat._timing_path(root, name), "w") as f:
+        json.dump(timing, f)
+    with open(log, "w") as f:  # What the first command's sampler logged.
+        for t, load in [(start - 5, 9.0), (start + 1, 2.0), (start + 3, 4.0), (start + 50, 7.0)]:
+            f.write(json.dumps([t, load]) + "\n")
+    os.makedirs(os.path.join(root, name))
+    metrics = os.path.join(root, name, jobs.METRICS_FILE)
+    with open(metrics, "w") as f:
+        json.dump({"status": "done"}, f)
+    os.utime(metrics, (start + 10, start + 10))  # The run ended 10 s after its start.
+    aat.record_end(root, name, aat.LoadSampler(interval=1.0, log_path=log))  # Not started.
+    sitting = aat._read_json(aat._timing_path(root, name), {})["sittings"][0]
+    assert sitting["end"] == start + 10
+    assert sitting["load_samples"] == [2.0, 4.0]
+    assert sitting["load_after"] == [7.0]  # The first logged sample after the end.
+    summary = aat.load_summary(root, name)
+    assert summary["during_mean"] == 3.0 and summary["during_max"] == 4.0
+    assert summary["samples"] == 2 and summary["sittings"] == 1
+    aat.record_end(root, name, aat.LoadSampler(interval=1.0, log_path=log))
+    assert aat._read_json(aat._timing_path(root, name), {})["sittings"] == [sitting]  # Closed.

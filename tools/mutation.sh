@@ -41,8 +41,10 @@ case $module in
     tests="tests/test_mutation_kills_flags.py tests/test_robustness.py
       -k 'mutation_kills_flags or flag_logic_on_constructed'" ;;
   estimators) file=keras_gradreg/_estimators.py
-    tests="tests/test_golden.py tests/test_nonlinear_golden.py tests/test_members.py
-      tests/test_estimators.py -k 'not resumed_run and not mixed_float16'" ;;
+    tests="tests/test_mutation_kills_estimators.py tests/test_golden.py
+      tests/test_nonlinear_golden.py tests/test_members.py tests/test_estimators.py
+      tests/test_lazy.py tests/test_fixed_settings.py
+      -k 'not resumed_run and not mixed_float16'" ;;
   objective) file=keras_gradreg/objective.py  # The scheduling: when the term is computed.
     tests="tests/test_objective.py tests/test_fixed_settings.py tests/test_lazy.py
       tests/test_schedule.py" ;;
@@ -80,12 +82,17 @@ esac
 if [[ ! -d $work ]]; then
   mkdir -p "$work"
   git -C "$repo" archive HEAD keras_gradreg tests setup.cfg pyproject.toml | tar -xf - -C "$work"
-  selection=$(python - "$tests" <<'PY'
+else
+  # Resume with the committed tests, source and test list (mutmut keeps the verdicts of
+  # unchanged code, and collects which new tests call which function).
+  git -C "$repo" archive HEAD keras_gradreg tests pyproject.toml | tar -xf - -C "$work"
+fi
+selection=$(python - "$tests" <<'PY'
 import shlex, sys
 print(", ".join(f'"{a}"' for a in shlex.split(sys.argv[1])))
 PY
 )
-  cat >>"$work/pyproject.toml" <<CFG
+cat >>"$work/pyproject.toml" <<CFG
 
 [tool.mutmut]
 source_paths = ["keras_gradreg"]
@@ -95,10 +102,6 @@ pytest_add_cli_args_test_selection = [$selection]
 process_isolation = "forkserver"
 forkserver_warmup = "collect"
 CFG
-else
-  # Resume with the committed tests and source (mutmut keeps the verdicts of unchanged code).
-  git -C "$repo" archive HEAD keras_gradreg tests | tar -xf - -C "$work"
-fi
 
 cd "$work"
 case $action in
