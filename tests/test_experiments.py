@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from absl import app
 
@@ -222,12 +223,40 @@ ROWS = [
 ]  # fmt: skip
 
 
+def score_interval(correct, count, z=1.959963984540054):
+    """The accuracies p0 that a two-sided 95% score test does not reject, found by bisection:
+    |correct / count - p0| <= z sqrt(p0 (1 - p0) / count) (Wilson's definition), in %."""
+    share = correct / count
+
+    def bound(low, high, inside_is_high):
+        for _ in range(200):
+            middle = (low + high) / 2
+            inside = abs(share - middle) <= z * math.sqrt(middle * (1 - middle) / count)
+            low, high = (low, middle) if inside == inside_is_high else (middle, high)
+        return 100 * (low + high) / 2
+
+    return bound(0.0, share, True), bound(share, 1.0, False)
+
+
+def test_wilson_interval_is_where_the_score_test_does_not_reject():
+    for correct, count in [(889, 1000), (750, 1000), (1, 250), (249, 250), (120, 250)]:
+        np.testing.assert_allclose(
+            aat.wilson_interval(correct, count), score_interval(correct, count), atol=1e-9
+        )
+    low, high = aat.wilson_interval(0, 1000)
+    assert abs(low) < 1e-12 and 0.38 < high < 0.39  # 0 of 1000: z^2 / (n + z^2).
+
+
 def test_targets_are_computed_from_the_rows():
     (target,) = aat.targets(ROWS)
     assert target["pgd_robust_percent"] == 87.0  # Mean of the two seeds.
     assert target["pgd_train_seconds"] == 1230.0
+    # The two seeds' 1000 images each, pooled: 880 + 860 of 2000.
+    np.testing.assert_allclose(target.pop("pgd_robust_ci95"), score_interval(1740, 2000))
     # fgsm (450 s) is over 1/3 of 1230 s = 410 s; the penalty (300 s) is within.
-    assert target["best_single_step"] == {
+    best = target["best_single_step"]
+    np.testing.assert_allclose(best.pop("robust_ci95"), score_interval(845, 1000))
+    assert best == {
         "row": "penalty_gelu_eps0.3",
         "robust_percent": 84.5,
         "time_vs_pgd": 300 / 1230,
@@ -283,9 +312,12 @@ def test_markdown_from_a_results_fixture():
     )
     assert lines[8].startswith("| penalty (exact), gelu | 0.3 | sigma=0.3, ramp=5 | 0 | 1.20 |")
     assert "| 5.0 min | - |" in lines[8]
+    pgd_low, pgd_high = score_interval(1740, 2000)
+    low, high = score_interval(845, 1000)
     assert lines[13] == (
-        "- L-inf 0.3: PGD-AT 87.0%; best single-step row within 1/3 of its time: "
-        "penalty_gelu_eps0.3, 84.5% at 0.24x PGD-AT's time, 2.5 points below: met."
+        f"- L-inf 0.3: PGD-AT 87.0% ({pgd_low:.1f}-{pgd_high:.1f}); best single-step row "
+        f"within 1/3 of its time: penalty_gelu_eps0.3, 84.5% ({low:.1f}-{high:.1f}) at 0.24x "
+        "PGD-AT's time, 2.5 points below: met."
     )
     assert lines[-2:] == [
         "| penalty_gelu_eps0.3 | 0.3 | sigma=0.15 | 2.50 | 30.0 | 2.0 min |  |",
