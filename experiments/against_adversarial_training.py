@@ -1393,8 +1393,7 @@ def with_earlier_rows(
         app.UsageError: If a kept row (another seed) has another setting than
             this run's row of that name.
     """
-    produced = {(r["name"], r["seed"]) for r in records}
-    kept = [r for r in earlier["rows"] if (r["name"], r["seed"]) not in produced]
+    kept = jobs_lib.kept_earlier(earlier["rows"], records, key=lambda r: (r["name"], r["seed"]))
     settings_of = {r["name"]: r["setting"] for r in records}
     for record in kept:
         if settings_of.get(record["name"], record["setting"]) != record["setting"]:

@@ -174,6 +174,22 @@ def run_tasks(
     return results, summaries
 
 
+def kept_earlier(
+    earlier: Sequence[dict[str, Any]],
+    produced: Sequence[dict[str, Any]],
+    key: Callable[[dict[str, Any]], Any],
+    mark: bool = False,
+) -> list[dict[str, Any]]:
+    """The `earlier` records that no `produced` record replaces (same `key`).
+
+    What --keep_earlier_rows keeps of an experiment's earlier results; with
+    `mark`, each kept record is copied with `earlier=True`.
+    """
+    replaced = {key(record) for record in produced}
+    kept = [record for record in earlier if key(record) not in replaced]
+    return [dict(record, earlier=True) for record in kept] if mark else kept
+
+
 def _train_here(root: str, job: Job) -> dict[str, Any]:
     logging.info("%s: training (%s)", job.name, command_line(job.preset, job.overrides))
     config = config_lib.make_config(job.preset, **job.overrides)

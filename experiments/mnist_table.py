@@ -9,12 +9,14 @@ ran on how many images.
 from __future__ import annotations
 
 import math
+import operator
 import os
 import shutil
 from typing import Any
 
 from absl import logging
 
+from experiments import jobs
 from keras_gradreg.robustness.report import find_row
 
 README_START = "<!-- mnist-table:start -->"  # The full table, in docs/results.md.
@@ -112,10 +114,10 @@ def merge_earlier(earlier: dict[str, Any], results: dict[str, Any], order: list[
     Kept rows are marked as from an earlier run; rows are sorted by their
     name's place in `order` (names not in it last).
     """
-    names = {r["name"] for r in results["rows"]}
-    rows = results["rows"] + [
-        dict(r, earlier=True) for r in earlier.get("rows", []) if r["name"] not in names
-    ]
+    name = operator.itemgetter("name")
+    rows = results["rows"] + jobs.kept_earlier(
+        earlier.get("rows", []), results["rows"], key=name, mark=True
+    )
     rank = {name: i for i, name in enumerate(order)}
     rows.sort(key=lambda r: rank.get(r["name"], len(order)))
     selections = {
