@@ -679,13 +679,13 @@ def record_end(root: str, name: str, sampler: LoadSampler) -> None:
     metrics_path = os.path.join(root, name, jobs_lib.METRICS_FILE)
     if _read_json(metrics_path, {}).get("status") == "done":
         end = min(now, os.path.getmtime(metrics_path))
-    load_after = list(os.getloadavg())
-    if now - end > 2 * sampler.interval:  # Closed late: the first sample after the end.
-        later = sampler.between(end, now)
-        load_after = later[:1] or load_after
-    sitting.update(
-        end=end, load_after=load_after, load_samples=sampler.between(sitting["start"], end)
-    )
+    sitting.update(end=end, load_samples=sampler.between(sitting["start"], end))
+    if now - end <= 2 * sampler.interval:
+        sitting["load_after"] = list(os.getloadavg())
+    else:  # Closed late: a sample logged just after the end, if there is one.
+        later = sampler.between(end, end + 2 * sampler.interval)
+        if later:
+            sitting["load_after"] = later[:1]
     with open(path, "w") as f:
         json.dump(timing, f, indent=2)
 

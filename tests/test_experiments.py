@@ -468,7 +468,7 @@ def test_a_sitting_closed_late_keeps_the_runs_end_and_the_logged_load(tmp_path):
     with open(aat._timing_path(root, name), "w") as f:
         json.dump(timing, f)
     with open(log, "w") as f:  # What the first command's sampler logged.
-        for t, load in [(start - 5, 9.0), (start + 1, 2.0), (start + 3, 4.0), (start + 50, 7.0)]:
+        for t, load in [(start - 5, 9.0), (start + 1, 2.0), (start + 3, 4.0), (start + 11, 7.0)]:
             f.write(json.dumps([t, load]) + "\n")
     os.makedirs(os.path.join(root, name))
     metrics = os.path.join(root, name, jobs.METRICS_FILE)
@@ -479,9 +479,24 @@ def test_a_sitting_closed_late_keeps_the_runs_end_and_the_logged_load(tmp_path):
     sitting = aat._read_json(aat._timing_path(root, name), {})["sittings"][0]
     assert sitting["end"] == start + 10
     assert sitting["load_samples"] == [2.0, 4.0]
-    assert sitting["load_after"] == [7.0]  # The first logged sample after the end.
+    assert sitting["load_after"] == [7.0]  # The sample logged just after the end.
     summary = aat.load_summary(root, name)
     assert summary["during_mean"] == 3.0 and summary["during_max"] == 4.0
     assert summary["samples"] == 2 and summary["sittings"] == 1
     aat.record_end(root, name, aat.LoadSampler(interval=1.0, log_path=log))
     assert aat._read_json(aat._timing_path(root, name), {})["sittings"] == [sitting]  # Closed.
+    # No sample near the end (the log began later): no load after it is claimed.
+    other = "final/other/seed0"
+    aat.record_start(root, other)
+    timing = aat._read_json(aat._timing_path(root, other), {})
+    timing["sittings"][0]["start"] = start - 300
+    with open(aat._timing_path(root, other), "w") as f:
+        json.dump(timing, f)
+    os.makedirs(os.path.join(root, other))
+    with open(os.path.join(root, other, jobs.METRICS_FILE), "w") as f:
+        json.dump({"status": "done"}, f)
+    os.utime(os.path.join(root, other, jobs.METRICS_FILE), (start - 200, start - 200))
+    aat.record_end(root, other, aat.LoadSampler(interval=1.0, log_path=log))
+    closed = aat._read_json(aat._timing_path(root, other), {})["sittings"][0]
+    assert closed["end"] == start - 200 and closed["load_samples"] == []
+    assert "load_after" not in closed
