@@ -1099,24 +1099,22 @@ def plot(results: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     epsilons = sorted({r["train_epsilon"] for r in results["rows"]} - {None}, reverse=True)
-    figure, axes = plt.subplots(1, max(len(epsilons), 1), figsize=(6 * max(len(epsilons), 1), 4.5))
+    figure, axes = plt.subplots(1, max(len(epsilons), 1), figsize=(8 * max(len(epsilons), 1), 4.5))
     axes = list(getattr(axes, "flat", [axes]))
     colors = {}
     for axis, epsilon in zip(axes, epsilons):
         key = f"{epsilon:g}"
+        labelled = set()
         for r in results["rows"]:
             if r["train_epsilon"] not in (None, epsilon) or r["robust_percent"].get(key) is None:
                 continue
             color = colors.setdefault(r["activation"], f"C{len(colors)}")
+            label = f"{r['kind'].replace('_', ' ')}, {r['activation']}"
             axis.scatter(
                 r["train_seconds"] / 60, r["robust_percent"][key], marker=MARKERS[r["kind"]],
-                color=color, s=60,
+                color=color, s=60, alpha=0.8, label=None if label in labelled else label,
             )  # fmt: skip
-            point = (r["train_seconds"] / 60, r["robust_percent"][key])
-            axis.annotate(
-                f"{r['kind']} {r['activation']}", point, fontsize=7, xytext=(3, 3),
-                textcoords="offset points",
-            )  # fmt: skip
+            labelled.add(label)
         for t in results["targets"]:
             if (
                 t["epsilon"] == epsilon
@@ -1130,6 +1128,7 @@ def plot(results: dict[str, Any], path: str) -> None:
         axis.set_ylabel(f"robust accuracy at L-inf {key} (%)")
         axis.set_title(f"trained and attacked at L-inf {key}")
         axis.set_ylim(-2, 102)
+        axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     if results["targets"]:
         figure.suptitle("Dotted: 1/3 of PGD-AT's time and 3 points below its robust accuracy")
     figure.tight_layout()
