@@ -634,8 +634,19 @@ class LoadSampler:
         samples = list(self.samples)
         if self.log_path is not None and os.path.exists(self.log_path):
             with open(self.log_path) as f:
-                samples = [tuple(json.loads(line)) for line in f if line.strip()]
-        return [load for t, load in samples if start <= t <= end]
+                samples = [_sample(line) for line in f]
+        return [load for t, load in filter(None, samples) if start <= t <= end]
+
+
+def _sample(line: str) -> tuple[float, float] | None:
+    """A logged (time, load), or None for a line cut short (a write that was stopped)."""
+    if not line.endswith("\n"):
+        return None
+    try:
+        t, load = json.loads(line)
+    except ValueError:
+        return None
+    return float(t), float(load)
 
 
 def _timing_path(root: str, name: str) -> str:
@@ -649,11 +660,18 @@ def _read_json(path: str, default: Any) -> Any:
         return json.load(f)
 
 
-def record_start(root: str, name: str) -> None:
-    """Notes a sitting of a run that has not finished: its start and the load before it."""
+def record_start(root: str, name: str, sampler: LoadSampler | None = None) -> None:
+    """Notes a sitting of a run that has not finished: its start and the load before it.
+
+    A sitting left open by a command stopped in the middle of the run is
+    closed first, as `record_end` would (its end: when the run last wrote
+    its metrics, after its last finished epoch).
+    """
     metrics = _read_json(os.path.join(root, name, jobs_lib.METRICS_FILE), {})
     if metrics.get("status") == "done":
         return
+    if sampler is not None:
+        record_end(root, name, sampler)
     path = _timing_path(root, name)
     timing = _read_json(path, {"sittings": []})
     timing["sittings"].append({"start": time.time(), "load_before": list(os.getloadavg())})
@@ -668,17 +686,23 @@ def record_end(root: str, name: str, sampler: LoadSampler) -> None:
     A finished run's sitting ends when its metrics were written "done" (the
     file's modification time), not when this is called: a command stopped
     between a run's end and this call closes the sitting on its next call
-    with the times of the run itself.
+    with the times of the run itself. An unfinished run's sitting (closed by
+    `record_start` of the next sitting) ends when its metrics were last
+    written.
     """
     path = _timing_path(root, name)
     timing = _read_json(path, {"sittings": []})
     if not timing["sittings"] or "end" in timing["sittings"][-1]:
         return
     sitting = timing["sittings"][-1]
-    end = now = time.time()
+    now = time.time()
     metrics_path = os.path.join(root, name, jobs_lib.METRICS_FILE)
-    if _read_json(metrics_path, {}).get("status") == "done":
-        end = min(now, os.path.getmtime(metrics_path))
+    written = os.path.getmtime(metrics_path) if os.path.exists(metrics_path) else None
+    done = _read_json(metrics_path, {}).get("status") == "done"
+    if written is not None and sitting["start"] <= written <= now:
+        end = written
+    else:  # Nothing written in this sitting: a finished run's end is now, a stopped one's
+        end = now if done else sitting["start"]  # start (it finished no epoch).
     sitting.update(end=end, load_samples=sampler.between(sitting["start"], end))
     if now - end <= 2 * sampler.interval:
         sitting["load_after"] = list(os.getloadavg())
@@ -774,7 +798,7 @@ class Plan:
             job = final_job(row, candidate, seed, self.settings)
             self.finals[stage] = (row, candidate, seed)
             self.job_names[stage] = job.name
-            record_start(self.root, job.name)
+            record_start(self.root, job.name, self.sampler)
             return job
 
         return jobs_lib.Task(make, needs=needs, stage=stage)
@@ -920,14 +944,15 @@ def wilson_interval(correct: int, count: int, z: float = Z_95) -> tuple[float, f
     return 100 * (center - half), 100 * (center + half)
 
 
-def pooled_interval(runs: list[dict[str, Any]], key: str) -> list[float] | None:
-    """`wilson_interval` of the runs' robust accuracies at `key`, their images pooled."""
-    counts = [r["robust_examples"].get(key) for r in runs]
+def images_interval(runs: list[dict[str, Any]], key: str) -> list[float] | None:
+    """`wilson_interval` of the runs' mean robust accuracy at `key` over the images one run
+    attacks (the seeds attack the same images: their outcomes are not independent draws)."""
+    counts = {r["robust_examples"].get(key) for r in runs}
     values = [r["robust_percent"].get(key) for r in runs]
-    if not runs or any(v is None for v in values + counts):
+    if not runs or None in counts or len(counts) > 1 or None in values:
         return None
-    correct = sum(round(v * n / 100) for v, n in zip(values, counts))
-    return list(wilson_interval(correct, sum(counts)))
+    (count,) = counts
+    return list(wilson_interval(round(_mean(values) * count / 100), count))
 
 
 def targets(rows: list[dict[str, Any]], margin: float = 3.0, time_share: float = 1 / 3) -> list:
@@ -965,7 +990,7 @@ def targets(rows: list[dict[str, Any]], margin: float = 3.0, time_share: float =
         )
 
         def interval_of(name, key=key):
-            return pooled_interval([r for r in rows if r["name"] == name], key)
+            return images_interval([r for r in rows if r["name"] == name], key)
 
         entry = {
             "epsilon": epsilon,
@@ -1044,7 +1069,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [
         "",
         "Targets (issue 18; means over seeds; in parentheses the 95% Wilson interval over the "
-        "test images attacked, pooled over seeds, which does not cover seed-to-seed variation):",
+        "test images attacked, which does not cover seed-to-seed variation):",
         "",
     ]
     if not results["targets"]:
@@ -1109,7 +1134,7 @@ def plot(results: dict[str, Any], path: str) -> None:
             if r["train_epsilon"] not in (None, epsilon) or r["robust_percent"].get(key) is None:
                 continue
             color = colors.setdefault(r["activation"], f"C{len(colors)}")
-            label = f"{r['kind'].replace('_', ' ')}, {r['activation']}"
+            label = f"{KINDS[r['kind']].label}, {r['activation']}"
             axis.scatter(
                 r["train_seconds"] / 60, r["robust_percent"][key], marker=MARKERS[r["kind"]],
                 color=color, s=60, alpha=0.8, label=None if label in labelled else label,

@@ -40,7 +40,7 @@ def _problem():
 
 @pytest.mark.parametrize("dtype", [tf.float32, tf.float16])
 def test_the_overflow_term_is_zero_at_a_zero_loss_and_nan_after_an_overflow(dtype):
-    """0 (and a 0 gradient) while the penalty is finite, at any finite loss, 0 included;
+    """0 (and a 0 gradient) while the penalty is finite, at any loss, 0 and inf included;
     NaN once the penalty is not finite."""
     for value in [0.0, 1e-30, 3.5, float("inf")]:
         loss = tf.constant(value, dtype)

@@ -79,20 +79,24 @@ case ${1:-} in
   --show) action=show; shift ;;
 esac
 
+configure=yes
 if [[ ! -d $work ]]; then
   mkdir -p "$work"
   git -C "$repo" archive HEAD keras_gradreg tests setup.cfg pyproject.toml | tar -xf - -C "$work"
-else
+elif [[ $action == run || $action == survivors ]]; then
   # Resume with the committed tests, source and test list (mutmut keeps the verdicts of
   # unchanged code, and collects which new tests call which function).
   git -C "$repo" archive HEAD keras_gradreg tests pyproject.toml | tar -xf - -C "$work"
+else
+  configure=no  # --summary and --show leave the copy alone: a run may be using it.
 fi
-selection=$(python - "$tests" <<'PY'
+if [[ $configure == yes ]]; then
+  selection=$(python - "$tests" <<'PY'
 import shlex, sys
 print(", ".join(f'"{a}"' for a in shlex.split(sys.argv[1])))
 PY
 )
-cat >>"$work/pyproject.toml" <<CFG
+  cat >>"$work/pyproject.toml" <<CFG
 
 [tool.mutmut]
 source_paths = ["keras_gradreg"]
@@ -102,6 +106,7 @@ pytest_add_cli_args_test_selection = [$selection]
 process_isolation = "forkserver"
 forkserver_warmup = "collect"
 CFG
+fi
 
 cd "$work"
 case $action in
