@@ -144,3 +144,24 @@ def test_random_starts_on_a_subset_are_the_whole_batchs_starts_of_those_rows(met
     # Not what the rows give as a batch of their own (positions 0 to m - 1).
     alone = float(whole_term(model, x[rows], y[rows], None).penalty)
     assert abs(alone - on_rows) > 1e-4
+
+
+@pytest.mark.parametrize("loss_scale", [None, 1024.0])
+def test_the_clean_input_gradient_is_unscaled_under_a_loss_scale(loss_scale):
+    """Row i is d(mean loss)/dx_i = g_i / n (the linear softmax model's closed form), and the
+    loss is L itself, whatever loss scale the inner gradient was taken at."""
+    x, y, w, b, _ = _problem()
+    model = _linear(w, b)
+
+    def forward(inputs):
+        y_pred = model(inputs)
+        return y_pred, LOSS(y, y_pred)
+
+    passes = estimators.Passes(model, forward, loss_scale)
+    _, loss, rows = estimators.clean_pass_and_input_gradient(passes, tf.constant(x))
+    x64, w64, b64 = (np.asarray(a, np.float64) for a in (x, w, b))
+    want = ref.input_gradients(x64, y, w64, b64) / BATCH
+    np.testing.assert_allclose(rows.numpy(), want, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(
+        float(loss), ref.per_example_loss(x64, y, w64, b64).mean(), rtol=1e-6
+    )
