@@ -55,7 +55,7 @@ case $module in
   fab) file=keras_gradreg/attacks/fab_attack.py
     tests="tests/test_fab.py" ;;
   fab_projections) file=keras_gradreg/attacks/fab_projections.py
-    tests="tests/test_fab.py" ;;
+    tests="tests/test_mutation_kills_fab.py tests/test_fab.py" ;;
   *) echo "unknown module: $module" >&2; usage ;;
 esac
 if [[ $module == estimators ]]; then

@@ -1,0 +1,65 @@
+"""FAB's projection pieces against hand computations: cases added to kill mutants.
+
+tests/test_fab.py checks the projections against an independent NumPy
+reference (tests/fab_reference.py); these pin what that comparison cannot
+see (docs/testing.md, "Mutation testing").
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_gradreg.attacks.fab_projections import _level, project_hyperplane
+
+WEIGHTS = np.array([[1.0, 1.0, 1.0]], np.float32)
+BREAKS = np.array([[0.1, 0.2, 0.3]], np.float32)  # g(lam) = sum_i min(lam, b_i): 0.6 at lam >= 0.3
+
+
+def _saturated_sum() -> np.float32:
+    return tf.reduce_sum(WEIGHTS * BREAKS, axis=1).numpy()[0]
+
+
+def test_level_reaches_a_target_one_float32_rounding_above_the_saturated_sum():
+    # A box that reaches the hyperplane up to float32 rounding: g never exceeds its
+    # saturated sum 0.6, the target is one ulp above it. Within the tolerance (64 ulps
+    # of float32, not of float64) the target counts as reached: lam is the last break,
+    # not +inf (which would mean the box falls short of the hyperplane).
+    saturated = _saturated_sum()
+    for ulps in (1, 3):
+        target = saturated
+        for _ in range(ulps):
+            target = np.nextafter(target, np.float32(1.0), dtype=np.float32)
+        lam = _level(tf.constant(WEIGHTS), tf.constant(BREAKS), tf.constant([target])).numpy()
+        assert np.isfinite(lam[0]) and abs(lam[0] - 0.3) < 1e-6, (ulps, lam)
+
+
+def test_level_is_infinite_for_a_target_beyond_the_saturated_sum_and_exact_below_it():
+    lam = _level(tf.constant(WEIGHTS), tf.constant(BREAKS), tf.constant([0.61, 0.45], np.float32))
+    # On (0.1, 0.2] g(lam) = 0.1 + 2 lam, which is 0.45 at lam = 0.175; 0.61 > 0.6 is out of reach.
+    assert math.isinf(lam.numpy()[0])
+    np.testing.assert_allclose(lam.numpy()[1], 0.175, rtol=1e-6)
+
+
+def test_level_takes_newton_steps_of_the_true_slope_when_it_is_below_one():
+    # g(lam) = 2e-3 lam with no break: Newton lands on lam = 0.5 in one step of
+    # residual / slope; a step of the residual alone would creep towards it.
+    weights = np.full((1, 2), 1e-3, np.float32)
+    breaks = np.full((1, 2), np.inf, np.float32)
+    lam = _level(tf.constant(weights), tf.constant(breaks), tf.constant([1e-3], np.float32))
+    np.testing.assert_allclose(lam.numpy(), [0.5], rtol=1e-6)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, math.inf])
+def test_projection_stops_at_a_lower_bound_that_is_not_zero(p):
+    # One coordinate at 0.5 in the box [0.3, 1], the hyperplane -x = -0.2 (x = 0.2): the
+    # move is downwards, by at most t - low = 0.2, so the box's corner x = 0.3 is the answer.
+    t = tf.constant([[0.5]])
+    d = project_hyperplane(t, tf.constant([[-1.0]]), tf.constant([-0.2]), p, 0.3, 1.0)
+    np.testing.assert_allclose(d.numpy(), [[-0.2]], rtol=1e-6)
+    # Inside the box's reach, the exact move: -x = -0.4 (x = 0.4), d = -0.1.
+    d = project_hyperplane(t, tf.constant([[-1.0]]), tf.constant([-0.4]), p, 0.3, 1.0)
+    np.testing.assert_allclose(d.numpy(), [[-0.1]], rtol=1e-6)
