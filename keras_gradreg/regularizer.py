@@ -100,7 +100,9 @@ class GradientRegularizer:
         clean_weight: Weight of the clean loss in "adversarial", in [0, 1];
             None: 0. Not for "trades".
         fd_step: Step h of "finite_difference", > 0, in input units along a
-            direction of unit p-norm; None: 0.01. Not for "trades".
+            direction of unit p-norm; None: 0.01. Not for "trades". With
+            sigma > h the objective is unbounded below and can diverge
+            (docs/method.md, section 2).
         every: Compute the regularised term on every `every`-th step only,
             multiplied by `every` (the other steps are plain steps); an
             integer >= 1.
