@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import math
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_gradreg import attacks
+from keras_gradreg.attacks.fab_attack import _within
 from keras_gradreg.attacks.fab_projections import _level, project_hyperplane
 
 WEIGHTS = np.array([[1.0, 1.0, 1.0]], np.float32)
@@ -63,3 +66,28 @@ def test_projection_stops_at_a_lower_bound_that_is_not_zero(p):
     # Inside the box's reach, the exact move: -x = -0.4 (x = 0.4), d = -0.1.
     d = project_hyperplane(t, tf.constant([[-1.0]]), tf.constant([-0.4]), p, 0.3, 1.0)
     np.testing.assert_allclose(d.numpy(), [[-0.1]], rtol=1e-6)
+
+
+def test_a_point_found_at_exactly_epsilon_breaks_the_image():
+    # The threat model is the closed ball ||r|| <= epsilon, as the other attacks'
+    # projections are: a distance equal to epsilon counts, one above it or none does not.
+    distance = tf.constant([0.25, 0.25000003, 0.1, math.inf])
+    np.testing.assert_array_equal(_within(distance, tf.constant(0.25)), [True, False, True, False])
+
+
+def test_fab_attacks_the_model_in_inference_mode():
+    # A Dropout layer is the identity at inference: FAB on the net with it finds what it
+    # finds on the same net without it (dropout at rate 0.5 during the attack would not).
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(24, 36)).astype("float32")
+    hidden = keras.layers.Dense(16, "tanh")
+    head = keras.layers.Dense(10)
+    inputs = keras.Input((36,))
+    plain = keras.Model(inputs, head(hidden(inputs)))
+    with_dropout = keras.Model(inputs, head(keras.layers.Dropout(0.5)(hidden(inputs))))
+    y = np.argmax(plain(x).numpy(), axis=1)
+    args = dict(targets=3, steps=20, seed=7)
+    expected = attacks.fab(plain, x, y, 0.05, math.inf, **args).numpy()
+    got = attacks.fab(with_dropout, x, y, 0.05, math.inf, **args).numpy()
+    np.testing.assert_array_equal(got, expected)
+    assert (expected != x).any()  # The attack moved some points.

@@ -53,7 +53,7 @@ case $module in
   square) file=keras_gradreg/attacks/square_attack.py
     tests="tests/test_square_attack.py tests/test_attack_steps_reference.py" ;;
   fab) file=keras_gradreg/attacks/fab_attack.py
-    tests="tests/test_fab.py" ;;
+    tests="tests/test_mutation_kills_fab.py tests/test_fab.py" ;;
   fab_projections) file=keras_gradreg/attacks/fab_projections.py
     tests="tests/test_mutation_kills_fab.py tests/test_fab.py" ;;
   *) echo "unknown module: $module" >&2; usage ;;
