@@ -1,8 +1,10 @@
-"""FAB's projection pieces against hand computations: cases added to kill mutants.
+"""FAB's projection and attack loop against hand computations: cases added to kill mutants.
 
-tests/test_fab.py checks the projections against an independent NumPy
-reference (tests/fab_reference.py); these pin what that comparison cannot
-see (docs/testing.md, "Mutation testing").
+tests/test_fab.py checks the projections and the loop against an independent
+NumPy reference (tests/fab_reference.py); these pin what that comparison
+cannot see: rounding at the level search's tolerance, slopes below 1, a box
+not starting at 0, the closed ball, inference mode (docs/testing.md,
+"Mutation testing").
 """
 
 from __future__ import annotations
@@ -22,16 +24,12 @@ WEIGHTS = np.array([[1.0, 1.0, 1.0]], np.float32)
 BREAKS = np.array([[0.1, 0.2, 0.3]], np.float32)  # g(lam) = sum_i min(lam, b_i): 0.6 at lam >= 0.3
 
 
-def _saturated_sum() -> np.float32:
-    return tf.reduce_sum(WEIGHTS * BREAKS, axis=1).numpy()[0]
-
-
 def test_level_reaches_a_target_one_float32_rounding_above_the_saturated_sum():
     # A box that reaches the hyperplane up to float32 rounding: g never exceeds its
     # saturated sum 0.6, the target is one ulp above it. Within the tolerance (64 ulps
     # of float32, not of float64) the target counts as reached: lam is the last break,
     # not +inf (which would mean the box falls short of the hyperplane).
-    saturated = _saturated_sum()
+    saturated = tf.reduce_sum(WEIGHTS * BREAKS, axis=1).numpy()[0]
     for ulps in (1, 3):
         target = saturated
         for _ in range(ulps):
