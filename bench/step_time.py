@@ -443,8 +443,8 @@ def hand_written_loss(method: str, net: keras.Model, loss_fn, sigma: float) -> A
 
     "plain": L(x). "penalty": L(x) + sigma * sum_i ||g_i||_1 with g the input
     gradient of the batch-mean loss (double backprop). "adversarial": L(x +
-    sigma sign(g)). "finite_difference": L(x) + sigma (L(x + h sign(g)) -
-    L(x)) / h with h = FD_STEP. The perturbations are held constant.
+    sigma sign(g)). "finite_difference": L(x) + sigma mean_i |l_i(x + h sign(g)) -
+    l_i(x)| / h with h = FD_STEP. The perturbations are held constant.
     """
 
     def clean_and_gradient(x, y):
@@ -465,9 +465,13 @@ def hand_written_loss(method: str, net: keras.Model, loss_fn, sigma: float) -> A
         return loss_fn(y, net(x + sigma * tf.sign(tf.stop_gradient(g)), training=True))
 
     def finite_difference(x, y):
-        loss, g = clean_and_gradient(x, y)
-        moved = loss_fn(y, net(x + FD_STEP * tf.sign(tf.stop_gradient(g)), training=True))
-        return loss + sigma * (moved - loss) / FD_STEP
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            clean = loss_fn.call(y, net(x, training=True))  # Per example, unreduced.
+            loss = tf.reduce_mean(clean)
+        g = tape.gradient(loss, x)
+        moved = loss_fn.call(y, net(x + FD_STEP * tf.sign(tf.stop_gradient(g)), training=True))
+        return loss + sigma * tf.reduce_mean(tf.abs(moved - clean)) / FD_STEP
 
     def projected(x, x_adv, g, step):
         x_adv = x_adv + step * tf.sign(tf.stop_gradient(g))

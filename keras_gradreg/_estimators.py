@@ -50,12 +50,16 @@ from keras_gradreg.gradients import (
 from keras_gradreg.norms import dual_norm, worst_case_perturbation
 
 Forward = Callable[..., tuple[Any, tf.Tensor]]
-"""One forward pass: `forward(x, rows=None) -> (predictions, reduced scalar loss)`.
+"""One forward pass: `forward(x, rows=None, example_scale=None) -> (predictions, loss)`.
+
+The loss is reduced to a scalar.
 
 With `GradientRegularizer(fraction < 1)` it is also called with `rows`, the
 int32 indices of a subset of the batch: `x` is then those rows' input, and
 the loss is that of those rows (of the targets and sample weights), reduced
-over them.
+over them. `example_scale`, one float32 per row of `x`, multiplies the
+sample weights (`_subsets.scale_rows`): "finite_difference" differentiates
+the loss with respect to it for each example's part of the loss.
 """
 
 # The scale of TRADES's Gaussian start (Zhang et al.'s code).
@@ -212,31 +216,62 @@ class _Moved(Estimator):
 
 
 class FiniteDifference(_Moved):
-    """Method "finite_difference": T = sigma * (L(x + h r*) - L(x)) / h, h = `fd_step`.
+    """Method "finite_difference": T = (sigma / h) sum_i |c_i (l_i(x + h r*) - l_i(x))|.
 
-    r* = argmax_{||r||_p <= 1} g . r is the direction of steepest ascent, so
-    T estimates sigma * ||g||_q with one more forward pass and no double
-    backpropagation.
+    h is `fd_step`, c_i l_i example i's part of the reduced loss (its weight, the batch
+    mean's 1 / n and the replicas' division in c_i). r* = argmax_{||r||_p <= 1}
+    g . r is the direction of steepest ascent, so each difference estimates
+    h c_i ||g_i||_q with one more forward pass and no double backpropagation.
+    The absolute value, per example, keeps L + T bounded below for any
+    sigma: without it the objective is (1 - sigma/h) L(x) + (sigma/h) L(x + h r*),
+    which training drives to minus infinity once sigma > h (docs/method.md).
     """
 
     def objective(self, passes, x, regularizer, scale=1, clean_gradient=True):
         del clean_gradient
-        (y_pred, loss), (_, moved_loss) = clean_and_moved_passes(passes, x, regularizer, self)
-        penalty = self.term(regularizer, moved_loss, loss)
+        y_pred, loss, parts = self._passes_and_parts(passes, x, regularizer)
+        penalty = self.term(regularizer, *parts, loss.dtype)
         return RegularizedLossResult(loss + times(scale, penalty), loss, penalty, y_pred)
 
     def on_rows(self, passes, rows, regularizer, loss):
-        (_, rows_loss), (_, moved_loss) = self.rows_passes(passes, rows, regularizer)
-        penalty = self.term(regularizer, moved_loss, rows_loss)
+        _, rows_loss, parts = self._passes_and_parts(passes, rows.x, regularizer, rows.positions())
+        penalty = self.term(regularizer, *parts, rows_loss.dtype)
         return penalty, penalty, tf.zeros_like(loss)
 
     def radius(self, regularizer):
         return regularizer.fd_step
 
+    def _passes_and_parts(self, passes, x, regularizer, positions=None):
+        """`(y_pred, loss, (clean_parts, moved_parts))`: each example's part of both losses.
+
+        Example i's part is d loss / d s_i at s = 1 where the sample weights
+        are multiplied by s (`Forward`), for a reduction linear in the
+        weights (`check_linear_reduction`). This tape records only the loss's
+        weighting, not the model.
+        """
+        example_scale = tf.ones([batch_size_of(x)], tf.float32)
+
+        def forward(inputs, rows=None, example_scale_=None):
+            del example_scale_  # Every pass is weighted by this step's `example_scale`.
+            return passes.forward(inputs, rows, example_scale)
+
+        with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+            tape.watch(example_scale)
+            (y_pred, loss), (_, moved_loss) = clean_and_moved_passes(
+                passes._replace(forward=forward), x, regularizer, self, positions
+            )
+        parts = tuple(
+            tape.gradient(value, example_scale, unconnected_gradients="zero")
+            for value in (loss, moved_loss)
+        )
+        return y_pred, loss, parts
+
     @staticmethod
-    def term(regularizer, moved_loss: tf.Tensor, loss: tf.Tensor) -> tf.Tensor:
-        sigma = tf.cast(regularizer.sigma_tensor(), loss.dtype)
-        return sigma * (moved_loss - loss) / regularizer.fd_step
+    def term(regularizer, clean_parts: tf.Tensor, moved_parts: tf.Tensor, dtype) -> tf.Tensor:
+        """(sigma / h) * the sum of the examples' absolute differences."""
+        difference = tf.reduce_sum(tf.abs(moved_parts - clean_parts))
+        sigma = tf.cast(regularizer.sigma_tensor(), difference.dtype)
+        return tf.cast(sigma * difference / regularizer.fd_step, dtype)
 
 
 class Adversarial(_Moved):

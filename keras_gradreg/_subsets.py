@@ -52,6 +52,29 @@ def subset_rows(seed: tf.Tensor, batch_size: int | tf.Tensor, fraction: float) -
     return tf.sort(rows)
 
 
+def scale_rows(sample_weight: Any, scale: tf.Tensor | None) -> Any:
+    """Per-example weights times `scale`, one number per row; `scale` itself if there are none.
+
+    "finite_difference" differentiates the reduced loss with respect to
+    `scale` at 1 for each example's part of it (`FiniteDifference`).
+    """
+    if scale is None:
+        return sample_weight
+    if sample_weight is None:
+        return scale
+
+    def times(weights):
+        if weights is None:
+            return None
+        weights = tf.convert_to_tensor(weights)
+        if not weights.dtype.is_floating:
+            weights = tf.cast(weights, scale.dtype)
+        shape = [-1] + [1] * (weights.shape.rank - 1)
+        return weights * tf.reshape(tf.cast(scale, weights.dtype), shape)
+
+    return tf.nest.map_structure(times, sample_weight)
+
+
 def batch_size_of(x: Any) -> int | tf.Tensor:
     """Rows of a batch: its first tensor's leading dimension (static if known)."""
     first = next(t for t in tf.nest.flatten(x) if t is not None)

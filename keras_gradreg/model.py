@@ -11,10 +11,11 @@ import tensorflow as tf
 from keras_gradreg import _internals
 from keras_gradreg import _randomness as randomness
 from keras_gradreg._estimators import ESTIMATORS, Passes
-from keras_gradreg._subsets import gather_rows
+from keras_gradreg._subsets import gather_rows, scale_rows
 from keras_gradreg._train_function import make_distributed_function
 from keras_gradreg.objective import (
     RegularizedLoss,
+    check_linear_reduction,
     check_subset_reduction,
     logged_objective,
     objective_branches,
@@ -245,6 +246,8 @@ class RegularizedModel(keras.Model):
             )
         if self._regularizer.fraction < 1.0:
             check_subset_reduction(self.loss, "loss")
+        if self._regularizer.method == "finite_difference":
+            check_linear_reduction(self.loss, "loss")
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -338,8 +341,9 @@ class RegularizedModel(keras.Model):
         return StepResult(gradients, loss, objective, counted)
 
     def _objective_branches(self, x, y, sample_weight):
-        def forward(inputs, rows=None):
+        def forward(inputs, rows=None, example_scale=None):
             targets, weights = gather_rows((y, sample_weight), rows)
+            weights = scale_rows(weights, example_scale)
             y_pred = _internals.call_model(self, inputs, training=True)
             loss = _internals.compute_loss(self, inputs, targets, y_pred, weights, training=True)
             return y_pred, loss

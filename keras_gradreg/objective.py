@@ -46,7 +46,7 @@ from keras_gradreg._estimators import (
     trades_divergence,  # noqa: F401 (kept importable from here)
 )
 from keras_gradreg._randomness import SharedRandomness
-from keras_gradreg._subsets import batch_size_of, gather_rows, subset_rows
+from keras_gradreg._subsets import batch_size_of, gather_rows, scale_rows, subset_rows
 from keras_gradreg.gradients import floating_inputs, get_loss
 from keras_gradreg.regularizer import GradientRegularizer, as_regularizer
 
@@ -167,13 +167,16 @@ def regularized_loss(
     reduced_loss = _reduced_loss(loss_fn)
     if regularizer.fraction < 1.0:
         check_subset_reduction(reduced_loss, "loss_fn")
+    if regularizer.method == "finite_difference":
+        check_linear_reduction(reduced_loss, "loss_fn")
     if loss_scale is not None and not tf.is_tensor(loss_scale):
         loss_scale = _checks.check_positive(loss_scale, "loss_scale")
     divergence = ESTIMATORS[regularizer.method].divergence(loss_fn, sample_weight, "loss_fn")
     x = tf.nest.map_structure(_as_tensor, x)
 
-    def forward(inputs, rows=None):
+    def forward(inputs, rows=None, example_scale=None):
         targets, weights = gather_rows((y, sample_weight), rows)
+        weights = scale_rows(weights, example_scale)
         y_pred = _internals.call_model(model, inputs, training)
         loss = _with_model_losses(model, reduced_loss(targets, y_pred, sample_weight=weights))
         return y_pred, loss
@@ -461,9 +464,9 @@ def subset_objective(
         indices = subset_rows(seed, batch_size_of(x), regularizer.fraction)
         rows = Rows(indices, gather_rows(x, indices), x)
 
-        def forward_rows(inputs, subset=None):
+        def forward_rows(inputs, subset=None, example_scale=None):
             del subset  # The rows of `rows.x` are those of `indices`.
-            return forward(inputs, indices)
+            return forward(inputs, indices, example_scale)
 
         shared.keep_state()
         shared.replay()
@@ -487,6 +490,25 @@ def check_subset_reduction(loss: Any, name: str) -> None:
                 "With `fraction` < 1 the term is computed on a subset of each batch and "
                 f"must be reduced by the batch mean, one of {SUBSET_REDUCTIONS}. Received: "
                 f"{name} with reduction={reduction!r}"
+            )
+
+
+def check_linear_reduction(loss: Any, name: str) -> None:
+    """Raises ValueError if a `keras.losses.Loss` in `loss` divides by the sum of its weights.
+
+    "finite_difference" reads each example's part of the loss as its
+    derivative with respect to the example's weight, which is that part only
+    for a reduction linear in the weights: every Keras reduction but
+    "mean_with_sample_weight".
+    """
+    for item in tf.nest.flatten(loss):
+        reduction = getattr(item, "reduction", SUBSET_REDUCTIONS[0])
+        if isinstance(item, keras.losses.Loss) and reduction == "mean_with_sample_weight":
+            raise ValueError(
+                'method="finite_difference" weighs each example\'s loss separately, which '
+                '"mean_with_sample_weight" (divided by the sum of the weights) does not '
+                f"allow: use the batch mean or the sum. Received: {name} with "
+                f"reduction={reduction!r}"
             )
 
 

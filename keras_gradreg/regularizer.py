@@ -43,8 +43,9 @@ class GradientRegularizer:
       with r* the closed-form worst-case perturbation, held constant. With
       `p=inf` and `clean_weight=0.5` this is Goodfellow et al.'s FGSM
       adversarial training with eps = sigma.
-    - `"finite_difference"`: `L(x) + sigma * (L(x + h d) - L(x)) / h` with
-      d = r* / sigma held constant and h = `fd_step`.
+    - `"finite_difference"`: `L(x) + sigma * sum_i |c_i (l_i(x + h d) - l_i(x))| / h`
+      with c_i l_i example i's part of the loss, d = r* / sigma held constant
+      and h = `fd_step`.
 
     - `"trades"`: TRADES (Zhang et al. 2019), `L(x) + beta KL(f(x) || f(x + r))`
       with r found by `steps` ascent steps on the KL in the ball (and the
@@ -100,9 +101,9 @@ class GradientRegularizer:
         clean_weight: Weight of the clean loss in "adversarial", in [0, 1];
             None: 0. Not for "trades".
         fd_step: Step h of "finite_difference", > 0, in input units along a
-            direction of unit p-norm; None: 0.01. Not for "trades". With
-            sigma > h the objective is unbounded below and can diverge
-            (docs/method.md, section 2).
+            direction of unit p-norm; None: 0.01. Not for "trades". The
+            term adds each example's |difference| / h (docs/method.md,
+            section 2), so any sigma keeps the objective above L(x).
         every: Compute the regularised term on every `every`-th step only,
             multiplied by `every` (the other steps are plain steps); an
             integer >= 1.

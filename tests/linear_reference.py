@@ -106,12 +106,16 @@ def one_step(x, y, w, b, *, p, sigma, method, clean_weight=0.0, fd_step=0.01, lr
         grad_b = clean_weight * gb + (1 - clean_weight) * ab
         total = clean_weight * data_loss + (1 - clean_weight) * penalty
     elif method == "finite_difference":
+        # (sigma / h) mean_i |w_i (l_i(x + h d) - l_i(x))|: each difference weighted by its sign.
         x_h = x + fd_step * d
-        moved = mean(per_example_loss(x_h, y, w, b), weights)
-        penalty = sigma * (moved - data_loss) / fd_step
-        hw, hb = loss_gradients(x_h, y, w, b, weights)
-        grad_w = gw + sigma * (hw - gw) / fd_step
-        grad_b = gb + sigma * (hb - gb) / fd_step
+        weights_or_ones = np.ones(len(y)) if weights is None else np.asarray(weights)
+        parts = weights_or_ones * (per_example_loss(x_h, y, w, b) - per_example_loss(x, y, w, b))
+        penalty = sigma * mean(np.abs(parts)) / fd_step
+        signed = weights_or_ones * np.sign(parts)
+        hw, hb = loss_gradients(x_h, y, w, b, signed)
+        cw, cb = loss_gradients(x, y, w, b, signed)
+        grad_w = gw + sigma * (hw - cw) / fd_step
+        grad_b = gb + sigma * (hb - cb) / fd_step
         total = data_loss + penalty
     else:
         raise ValueError(method)

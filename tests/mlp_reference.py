@@ -147,12 +147,16 @@ def objective(params, x, y, weights, *, p, sigma, method, clean_weight=0.0, fd_s
         }
         return total, data_loss, moved, gradients
     if method == "finite_difference":
+        # (sigma / h) sum_i |w_i (l_i(x + h d) - l_i(x))| / n: each difference weighted by its sign.
         x_h = x + fd_step * d
-        moved = mean_loss(params, x_h, y, weights)
-        moved_gradients = loss_parameter_gradients(params, x_h, y, weights)
-        value = sigma * (moved - data_loss) / fd_step
+        parts = weights * (per_example_loss(params, x_h, y) - per_example_loss(params, x, y))
+        value = float(sigma * np.sum(np.abs(parts)) / len(y) / fd_step)
+        signed = weights * np.sign(parts)
+        moved_gradients = loss_parameter_gradients(params, x_h, y, signed)
+        signed_clean = loss_parameter_gradients(params, x, y, signed)
         gradients = {
-            k: clean[k] + sigma * (moved_gradients[k] - clean[k]) / fd_step for k in PARAMETERS
+            k: clean[k] + sigma * (moved_gradients[k] - signed_clean[k]) / fd_step
+            for k in PARAMETERS
         }
         return data_loss + value, data_loss, value, gradients
     raise ValueError(method)

@@ -145,3 +145,26 @@ def test_penalty_gradient_is_not_the_first_order_part_alone():
     difference = np.max(np.abs(full["w1"] - partial["w1"]))
     assert difference > 1e-3
     np.testing.assert_allclose(got["w1"], clean["w1"] + full["w1"], atol=difference / 20)
+
+
+def test_finite_difference_takes_each_examples_difference_absolutely():
+    """At h = 1 two examples' losses fall along r* (the tanh bends back): the
+    estimator adds |c_i (l_i(x + h r*) - l_i(x))|, so the term and its gradient are
+    the NumPy reference's, and differ from the signed batch difference
+    sigma * (L(x + h r*) - L(x)) / h, which is not bounded below in the parameters."""
+    settings = dict(method="finite_difference", p=math.inf, fd_step=1.0)
+    params, x, y, weights = problem()
+    p64, x64, w64 = as64(params), x.astype("float64"), weights.astype("float64")
+    d = ref.worst_case_direction(ref.input_gradients(p64, x64, y), math.inf)
+    parts = ref.per_example_loss(p64, x64 + d, y) - ref.per_example_loss(p64, x64, y)
+    assert np.sum(parts < 0) == 2  # The case tests what it says.
+    result, got = _library(params, x, y, weights, settings)
+    total, data_loss, penalty, want = ref.objective(p64, x64, y, w64, sigma=0.3, **settings)
+    np.testing.assert_allclose(float(result.penalty), penalty, rtol=1e-5)
+    np.testing.assert_allclose(float(result.total), total, rtol=1e-5)
+    scale = max(np.max(np.abs(want[k])) for k in ref.PARAMETERS)
+    for name in ref.PARAMETERS:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4 * scale)
+    signed = 0.3 * np.sum(w64 * parts) / len(y)
+    assert penalty - signed > 100 * 1e-5 * penalty  # Far outside the tolerance above.
+    assert result.total >= result.data_loss

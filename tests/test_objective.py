@@ -162,6 +162,34 @@ def test_loss_reduction_is_the_loss_objects_own(linear_problem):
     np.testing.assert_allclose(float(mean.penalty), 0.3 * ref.dual_norm(g, 2).mean(), rtol=1e-5)
 
 
+def test_finite_difference_reads_each_examples_part_of_any_linear_reduction(linear_problem):
+    """The examples' parts come from the loss's own weighting: "sum" gives n times the
+    mean's term; "mean_with_sample_weight" (not linear in the weights) is refused."""
+    x, y, w, b = linear_problem
+    model = keras.Sequential([keras.Input((NUM_FEATURES,)), keras.layers.Dense(NUM_CLASSES)])
+    model.set_weights([w, b])
+    reg = kgr.GradientRegularizer(p=math.inf, sigma=0.3, method="finite_difference")
+    mean = kgr.regularized_loss(model, x, y, LOSS, reg)
+    summed_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
+    summed = kgr.regularized_loss(model, x, y, summed_loss, reg)
+    np.testing.assert_allclose(float(summed.penalty), len(y) * float(mean.penalty), rtol=1e-5)
+    _, _, logs = ref.one_step(
+        x.astype("float64"), y, w.astype("float64"), b.astype("float64"),
+        p=math.inf, sigma=0.3, method="finite_difference",
+    )  # fmt: skip
+    np.testing.assert_allclose(float(mean.penalty), logs["penalty"], rtol=1e-4)
+    by_weight_sum = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction="mean_with_sample_weight"
+    )
+    match = r"Received: loss_fn with reduction='mean_with_sample_weight'"
+    with pytest.raises(ValueError, match=match):
+        kgr.regularized_loss(model, x, y, by_weight_sum, reg)
+    fitted = kgr.regularize(model, reg)
+    fitted.compile(optimizer="sgd", loss=by_weight_sum)
+    with pytest.raises(ValueError, match=match.replace("loss_fn", "loss")):
+        fitted.fit(x, y, verbose=0)
+
+
 @pytest.mark.parametrize("method", ["adversarial", "finite_difference"])
 def test_probe_pass_leaves_batch_norm_alone(method):
     """BatchNorm's moving statistics move once, with the clean batch."""
