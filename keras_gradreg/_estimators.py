@@ -260,10 +260,14 @@ class FiniteDifference(_Moved):
             (y_pred, loss), (_, moved_loss) = clean_and_moved_passes(
                 passes._replace(forward=forward), x, regularizer, self, positions
             )
-        parts = tuple(
-            tape.gradient(value, example_scale, unconnected_gradients="zero")
-            for value in (loss, moved_loss)
-        )
+        parts = tuple(tape.gradient(value, example_scale) for value in (loss, moved_loss))
+        if any(part is None for part in parts):  # Found when the step is traced.
+            raise ValueError(
+                'method="finite_difference" reads each example\'s part of the loss '
+                "through its sample weight, and this loss does not use `sample_weight` "
+                "(a `compute_loss` override must pass it to the loss). Received: a loss "
+                "that does not depend on sample_weight"
+            )
         return y_pred, loss, parts
 
     @staticmethod

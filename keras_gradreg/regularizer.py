@@ -103,7 +103,9 @@ class GradientRegularizer:
         fd_step: Step h of "finite_difference", > 0, in input units along a
             direction of unit p-norm; None: 0.01. Not for "trades". The
             term adds each example's |difference| / h (docs/method.md,
-            section 2), so any sigma keeps the objective above L(x).
+            section 2), so any sigma keeps the objective above L(x); the
+            examples' parts are read through the loss's `sample_weight`, so
+            the loss must use it (Keras's losses do).
         every: Compute the regularised term on every `every`-th step only,
             multiplied by `every` (the other steps are plain steps); an
             integer >= 1.

@@ -18,6 +18,22 @@ NUM_CLASSES = 3
 TEST_SEED = 1234
 
 
+def fast_slice(cases, fast, ids=None):
+    """`cases` for `pytest.mark.parametrize`, those `fast(*case)` rejects marked slow.
+
+    A large parametrisation keeps a representative slice in the default
+    (fast) set and CI runs every case (docs/testing.md). A case is a tuple
+    of the parameters' values (or one value for one parameter); `ids(*case)`
+    names it.
+    """
+    params = []
+    for case in cases:
+        values = case if isinstance(case, tuple) else (case,)
+        marks = () if fast(*values) else (pytest.mark.slow,)
+        params.append(pytest.param(*values, marks=marks, id=ids(*values) if ids else None))
+    return params
+
+
 @pytest.fixture(autouse=True)
 def isolated_global_state():
     """Each test starts from the same global random state and the float32 policy.

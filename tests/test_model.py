@@ -8,12 +8,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import NUM_CLASSES, NUM_FEATURES, compile_sgd, linear_model
+from conftest import NUM_CLASSES, NUM_FEATURES, compile_sgd, fast_slice, linear_model
 
 import keras_gradreg as kgr
 from keras_gradreg import _internals
 
 METHODS = ["penalty", "adversarial", "finite_difference"]
+# The norm each method is checked at under XLA in the fast set (the others in CI).
+METHOD_NORM = {"penalty": 1.0, "adversarial": math.inf, "finite_difference": 2.0}
 
 
 def mlp(regularizer, dropout=0.0, seed=0):
@@ -75,9 +77,15 @@ def test_penalty_does_not_depend_on_batch_size(method):
         np.testing.assert_allclose(logged[0][key], logged[1][key], rtol=1e-5, err_msg=key)
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
-@pytest.mark.parametrize("p", [1.0, 2.0, math.inf, 3.0])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "method, p, jit_compile",
+    # Fast: every method and norm without XLA, and with XLA each method at one norm.
+    fast_slice(
+        [(m, p, jit) for m in METHODS for p in (1.0, 2.0, math.inf, 3.0) for jit in (False, True)],
+        lambda method, p, jit_compile: not jit_compile or p == METHOD_NORM[method],
+        ids=lambda method, p, jit_compile: f"{method}-{p}-{jit_compile}",
+    ),
+)
 def test_zero_input_gradients_stay_finite(method, p, jit_compile):
     """W = 0 makes every input gradient exactly zero: losses and weights stay finite."""
     x, y = data(16)

@@ -190,6 +190,27 @@ def test_finite_difference_reads_each_examples_part_of_any_linear_reduction(line
         fitted.fit(x, y, verbose=0)
 
 
+def test_finite_difference_refuses_a_loss_that_ignores_sample_weight(linear_problem):
+    """The examples' parts are read through the sample weights: a `compute_loss`
+    override that drops them would give a zero term; the step refuses it instead."""
+    x, y, _, _ = linear_problem
+
+    class Unweighted(kgr.RegularizedModel):
+        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+            del sample_weight  # The override this test is about.
+            return super().compute_loss(x, y, y_pred, None, training=training)
+
+    inputs = keras.Input((NUM_FEATURES,))
+    model = Unweighted(
+        inputs,
+        keras.layers.Dense(NUM_CLASSES)(inputs),
+        regularizer=kgr.GradientRegularizer(sigma=0.1, method="finite_difference"),
+    )
+    model.compile(optimizer="sgd", loss=LOSS)
+    with pytest.raises(ValueError, match="a loss that does not depend on sample_weight"):
+        model.fit(x, y, verbose=0)
+
+
 @pytest.mark.parametrize("method", ["adversarial", "finite_difference"])
 def test_probe_pass_leaves_batch_norm_alone(method):
     """BatchNorm's moving statistics move once, with the clean batch."""
