@@ -27,6 +27,7 @@ rows' norms is the penalty reduced exactly like the loss.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -234,14 +235,14 @@ class FiniteDifference(_Moved):
         return RegularizedLossResult(loss + times(scale, penalty), loss, penalty, y_pred)
 
     def on_rows(self, passes, rows, regularizer, loss):
-        _, rows_loss, parts = self._passes_and_parts(passes, rows.x, regularizer, rows.positions())
+        _, rows_loss, parts = self._passes_and_parts(passes, rows.x, regularizer)
         penalty = self.term(regularizer, *parts, rows_loss.dtype)
         return penalty, penalty, tf.zeros_like(loss)
 
     def radius(self, regularizer):
         return regularizer.fd_step
 
-    def _passes_and_parts(self, passes, x, regularizer, positions=None):
+    def _passes_and_parts(self, passes, x, regularizer):
         """`(y_pred, loss, (clean_parts, moved_parts))`: each example's part of both losses.
 
         Example i's part is d loss / d s_i at s = 1 where the sample weights
@@ -249,16 +250,13 @@ class FiniteDifference(_Moved):
         weights (`check_linear_reduction`). This tape records only the loss's
         weighting, not the model.
         """
-        example_scale = tf.ones([batch_size_of(x)], tf.float32)
-
-        def forward(inputs, rows=None, example_scale_=None):
-            del example_scale_  # Every pass is weighted by this step's `example_scale`.
-            return passes.forward(inputs, rows, example_scale)
-
+        example_scale = tf.ones([batch_size_of(x)])
+        # Every pass is weighted by this step's `example_scale`.
+        forward = functools.partial(passes.forward, example_scale=example_scale)
         with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
             tape.watch(example_scale)
             (y_pred, loss), (_, moved_loss) = clean_and_moved_passes(
-                passes._replace(forward=forward), x, regularizer, self, positions
+                passes._replace(forward=forward), x, regularizer, self
             )
         parts = tuple(tape.gradient(value, example_scale) for value in (loss, moved_loss))
         if any(part is None for part in parts):  # Found when the step is traced.
