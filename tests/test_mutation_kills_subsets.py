@@ -3,7 +3,8 @@
 tests/test_lazy.py checks the subset term on a model; these pin the pieces:
 the size m = max(1, ceil(fraction * n)) as a Python int and as a tensor, the
 keys and rows against the hash reproduced in tests/linear_reference.py, and
-the row gathering (docs/testing.md, "Mutation testing").
+the row gathering and the per-example weight scaling (docs/testing.md,
+"Mutation testing").
 """
 
 from __future__ import annotations
@@ -63,3 +64,27 @@ def test_batch_size_and_gather_rows():
     np.testing.assert_array_equal(picked["b"].numpy(), [[9, 10, 11], [3, 4, 5]])
     np.testing.assert_array_equal(picked["c"].numpy(), [8, 6])
     assert subsets.gather_rows(x, None) is x
+
+
+def test_scale_rows_multiplies_each_examples_weights_by_its_number():
+    """finite_difference's per-example weighting, against NumPy: rows of weights of any
+    rank times their row's number, integer weights as floats, None kept, and the
+    numbers themselves when there are no weights."""
+    scale = tf.constant([1.0, 2.0, 0.5])
+    assert subsets.scale_rows(None, scale) is scale
+    weights = np.array([3.0, 4.0, 5.0], np.float32)
+    assert subsets.scale_rows(weights, None) is weights
+    np.testing.assert_array_equal(subsets.scale_rows(weights, scale), [3.0, 8.0, 2.5])
+    temporal = np.arange(6, dtype=np.float32).reshape(3, 2)
+    np.testing.assert_array_equal(
+        subsets.scale_rows(temporal, scale), temporal * np.array([[1.0], [2.0], [0.5]])
+    )
+    counts = subsets.scale_rows(np.array([1, 2, 3]), scale)
+    assert counts.dtype == tf.float32
+    np.testing.assert_array_equal(counts, [1.0, 4.0, 1.5])
+    nested = subsets.scale_rows({"a": weights, "b": None}, scale)
+    assert nested["b"] is None
+    np.testing.assert_array_equal(nested["a"], [3.0, 8.0, 2.5])
+    half = subsets.scale_rows(tf.constant([2.0, 2.0, 2.0], tf.float16), scale)
+    assert half.dtype == tf.float16
+    np.testing.assert_array_equal(half, [2.0, 4.0, 1.0])
