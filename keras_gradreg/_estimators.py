@@ -247,7 +247,7 @@ class FiniteDifference(_Moved):
 
         Example i's part is d loss / d s_i at s = 1 where the sample weights
         are multiplied by s (`Forward`), for a reduction linear in the
-        weights (`check_linear_reduction`). This tape records only the loss's
+        weights (`objective.check_loss_reduction`). This tape records only the loss's
         weighting, not the model.
         """
         example_scale = tf.ones([batch_size_of(x)])

@@ -15,8 +15,7 @@ from keras_gradreg._subsets import gather_rows, scale_rows
 from keras_gradreg._train_function import make_distributed_function
 from keras_gradreg.objective import (
     RegularizedLoss,
-    check_linear_reduction,
-    check_subset_reduction,
+    check_loss_reduction,
     logged_objective,
     objective_branches,
     unscale_for_replicas,
@@ -244,10 +243,7 @@ class RegularizedModel(keras.Model):
                 "it needs one: call `model.compile(loss=...)` with a loss before "
                 "`fit`. Received: loss=None"
             )
-        if self._regularizer.fraction < 1.0:
-            check_subset_reduction(self.loss, "loss")
-        if self._regularizer.method == "finite_difference":
-            check_linear_reduction(self.loss, "loss")
+        check_loss_reduction(self.loss, self._regularizer, "loss")
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)

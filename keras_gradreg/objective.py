@@ -165,10 +165,7 @@ def regularized_loss(
         fixed_settings = True  # Nobody can assign a dict's settings.
     regularizer = _shared_regularizer(regularizer)
     reduced_loss = _reduced_loss(loss_fn)
-    if regularizer.fraction < 1.0:
-        check_subset_reduction(reduced_loss, "loss_fn")
-    if regularizer.method == "finite_difference":
-        check_linear_reduction(reduced_loss, "loss_fn")
+    check_loss_reduction(reduced_loss, regularizer, "loss_fn")
     if loss_scale is not None and not tf.is_tensor(loss_scale):
         loss_scale = _checks.check_positive(loss_scale, "loss_scale")
     divergence = ESTIMATORS[regularizer.method].divergence(loss_fn, sample_weight, "loss_fn")
@@ -476,34 +473,28 @@ def subset_objective(
     return RegularizedLoss(total, loss, penalty, y_pred)
 
 
-def check_subset_reduction(loss: Any, name: str) -> None:
-    """Raises ValueError unless every `keras.losses.Loss` in `loss` reduces by the batch mean.
+def check_loss_reduction(loss: Any, regularizer: GradientRegularizer, name: str) -> None:
+    """Raises ValueError if a `keras.losses.Loss` in `loss` reduces unlike `regularizer` needs.
 
-    A random subset's loss reduced over the subset estimates the batch's
-    without bias only for the mean ("sum_over_batch_size", Keras's default,
-    or "mean"); strings and functions get the default.
+    With `fraction < 1`, a random subset's loss reduced over the subset
+    estimates the batch's without bias only for the mean
+    ("sum_over_batch_size", Keras's default, or "mean"); strings and
+    functions get the default. "finite_difference" reads each example's part
+    of the loss as its derivative with respect to the example's weight, which
+    is that part only for a reduction linear in the weights: every Keras
+    reduction but "mean_with_sample_weight".
     """
     for item in tf.nest.flatten(loss):
-        reduction = getattr(item, "reduction", SUBSET_REDUCTIONS[0])
-        if isinstance(item, keras.losses.Loss) and reduction not in SUBSET_REDUCTIONS:
+        if not isinstance(item, keras.losses.Loss):
+            continue
+        reduction = item.reduction
+        if regularizer.fraction < 1.0 and reduction not in SUBSET_REDUCTIONS:
             raise ValueError(
                 "With `fraction` < 1 the term is computed on a subset of each batch and "
                 f"must be reduced by the batch mean, one of {SUBSET_REDUCTIONS}. Received: "
                 f"{name} with reduction={reduction!r}"
             )
-
-
-def check_linear_reduction(loss: Any, name: str) -> None:
-    """Raises ValueError if a `keras.losses.Loss` in `loss` divides by the sum of its weights.
-
-    "finite_difference" reads each example's part of the loss as its
-    derivative with respect to the example's weight, which is that part only
-    for a reduction linear in the weights: every Keras reduction but
-    "mean_with_sample_weight".
-    """
-    for item in tf.nest.flatten(loss):
-        reduction = getattr(item, "reduction", SUBSET_REDUCTIONS[0])
-        if isinstance(item, keras.losses.Loss) and reduction == "mean_with_sample_weight":
+        if regularizer.method == "finite_difference" and reduction == "mean_with_sample_weight":
             raise ValueError(
                 'method="finite_difference" weighs each example\'s loss separately, which '
                 '"mean_with_sample_weight" (divided by the sum of the weights) does not '
