@@ -58,14 +58,19 @@ flags.DEFINE_float("epsilon", 1e-4, "Radius (tiny, so that no example is broken)
 flags.DEFINE_string("data_npz", "../shared/data/mnist.npz", "MNIST .npz (random images if absent).")
 flags.DEFINE_string("json_out", "bench/results/attack_time.json", "Where to write the results.")
 flags.DEFINE_integer("seed", 0, "Seed of the weights.")
+flags.DEFINE_enum(
+    "input", "image", ["image", "flat"],
+    "The MLP's input: 28x28x1 images, or flat 784-vectors (one-row windows for Square).",
+)  # fmt: skip
 
 
 def images(count: int) -> np.ndarray:
     """The first MNIST test images in [0, 1], or uniform noise without the file."""
+    shape = (count, 784) if FLAGS.input == "flat" else (count, 28, 28, 1)
     if os.path.exists(FLAGS.data_npz):
         with np.load(FLAGS.data_npz) as data:
-            return data["x_test"][:count, :, :, None].astype(np.float32) / 255.0
-    return np.random.default_rng(0).uniform(size=(count, 28, 28, 1)).astype(np.float32)
+            return data["x_test"][:count].reshape(shape).astype(np.float32) / 255.0
+    return np.random.default_rng(0).uniform(size=shape).astype(np.float32)
 
 
 def raw_gradient_loop(model: keras.Model, jit: bool) -> Callable:
@@ -90,7 +95,7 @@ def raw_forward_loop(model: keras.Model, jit: bool) -> Callable:
             shifted = x + 1e-6 * tf.cast(i, x.dtype)  # a new input each query
             return i + 1, total + model(shifted, training=False)
 
-        total = tf.zeros_like(x[:, 0, 0]) + tf.zeros_like(model(x[:1], training=False))[0]
+        total = tf.zeros_like(model(x, training=False))
         return tf.while_loop(lambda i, _: i < count, body, (0, total))[1]
 
     return run
@@ -100,11 +105,12 @@ def numpy_apgd(gradient_fn: Callable, x: np.ndarray, label: np.ndarray, epsilon:
     """APGD-CE (L-inf) with NumPy updates around a compiled gradient (the toolkit way)."""
     rng = np.random.default_rng(0)
     start = rng.uniform(-1, 1, size=x.shape).astype(np.float32)
-    start = epsilon * start / np.abs(start).reshape(len(x), -1).max(1).reshape(-1, 1, 1, 1)
+    per_example = (-1,) + (1,) * (x.ndim - 1)
+    start = epsilon * start / np.abs(start).reshape(len(x), -1).max(1).reshape(per_example)
     x_adv = np.clip(x + start, 0.0, 1.0)
     loss, grad, logits = (t.numpy() for t in gradient_fn(x_adv, label))
     x_best, loss_best, grad_best = x_adv.copy(), loss.copy(), grad.copy()
-    step = np.full((len(x), 1, 1, 1), 2.0 * epsilon, np.float32)
+    step = np.full((len(x),) + (1,) * (x.ndim - 1), 2.0 * epsilon, np.float32)
     x_prev = x_adv.copy()
     marks = set(auto_pgd.checkpoints(steps))
     increases = np.zeros(len(x))
@@ -243,7 +249,7 @@ def main(argv: list[str]) -> None:
     if unknown:
         raise app.UsageError(f"--attacks must be from {ATTACKS}. Received: {sorted(unknown)}")
     keras.utils.set_random_seed(FLAGS.seed)
-    model = kgr.networks.maxout_mlp(input_shape=(28, 28, 1))
+    model = kgr.networks.maxout_mlp(input_shape=(784,) if FLAGS.input == "flat" else (28, 28, 1))
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     settings = [s == "on" for s in FLAGS.xla]
     all_rows, all_loads = [], []
@@ -254,7 +260,8 @@ def main(argv: list[str]) -> None:
         all_loads += loads
     os.makedirs(os.path.dirname(FLAGS.json_out) or ".", exist_ok=True)
     with open(FLAGS.json_out, "w") as file:
-        names = ("attacks", "xla", "batch_sizes", "steps", "queries", "repetitions", "epsilon")
+        names = ("attacks", "xla", "batch_sizes", "steps", "queries", "repetitions", "epsilon",
+                 "input")  # fmt: skip
         json.dump(
             {"flags": {k: FLAGS[k].value for k in names}, "machine": machine(),
              "load_average": all_loads, "rows": all_rows},

@@ -317,10 +317,13 @@ def test_binary_with_mixed_precision(mnist_slice, one_device, tmp_path, policy):
     # other masks in half precision and the epoch's training means differ by mask
     # noise (measured 2.4% on the loss, 0.6% on the penalty); a penalty lost to
     # underflow would be off by far more. The test loss, without dropout, agreed
-    # to 0.02% (float16) and 1.2% (bfloat16).
+    # to 0.02% (float16), and to 1.2% and 3.4% on two machines (bfloat16, whose
+    # 8-bit significand moves the 20 steps' path further); a model that did not
+    # train in half precision would be off by about 50% (2.3 against 1.5).
     for key in ("train/loss", "train/data_loss", "train/penalty"):
         np.testing.assert_allclose(got[key], want[key], rtol=0.05, err_msg=key)
-    np.testing.assert_allclose(got["test/loss"], want["test/loss"], rtol=0.02)
+    test_rtol = {"mixed_float16": 0.02, "mixed_bfloat16": 0.06}[policy]
+    np.testing.assert_allclose(got["test/loss"], want["test/loss"], rtol=test_rtol)
     assert got["train/penalty"] > 0
     assert abs(got["test/accuracy"] - want["test/accuracy"]) <= 0.05
     model = keras.models.load_model(workdir / "checkpoints" / "last.keras")

@@ -52,6 +52,30 @@ def test_l2_pattern_matches_the_paper_by_hand():
         np.testing.assert_allclose(np.linalg.norm(pattern), 1.0)
 
 
+@pytest.mark.parametrize("shape", [(784,), (28, 28, 1), (9, 7, 3)], ids=["vectors", "mnist", "colour"])
+def test_l2_pattern_is_placed_whole_at_the_window(shape):
+    """Each iteration's pattern lands at its window corner: square_pattern(h, w) there (its
+    transpose when flipped, on images), for random corners; and a vector's pattern table is
+    one row high (a side x side table made the 784-feature MLP's L2 Square 17x slower)."""
+    layout = square_attack.image_layout(shape)
+    loop = square_attack._SquareLoop(lambda: None, True, 2.0, 300, 0.8, True, shape)
+    sides = square_attack.window_sides(300, 0.8, layout, 2.0, True)
+    assert loop.table.shape[2:] == (1 if layout[0] == 1 else sides.max(), sides.max())
+    rng = np.random.default_rng(0)
+    for iteration in (0, 20, 298):
+        h, w = sides[iteration]
+        top = rng.integers(0, layout[0] - h + 1, size=6).astype("int32")
+        left = rng.integers(0, layout[1] - w + 1, size=6).astype("int32")
+        flip = np.array([False, True] * 3)
+        placed = loop.placed_pattern(top, left, flip, iteration).numpy()
+        for k in range(6):
+            want = square_attack.square_pattern(h, w)
+            if flip[k] and h > 1:
+                want = want.T
+            window = placed[k, top[k] : top[k] + h, left[k] : left[k] + w, 0]
+            np.testing.assert_allclose(window, want, rtol=1e-6, atol=1e-7)
+
+
 def test_linf_square_fools_exactly_the_examples_closer_than_epsilon():
     """3x3 images, a linear model: the best L-inf perturbation is a corner, which
     1000 queries of random windows find."""

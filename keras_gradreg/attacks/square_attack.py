@@ -134,14 +134,17 @@ def square_pattern(height: int, width: int) -> np.ndarray:
 
 
 def _pattern_table(sides: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The patterns of each distinct side (and transposed), padded; index per iteration."""
+    """The patterns of each distinct side (and transposed), padded; index per iteration.
+
+    The table is (distinct sides, 2, rows, columns): a one-row image's windows are
+    (1, side), so its table is one row high, not side x side.
+    """
     distinct = sorted({tuple(s) for s in sides.tolist()})
     if not distinct:
         return np.zeros((1, 2, 1, 1), np.float32), np.zeros(0, np.int32)
-    height = max(s[0] for s in distinct)
-    width = max(s[1] for s in distinct)
-    size = max(height, width)
-    table = np.zeros((len(distinct), 2, size, size), np.float32)
+    height = max(max(h, w) if h > 1 else 1 for h, w in distinct)
+    width = max(max(h, w) if h > 1 else w for h, w in distinct)
+    table = np.zeros((len(distinct), 2, height, width), np.float32)
     for index, (h, w) in enumerate(distinct):
         pattern = square_pattern(h, w)
         table[index, 0, :h, :w] = pattern
@@ -264,11 +267,14 @@ class _SquareLoop:
     def placed_pattern(self, top, left, flip, iteration):
         """(n, h, w, 1): this iteration's pattern with its corner at (top, left)."""
         patterns = tf.gather(self.table[self.pattern_index[iteration]], tf.cast(flip, tf.int32))
-        size = self.table.shape[-1]
         rows = tf.range(self.h)[None, :] - top[:, None]
         cols = tf.range(self.w)[None, :] - left[:, None]
-        placed = tf.gather(patterns, tf.clip_by_value(rows, 0, size - 1), batch_dims=1)
-        placed = tf.gather(placed, tf.clip_by_value(cols, 0, size - 1), axis=2, batch_dims=1)
+        placed = tf.gather(
+            patterns, tf.clip_by_value(rows, 0, self.table.shape[-2] - 1), batch_dims=1
+        )
+        placed = tf.gather(
+            placed, tf.clip_by_value(cols, 0, self.table.shape[-1] - 1), axis=2, batch_dims=1
+        )
         return placed[..., None]
 
     def propose_l2(self, images, x_best, epsilon, low, high, iteration_seed, side, iteration):
