@@ -52,7 +52,9 @@ def test_l2_pattern_matches_the_paper_by_hand():
         np.testing.assert_allclose(np.linalg.norm(pattern), 1.0)
 
 
-@pytest.mark.parametrize("shape", [(784,), (28, 28, 1), (9, 7, 3)], ids=["vectors", "mnist", "colour"])
+@pytest.mark.parametrize(
+    "shape", [(784,), (28, 28, 1), (9, 7, 3)], ids=["vectors", "mnist", "colour"]
+)
 def test_l2_pattern_is_placed_whole_at_the_window(shape):
     """Each iteration's pattern lands at its window corner: square_pattern(h, w) there (its
     transpose when flipped, on images), for random corners; and a vector's pattern table is
