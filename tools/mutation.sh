@@ -9,7 +9,8 @@
 #
 # MODULE: norms, balls, subsets, flags, estimators, objective, apgd, square, fab,
 # fab_projections (scores in docs/testing.md).
-# The run happens in a copy of the committed tree (git archive HEAD) under
+# The run happens in a copy of the committed tree (git archive HEAD: the library,
+# the tests and the docs, whose code blocks some tests run) under
 # $MUTATION_DIR (default ~/.cache/keras_gradreg_mutation/MODULE), so it never
 # writes into the checkout and a second call resumes where the first stopped
 # (mutmut keeps every verdict in mutants/*.meta there). Only MODULE's file is
@@ -82,11 +83,11 @@ esac
 configure=yes
 if [[ ! -d $work ]]; then
   mkdir -p "$work"
-  git -C "$repo" archive HEAD keras_gradreg tests setup.cfg pyproject.toml | tar -xf - -C "$work"
+  git -C "$repo" archive HEAD keras_gradreg tests docs README.md setup.cfg pyproject.toml | tar -xf - -C "$work"
 elif [[ $action == run || $action == survivors ]]; then
   # Resume with the committed tests, source and test list (mutmut keeps the verdicts of
   # unchanged code, and collects which new tests call which function).
-  git -C "$repo" archive HEAD keras_gradreg tests pyproject.toml | tar -xf - -C "$work"
+  git -C "$repo" archive HEAD keras_gradreg tests docs README.md pyproject.toml | tar -xf - -C "$work"
 else
   configure=no  # --summary and --show leave the copy alone: a run may be using it.
 fi
@@ -101,6 +102,7 @@ PY
 [tool.mutmut]
 source_paths = ["keras_gradreg"]
 only_mutate = ["$file"]
+also_copy = ["docs", "README.md"]
 pytest_add_cli_args = ["-x", "-p", "no:randomly", "-p", "no:cacheprovider", "-q", "-o", "addopts=-m 'not slow'"]
 pytest_add_cli_args_test_selection = [$selection]
 process_isolation = "forkserver"
