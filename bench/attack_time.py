@@ -64,9 +64,14 @@ flags.DEFINE_enum(
 )  # fmt: skip
 
 
+def input_shape() -> tuple[int, ...]:
+    """One example's shape: --input's 784-vector or 28x28x1 image."""
+    return (784,) if FLAGS.input == "flat" else (28, 28, 1)
+
+
 def images(count: int) -> np.ndarray:
     """The first MNIST test images in [0, 1], or uniform noise without the file."""
-    shape = (count, 784) if FLAGS.input == "flat" else (count, 28, 28, 1)
+    shape = (count, *input_shape())
     if os.path.exists(FLAGS.data_npz):
         with np.load(FLAGS.data_npz) as data:
             return data["x_test"][:count].reshape(shape).astype(np.float32) / 255.0
@@ -105,12 +110,12 @@ def numpy_apgd(gradient_fn: Callable, x: np.ndarray, label: np.ndarray, epsilon:
     """APGD-CE (L-inf) with NumPy updates around a compiled gradient (the toolkit way)."""
     rng = np.random.default_rng(0)
     start = rng.uniform(-1, 1, size=x.shape).astype(np.float32)
-    per_example = (-1,) + (1,) * (x.ndim - 1)
+    per_example = (len(x),) + (1,) * (x.ndim - 1)  # one value per example, broadcast
     start = epsilon * start / np.abs(start).reshape(len(x), -1).max(1).reshape(per_example)
     x_adv = np.clip(x + start, 0.0, 1.0)
     loss, grad, logits = (t.numpy() for t in gradient_fn(x_adv, label))
     x_best, loss_best, grad_best = x_adv.copy(), loss.copy(), grad.copy()
-    step = np.full((len(x),) + (1,) * (x.ndim - 1), 2.0 * epsilon, np.float32)
+    step = np.full(per_example, 2.0 * epsilon, np.float32)
     x_prev = x_adv.copy()
     marks = set(auto_pgd.checkpoints(steps))
     increases = np.zeros(len(x))
@@ -249,7 +254,7 @@ def main(argv: list[str]) -> None:
     if unknown:
         raise app.UsageError(f"--attacks must be from {ATTACKS}. Received: {sorted(unknown)}")
     keras.utils.set_random_seed(FLAGS.seed)
-    model = kgr.networks.maxout_mlp(input_shape=(784,) if FLAGS.input == "flat" else (28, 28, 1))
+    model = kgr.networks.maxout_mlp(input_shape=input_shape())
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     settings = [s == "on" for s in FLAGS.xla]
     all_rows, all_loads = [], []

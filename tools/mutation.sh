@@ -81,13 +81,16 @@ case ${1:-} in
 esac
 
 configure=yes
+tree="keras_gradreg tests docs README.md pyproject.toml"
 if [[ ! -d $work ]]; then
   mkdir -p "$work"
-  git -C "$repo" archive HEAD keras_gradreg tests docs README.md setup.cfg pyproject.toml | tar -xf - -C "$work"
+  # shellcheck disable=SC2086
+  git -C "$repo" archive HEAD $tree setup.cfg | tar -xf - -C "$work"
 elif [[ $action == run || $action == survivors ]]; then
   # Resume with the committed tests, source and test list (mutmut keeps the verdicts of
   # unchanged code, and collects which new tests call which function).
-  git -C "$repo" archive HEAD keras_gradreg tests docs README.md pyproject.toml | tar -xf - -C "$work"
+  # shellcheck disable=SC2086
+  git -C "$repo" archive HEAD $tree | tar -xf - -C "$work"
 else
   configure=no  # --summary and --show leave the copy alone: a run may be using it.
 fi

@@ -142,8 +142,10 @@ def _pattern_table(sides: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     distinct = sorted({tuple(s) for s in sides.tolist()})
     if not distinct:
         return np.zeros((1, 2, 1, 1), np.float32), np.zeros(0, np.int32)
-    height = max(max(h, w) if h > 1 else 1 for h, w in distinct)
-    width = max(max(h, w) if h > 1 else w for h, w in distinct)
+    # Each pattern's footprint, and its transpose's (a one-row pattern is not turned).
+    footprints = distinct + [(w, h) for h, w in distinct if h > 1]
+    height = max(h for h, _ in footprints)
+    width = max(w for _, w in footprints)
     table = np.zeros((len(distinct), 2, height, width), np.float32)
     for index, (h, w) in enumerate(distinct):
         pattern = square_pattern(h, w)
