@@ -29,6 +29,7 @@ the loss, and it does not change with the batch size or replica count.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -234,8 +235,8 @@ def regularized_objective(
     if fixed_settings:
         return _fixed_objective(passes, x, _FixedSettings(regularizer), step)
     branches = objective_branches(passes, x, regularizer, step)
-    if len(branches.functions) == 1:
-        return branches.run()
+    if len(branches.functions) == 1:  # No floating-point input: the plain objective.
+        return branches.functions[0]()
     if regularizer.every == 1 and regularizer.fraction == 1.0:
         return _unless_sigma(branches.functions[1](), regularizer)
     return _plain_outside_branch(passes, x, branches)
@@ -339,13 +340,6 @@ class Branches(NamedTuple):
     index: tf.Tensor | int
     functions: tuple[Callable[[], RegularizedLoss], ...]
     counted: tf.Tensor
-
-    def run(self, wrap: Callable[[Callable], Callable] | None = None) -> Any:
-        """Runs the chosen function, each wrapped by `wrap` (e.g. to take gradients inside)."""
-        functions = [f if wrap is None else wrap(f) for f in self.functions]
-        if len(functions) == 1:
-            return functions[0]()
-        return tf.switch_case(self.index, functions)
 
 
 def objective_branches(
@@ -506,9 +500,8 @@ def check_loss_reduction(loss: Any, regularizer: GradientRegularizer, name: str)
 def _plain_unless_sigma(forward: Forward, x: Any, regularizer: GradientRegularizer):
     """The plain objective, NaN if sigma > 0 (no floating-point input to differentiate)."""
     result = plain_objective(forward, x)
-    nan = tf.where(regularizer.sigma_tensor() > 0.0, float("nan"), 0.0)
-    total = result.total + tf.cast(nan, result.total.dtype)
-    return result._replace(total=total, penalty=result.penalty + tf.cast(nan, result.total.dtype))
+    nan = tf.cast(tf.where(regularizer.sigma_tensor() > 0.0, math.nan, 0.0), result.total.dtype)
+    return result._replace(total=result.total + nan, penalty=result.penalty + nan)
 
 
 def _plain_outside_branch(passes: Passes, x: Any, branches: Branches) -> RegularizedLoss:

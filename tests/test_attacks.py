@@ -204,6 +204,26 @@ def test_binary_classifier_threshold_follows_from_logits(activation, from_logits
         np.testing.assert_array_equal(~correct.numpy()[keep], dist[keep] < epsilon)
 
 
+@pytest.mark.parametrize("activation, from_logits", [(None, True), ("sigmoid", False)])
+@pytest.mark.parametrize("attack", ["apgd", "square", "fab"])
+def test_the_suite_reads_a_binary_classifiers_one_output(attack, activation, from_logits):
+    """z = 3x, one output: an example holds at L-inf 0.3 iff it is right and |x| > 0.3.
+
+    The decision boundary is x = 0 (logit 0, probability 0.5), at L-inf
+    distance |x|. A batch traced with an unknown size once hid the single
+    column, and the suite read the classifier as having one class.
+    """
+    x = np.linspace(-1.0, 1.0, 12, dtype="float32").reshape(-1, 1)
+    y = np.array([0, 1] * 6)
+    model = _linear(np.array([[3.0]], "float32"), np.array([0.0], "float32"), activation)
+    holds = ((x[:, 0] > 0) == (y == 1)) & (np.abs(x[:, 0]) > 0.3)
+    settings = {"apgd": dict(steps=10), "square": dict(queries=100), "fab": dict(steps=10)}
+    settings = dict(p=math.inf, from_logits=from_logits, clip=None, **settings[attack])
+    _, correct = getattr(attacks, attack)(model, x, y, 0.3, return_correct=True, **settings)
+    np.testing.assert_array_equal(correct.numpy(), holds)
+    assert 0 < holds.sum() < np.sum((x[:, 0] > 0) == (y == 1))  # Some broken, some held.
+
+
 def test_fgsm_matches_hand_computed_step_and_box():
     """Softmax regression: g = (softmax(z) - onehot) W^T, x_adv = clip(x + eps sign g)."""
     rng = np.random.default_rng(3)

@@ -47,10 +47,12 @@ case $module in
       tests/test_lazy.py tests/test_fixed_settings.py
       -k 'not resumed_run and not mixed_float16'" ;;
   objective) file=keras_gradreg/objective.py  # The scheduling: when the term is computed.
-    tests="tests/test_objective.py tests/test_fixed_settings.py tests/test_lazy.py
-      tests/test_schedule.py" ;;
+    tests="tests/test_mutation_kills_objective.py tests/test_objective.py
+      tests/test_fixed_settings.py tests/test_lazy.py tests/test_schedule.py
+      tests/test_mutation_kills_estimators.py" ;;
   apgd) file=keras_gradreg/attacks/auto_pgd.py
-    tests="tests/test_auto_pgd.py tests/test_attack_steps_reference.py" ;;
+    tests="tests/test_mutation_kills_apgd.py tests/test_auto_pgd.py
+      tests/test_attack_steps_reference.py" ;;
   square) file=keras_gradreg/attacks/square_attack.py
     tests="tests/test_square_attack.py tests/test_attack_steps_reference.py" ;;
   fab) file=keras_gradreg/attacks/fab_attack.py

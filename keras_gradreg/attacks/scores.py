@@ -29,7 +29,10 @@ def class_scores(y_pred: tf.Tensor, from_logits: bool | None) -> tf.Tensor:
     """
     y_pred = tf.convert_to_tensor(y_pred)
     y_pred = tf.cast(y_pred, tf.float64 if y_pred.dtype == tf.float64 else tf.float32)
-    y_pred = tf.reshape(y_pred, [tf.shape(y_pred)[0], -1])
+    # The classes from the static shape: a traced batch of unknown size must still
+    # show its one column, or a binary classifier is read as having one class.
+    columns = 1 if y_pred.shape.rank == 1 else y_pred.shape[1:].num_elements()
+    y_pred = tf.reshape(y_pred, [-1 if columns else tf.shape(y_pred)[0], columns or -1])
     logits = from_logits is not False
     if y_pred.shape[-1] == 1:
         if logits:

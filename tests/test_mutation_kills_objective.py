@@ -1,0 +1,126 @@
+"""keras_gradreg.objective: cases added to kill the mutants of the first pass.
+
+Each case's expected value comes from a derivation independent of the
+code: a hand count of the forward passes that the step keeps (the state a
+step leaves is that of one clean pass), the linear softmax model's cross
+entropy in NumPy, and Keras's documented division of a loss by the number
+of replicas. docs/testing.md, "Mutation testing", lists the mutants each
+case kills.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import linear_reference as ref
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import NUM_CLASSES, NUM_FEATURES, linear_data
+
+import keras_gradreg as kgr
+from keras_gradreg import objective
+from keras_gradreg._estimators import Passes
+from keras_gradreg._subsets import gather_rows
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+class _Replicas:
+    """A stand-in for a strategy with `count` replicas in sync."""
+
+    def __init__(self, count: int):
+        self.num_replicas_in_sync = count
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_model_losses_are_divided_by_the_replicas_as_keras_divides_the_loss(
+    monkeypatch, replicas, dtype
+):
+    """model.losses enter divided by the replicas; the logs multiply them back."""
+    layer = keras.layers.Dense(
+        2, kernel_initializer="ones", kernel_regularizer=keras.regularizers.L2(0.5)
+    )
+    layer.build((None, 3))  # sum of the 6 squared ones, times 0.5: 3.
+    monkeypatch.setattr(tf.distribute, "get_strategy", lambda: _Replicas(replicas))
+    value = tf.constant(3.0, dtype)
+    scaled = objective._scale_for_replicas(value)  # noqa: SLF001
+    assert scaled.dtype == value.dtype
+    assert float(scaled) == 3.0 / replicas
+    unscaled = objective.unscale_for_replicas(value)
+    assert unscaled.dtype == value.dtype
+    assert float(unscaled) == 3.0 * replicas
+    total = objective._with_model_losses(layer, tf.constant(1.0))  # noqa: SLF001
+    assert float(total) == pytest.approx(1.0 + 3.0 / replicas, rel=1e-7)
+
+
+def _counting_passes(model, y, counter):
+    """Passes whose forward pass adds 1 to `counter`, given as state to restore."""
+
+    def forward(inputs, rows=None, example_scale=None):
+        del example_scale  # "penalty" weighs no example.
+        targets = gather_rows(y, rows)
+        counter.assign_add(1.0)
+        y_pred = model(inputs, training=True)
+        return y_pred, LOSS(targets, y_pred)
+
+    return Passes(model, forward, extra_state=[counter])
+
+
+@pytest.mark.parametrize("every, fraction", [(2, 1.0), (1, 0.5), (2, 0.5)])
+@pytest.mark.parametrize("step", [0, 1])
+def test_a_step_with_a_run_time_choice_updates_the_state_once(every, fraction, step):
+    """The state a forward pass updates moves once per step, as in a plain step.
+
+    With `every` or `fraction` the term's passes run inside a `tf.cond`
+    after the clean pass; they start from the state before it and leave no
+    trace of their own, so the counter of forward passes reads 1 whether
+    the step computes the term (step 0) or skips it (step 1 with every=2).
+    """
+    x, y, w, b = linear_data(12, 0)
+    model = keras.Sequential([keras.Input((NUM_FEATURES,)), keras.layers.Dense(NUM_CLASSES)])
+    model.set_weights([w, b])
+    reg = kgr.GradientRegularizer(p=2, sigma=0.5, every=every, fraction=fraction)
+    counter = keras.Variable(0.0)
+    passes = _counting_passes(model, tf.constant(y), counter)
+    result = objective.regularized_objective(passes, tf.constant(x), reg, tf.constant(step))
+    assert float(counter) == 1.0
+    np.testing.assert_allclose(result.y_pred, x @ w + b, rtol=1e-5, atol=1e-6)
+    want = ref.per_example_loss(x, y, w, b).mean()
+    np.testing.assert_allclose(float(result.data_loss), want, rtol=1e-5)
+    computed = step % every == 0
+    assert (float(result.penalty) > 0.0) == computed
+
+
+def test_integer_inputs_give_the_plain_loss_at_sigma_0_and_nan_above():
+    """No floating-point input: sigma 0 is the plain loss; a later sigma > 0 is NaN.
+
+    Traced at sigma 0 with the settings read at run time, the step has no
+    input to differentiate; raising sigma afterwards cannot be honoured, so
+    the total and the penalty are NaN (the data loss stays the clean one).
+    """
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((2,), dtype="int32"),
+            keras.layers.Embedding(4, 3),
+            keras.layers.Flatten(),
+            keras.layers.Dense(NUM_CLASSES),
+        ]
+    )
+    x = np.array([[0, 1], [2, 3], [3, 3], [1, 0]], "int32")
+    y = np.array([0, 2, 1, 1])
+    table, kernel, bias = (v.astype("float64") for v in model.get_weights())
+    want = ref.per_example_loss(table[x].reshape(len(x), -1), y, kernel, bias).mean()
+    reg = kgr.GradientRegularizer(p=2, sigma=0.0)
+    step = tf.function(lambda: kgr.regularized_loss(model, x, y, LOSS, reg, fixed_settings=False))
+    result = step()
+    assert float(result.total) == float(result.data_loss)
+    np.testing.assert_allclose(float(result.data_loss), want, rtol=1e-6)
+    assert float(result.penalty) == 0.0
+    reg.sigma = 0.5
+    result = step()
+    assert math.isnan(float(result.total)) and math.isnan(float(result.penalty))
+    np.testing.assert_allclose(float(result.data_loss), want, rtol=1e-6)
