@@ -211,6 +211,7 @@ def test_probability_outputs_give_the_logits_result_for_dlr():
         (dict(clip=(1, 0)), r"Received: clip=\(1, 0\)"),
         (dict(seed=1.5), r"Received: seed=1\.5"),
         (dict(y=None), r"Received: y=None"),
+        (dict(return_correct="yes"), r"`return_correct` .*Received: return_correct='yes'"),
     ],
 )
 def test_apgd_rejects_bad_arguments(image_net, kwargs, match):

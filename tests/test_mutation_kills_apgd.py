@@ -58,3 +58,55 @@ def test_the_unit_l2_direction_of_a_zero_gradient_is_zero():
     unit = auto_pgd._unit_l2(gradient).numpy()  # noqa: SLF001
     np.testing.assert_allclose(unit[0], [[0.6, 0.0], [0.8, 0.0]], rtol=1e-6)
     np.testing.assert_array_equal(unit[1], np.zeros((2, 2)))
+
+
+class _CountCalls(keras.layers.Layer):
+    """The identity, counting its calls: the attack's forward passes."""
+
+    def build(self, input_shape):
+        self.calls = self.add_weight(shape=(), initializer="zeros", trainable=False, name="n")
+
+    def call(self, inputs):
+        self.calls.assign_add(1.0)
+        return inputs
+
+
+def test_the_defaults_are_autoattacks_standard_version():
+    # Croce and Hein (2020), the standard version: 100 iterations and 1 restart, 9 target
+    # classes for APGD-T. At epsilon 0 nothing breaks, so every run and step is taken:
+    # the defaults make as many forward passes as those settings given explicitly,
+    # and one more step or run makes more.
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(4, 3)).astype("float32")
+    count = _CountCalls()
+    model = keras.Sequential([keras.Input((3,)), count, keras.layers.Dense(11)])
+    y = np.argmax(model(x).numpy(), axis=1)
+
+    def passes(**settings):
+        count.calls.assign(0.0)
+        attacks.apgd(model, x, y, 0.0, **settings)
+        return float(count.calls.numpy())
+
+    standard = passes(steps=100, restarts=1)
+    assert passes() == standard
+    assert passes(steps=101) > standard and passes(restarts=2) > standard
+    targeted = dict(loss="dlr", targeted=True)
+    assert passes(**targeted) == passes(**targeted, target_classes=9)
+    assert passes(**targeted, target_classes=10) > passes(**targeted)
+
+
+def test_from_logits_is_read_from_the_compiled_loss():
+    # A softmax model compiled with from_logits=False: left out, from_logits is the loss's
+    # False (scores are log-probabilities), not the logits default, whose CE differs.
+    rng = np.random.default_rng(1)
+    x = rng.uniform(size=(16, 6)).astype("float32")
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="softmax")])
+    model.layers[0].set_weights([rng.normal(size=(6, 4)).astype("float32"), np.zeros(4, "f4")])
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=False))
+    y = np.argmax(model(x).numpy(), axis=1)
+    args = dict(p=2.0, steps=5, seed=3, clip=None)
+    default = attacks.apgd(model, x, y, 0.5, **args).numpy()
+    probabilities = attacks.apgd(model, x, y, 0.5, from_logits=False, **args).numpy()
+    logits = attacks.apgd(model, x, y, 0.5, from_logits=True, **args).numpy()
+    np.testing.assert_array_equal(default, probabilities)
+    assert np.abs(default - logits).max() > 1e-3

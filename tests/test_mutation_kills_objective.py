@@ -124,3 +124,70 @@ def test_integer_inputs_give_the_plain_loss_at_sigma_0_and_nan_above():
     result = step()
     assert math.isnan(float(result.total)) and math.isnan(float(result.penalty))
     np.testing.assert_allclose(float(result.data_loss), want, rtol=1e-6)
+
+
+def test_a_later_sigma_0_gives_the_plain_values_even_after_an_overflow():
+    """Traced at sigma > 0 and run at sigma 0, the step's values are the plain ones.
+
+    A loss scale of 3e38 overflows the scaled input gradient (float32's
+    largest value is 3.4e38): the penalty is NaN at sigma 0.5, and at a
+    later sigma 0 the total is the clean loss (NumPy) and the penalty 0.
+    """
+    x, y, w, b = linear_data(8, 0)
+    w = 10.0 * w
+    model = keras.Sequential([keras.Input((NUM_FEATURES,)), keras.layers.Dense(NUM_CLASSES)])
+    model.set_weights([w, b])
+    reg = kgr.GradientRegularizer(p=2, sigma=0.5)
+    step = tf.function(lambda: kgr.regularized_loss(model, x, y, LOSS, reg, loss_scale=3e38))
+    assert math.isnan(float(step().penalty))
+    reg.sigma = 0.0
+    result = step()
+    want = ref.per_example_loss(x, y, w, b).mean()
+    np.testing.assert_allclose(float(result.total), want, rtol=1e-5)
+    assert float(result.total) == float(result.data_loss)
+    assert float(result.penalty) == 0.0
+
+
+def test_regularized_objective_reads_sigma_at_run_time_by_default():
+    """Left out, fixed_settings is False: a traced step follows a later sigma.
+
+    The linear model's penalty is sigma times the batch mean of
+    ||grad_x l_i||_2 (NumPy closed form), at sigma 0.5 and, with no new
+    trace, at 0.25.
+    """
+    x, y, w, b = linear_data(8, 0)
+    model = keras.Sequential([keras.Input((NUM_FEATURES,)), keras.layers.Dense(NUM_CLASSES)])
+    model.set_weights([w, b])
+    reg = kgr.GradientRegularizer(p=2, sigma=0.5)
+    counter = keras.Variable(0.0)
+    passes = _counting_passes(model, tf.constant(y), counter)
+    step = tf.function(lambda: objective.regularized_objective(passes, tf.constant(x), reg))
+    norms = ref.dual_norm(ref.input_gradients(x, y, w, b), 2.0).mean()
+    for sigma in (0.5, 0.25):
+        reg.sigma = sigma
+        np.testing.assert_allclose(float(step().penalty), sigma * norms, rtol=1e-5)
+
+
+def test_clean_weight_0_at_a_later_sigma_0_is_the_loss_at_the_clipped_input():
+    """Traced at clean_weight 0, the objective has no clean loss: at sigma 0 it is L(clip(x)).
+
+    The ascent's point at radius 0 is x clipped to the box (docs of
+    `regularized_loss`); inputs outside [0, 1] make it differ from the
+    clean loss L(x), which is still reported as `data_loss` (NumPy both).
+    """
+    x, y, w, b = linear_data(8, 0)
+    model = keras.Sequential([keras.Input((NUM_FEATURES,)), keras.layers.Dense(NUM_CLASSES)])
+    model.set_weights([w, b])
+    reg = kgr.GradientRegularizer(
+        method="adversarial", p=2, sigma=0.5, clean_weight=0.0, clip=(0.0, 1.0)
+    )
+    step = tf.function(lambda: kgr.regularized_loss(model, x, y, LOSS, reg))
+    step()
+    reg.sigma = 0.0
+    result = step()
+    clipped = ref.per_example_loss(np.clip(x, 0.0, 1.0), y, w, b).mean()
+    clean = ref.per_example_loss(x, y, w, b).mean()
+    assert abs(clipped - clean) > 0.01
+    np.testing.assert_allclose(float(result.total), clipped, rtol=1e-5)
+    np.testing.assert_allclose(float(result.data_loss), clean, rtol=1e-5)
+    assert float(result.penalty) == 0.0
