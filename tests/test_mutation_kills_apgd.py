@@ -110,3 +110,17 @@ def test_from_logits_is_read_from_the_compiled_loss():
     logits = attacks.apgd(model, x, y, 0.5, from_logits=True, **args).numpy()
     np.testing.assert_array_equal(default, probabilities)
     assert np.abs(default - logits).max() > 1e-3
+
+
+def test_one_hot_targets_are_read_as_their_classes():
+    # y given one-hot (batch, classes) is the same labels as the integers it encodes.
+    rng = np.random.default_rng(2)
+    x = rng.uniform(size=(16, 6)).astype("float32")
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
+    y = rng.integers(0, 4, size=16)
+    args = dict(p=math.inf, steps=5, seed=3, return_correct=True)
+    labels, labels_correct = attacks.apgd(model, x, y, 0.1, **args)
+    one_hot, one_hot_correct = attacks.apgd(model, x, np.eye(4, dtype="float32")[y], 0.1, **args)
+    np.testing.assert_array_equal(one_hot.numpy(), labels.numpy())
+    np.testing.assert_array_equal(one_hot_correct.numpy(), labels_correct.numpy())
+    assert 0 < np.sum(labels_correct)
