@@ -13,6 +13,7 @@ import math
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from keras_gradreg import attacks
@@ -124,3 +125,31 @@ def test_one_hot_targets_are_read_as_their_classes():
     np.testing.assert_array_equal(one_hot.numpy(), labels.numpy())
     np.testing.assert_array_equal(one_hot_correct.numpy(), labels_correct.numpy())
     assert 0 < np.sum(labels_correct)
+
+
+@tf.custom_gradient
+def _gradient_on_the_host(x):
+    """The identity, whose gradient runs a Python function: no XLA kernel for it."""
+
+    def gradient(upstream):
+        copied = tf.py_function(lambda t: t, [upstream], upstream.dtype)
+        return tf.reshape(copied, tf.shape(upstream))
+
+    return tf.identity(x), gradient
+
+
+class GradientOnTheHost(keras.layers.Layer):
+    def call(self, inputs):
+        return _gradient_on_the_host(inputs)
+
+
+def test_jit_compile_true_compiles_the_attack_loop_with_xla():
+    # The forward pass compiles; the loop's input gradient has an op XLA refuses. Asked
+    # for XLA, the loop is compiled (and refused); asked for none, it runs.
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(4, 3)).astype("float32")
+    model = keras.Sequential([keras.Input((3,)), GradientOnTheHost(), keras.layers.Dense(4)])
+    y = np.argmax(model(x).numpy(), axis=1)
+    assert attacks.apgd(model, x, y, 0.1, steps=3, jit_compile=False).shape == x.shape
+    with pytest.raises(tf.errors.InvalidArgumentError, match="unsupported operations"):
+        attacks.apgd(model, x, y, 0.1, steps=3, jit_compile=True)
