@@ -153,3 +153,18 @@ def test_jit_compile_true_compiles_the_attack_loop_with_xla():
     assert attacks.apgd(model, x, y, 0.1, steps=3, jit_compile=False).shape == x.shape
     with pytest.raises(tf.errors.InvalidArgumentError, match="unsupported operations"):
         attacks.apgd(model, x, y, 0.1, steps=3, jit_compile=True)
+
+
+def test_apgd_leaves_the_models_state_untouched():
+    # Inference passes only: a BatchNormalization layer's moving statistics stay as they
+    # were (a training-mode pass on any example would move them).
+    rng = np.random.default_rng(4)
+    x = rng.uniform(size=(12, 5)).astype("float32")
+    model = keras.Sequential(
+        [keras.Input((5,)), keras.layers.BatchNormalization(momentum=0.5), keras.layers.Dense(3)]
+    )
+    y = np.argmax(model(x).numpy(), axis=1)
+    before = [v.numpy().copy() for v in model.non_trainable_variables]
+    attacks.apgd(model, x, y, 0.2, steps=3, seed=1)
+    for got, want in zip(model.non_trainable_variables, before):
+        np.testing.assert_array_equal(got.numpy(), want)

@@ -191,3 +191,27 @@ def test_clean_weight_0_at_a_later_sigma_0_is_the_loss_at_the_clipped_input():
     np.testing.assert_allclose(float(result.total), clipped, rtol=1e-5)
     np.testing.assert_allclose(float(result.data_loss), clean, rtol=1e-5)
     assert float(result.penalty) == 0.0
+
+
+class _OptionalInput(keras.Model):
+    """A linear model of inputs["x"]; inputs["extra"] may be None and is not read."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(NUM_CLASSES)
+
+    def call(self, inputs):
+        return self.dense(inputs["x"])
+
+
+def test_a_none_in_the_inputs_is_passed_through():
+    """A None leaf of a nested input stays None; the rest is the linear closed form."""
+    x, y, w, b = linear_data(8, 0)
+    model = _OptionalInput()
+    model({"x": x, "extra": None})
+    model.dense.set_weights([w, b])
+    reg = kgr.GradientRegularizer(p=2, sigma=0.5)
+    result = kgr.regularized_loss(model, {"x": x, "extra": None}, y, LOSS, reg)
+    norms = ref.dual_norm(ref.input_gradients(x, y, w, b), 2.0).mean()
+    want = ref.per_example_loss(x, y, w, b).mean() + 0.5 * norms
+    np.testing.assert_allclose(float(result.total), want, rtol=1e-5)
