@@ -168,3 +168,33 @@ def test_apgd_leaves_the_models_state_untouched():
     attacks.apgd(model, x, y, 0.2, steps=3, seed=1)
     for got, want in zip(model.non_trainable_variables, before):
         np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_a_checkpoint_halves_the_step_on_the_papers_two_conditions():
+    # Croce and Hein (2020), section 3.2, at checkpoint w_j (here after 4 iterations):
+    # halve if (1) the loss rose at fewer than rho * 4 = 3 of them, or (2) the step was
+    # not halved at w_{j-1} and the best loss has not risen since. One example each:
+    # 3 rises, halved last, best rose: keep; 4 rises, not halved last, best flat: halve;
+    # 4 rises, halved last, best flat: keep; 2 rises: halve.
+    n = 4
+    state = dict(
+        step=tf.fill([n], 0.4),
+        x=tf.zeros([n, 2]),
+        x_best=tf.ones([n, 2]),
+        grad=tf.zeros([n, 2]),
+        grad_best=tf.ones([n, 2]),
+        loss=tf.constant([1.5, 1.0, 1.0, 1.0]),
+        loss_best=tf.constant([2.0, 1.0, 1.0, 1.0]),
+        loss_best_checked=tf.constant([1.0, 1.0, 1.0, 1.0]),
+        halved_last=tf.constant([True, False, True, True]),
+        increases=tf.constant([3, 4, 4, 2]),
+        last_checkpoint=tf.constant(0),
+    )
+    after = auto_pgd._at_checkpoint(state, tf.constant(3), 0.75)  # noqa: SLF001
+    halved = np.array([False, True, False, True])
+    np.testing.assert_allclose(after["step"].numpy(), np.where(halved, 0.2, 0.4), rtol=1e-7)
+    want_x = np.where(halved[:, None], 1.0, 0.0) * np.ones((n, 2))
+    np.testing.assert_array_equal(after["x"].numpy(), want_x)
+    np.testing.assert_array_equal(after["halved_last"].numpy(), halved)
+    np.testing.assert_array_equal(after["increases"].numpy(), np.zeros(n))
+    assert int(after["last_checkpoint"]) == 4

@@ -215,3 +215,18 @@ def test_a_none_in_the_inputs_is_passed_through():
     norms = ref.dual_norm(ref.input_gradients(x, y, w, b), 2.0).mean()
     want = ref.per_example_loss(x, y, w, b).mean() + 0.5 * norms
     np.testing.assert_allclose(float(result.total), want, rtol=1e-5)
+
+
+class _UnreducedLoss(keras.losses.Loss):
+    """A Loss whose call ignores its reduction: one value per example."""
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+
+
+def test_a_loss_that_does_not_reduce_is_refused_with_its_shape():
+    x, y, w, b = linear_data(8, 0)
+    model = keras.Sequential([keras.Input((NUM_FEATURES,)), keras.layers.Dense(NUM_CLASSES)])
+    reg = kgr.GradientRegularizer(p=2, sigma=0.5)
+    with pytest.raises(ValueError, match=r"reduce the batch to a scalar\. .*shape \(8,\)$"):
+        kgr.regularized_loss(model, x, y, _UnreducedLoss(), reg)
