@@ -126,19 +126,22 @@ def test_integer_inputs_give_the_plain_loss_at_sigma_0_and_nan_above():
     np.testing.assert_allclose(float(result.data_loss), want, rtol=1e-6)
 
 
-def test_a_later_sigma_0_gives_the_plain_values_even_after_an_overflow():
+@pytest.mark.parametrize("fixed_settings", [None, False])
+def test_a_later_sigma_0_gives_the_plain_values_even_after_an_overflow(fixed_settings):
     """Traced at sigma > 0 and run at sigma 0, the step's values are the plain ones.
 
     A loss scale of 3e38 overflows the scaled input gradient (float32's
     largest value is 3.4e38): the penalty is NaN at sigma 0.5, and at a
-    later sigma 0 the total is the clean loss (NumPy) and the penalty 0.
+    later sigma 0 the total is the clean loss (NumPy) and the penalty 0,
+    with the zeros fixed when traced (None) and with nothing fixed (False).
     """
     x, y, w, b = linear_data(8, 0)
     w = 10.0 * w
     model = keras.Sequential([keras.Input((NUM_FEATURES,)), keras.layers.Dense(NUM_CLASSES)])
     model.set_weights([w, b])
     reg = kgr.GradientRegularizer(p=2, sigma=0.5)
-    step = tf.function(lambda: kgr.regularized_loss(model, x, y, LOSS, reg, loss_scale=3e38))
+    settings = dict(loss_scale=3e38, fixed_settings=fixed_settings)
+    step = tf.function(lambda: kgr.regularized_loss(model, x, y, LOSS, reg, **settings))
     assert math.isnan(float(step().penalty))
     reg.sigma = 0.0
     result = step()
@@ -230,3 +233,23 @@ def test_a_loss_that_does_not_reduce_is_refused_with_its_shape():
     reg = kgr.GradientRegularizer(p=2, sigma=0.5)
     with pytest.raises(ValueError, match=r"reduce the batch to a scalar\. .*shape \(8,\)$"):
         kgr.regularized_loss(model, x, y, _UnreducedLoss(), reg)
+
+
+class _IntegerLoss(keras.layers.Layer):
+    """The identity, adding the integer 2 to the model's losses."""
+
+    def call(self, inputs):
+        self.add_loss(tf.constant(2, tf.int32))
+        return inputs
+
+
+def test_an_integer_model_loss_is_added_as_a_float():
+    x, y, w, b = linear_data(8, 0)
+    dense = keras.layers.Dense(NUM_CLASSES)
+    model = keras.Sequential([keras.Input((NUM_FEATURES,)), _IntegerLoss(), dense])
+    dense.set_weights([w, b])
+    reg = kgr.GradientRegularizer(p=2, sigma=0.0)
+    result = kgr.regularized_loss(model, x, y, LOSS, reg)
+    assert result.data_loss.dtype == tf.float32
+    want = ref.per_example_loss(x, y, w, b).mean() + 2.0
+    np.testing.assert_allclose(float(result.data_loss), want, rtol=1e-6)
