@@ -109,3 +109,18 @@ def compile_sgd(model, lr=0.1, probabilities=False, **kwargs):
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=not probabilities)
     model.compile(optimizer=keras.optimizers.SGD(lr), loss=loss, **kwargs)
     return model
+
+
+def dropout_twins(seed: int = 0):
+    """A tanh net with and without a Dropout layer (shared weights), x and its labels.
+
+    Dropout is the identity at inference: an attack that calls the model in
+    inference mode finds the same points on both.
+    """
+    x = np.random.default_rng(seed).uniform(size=(24, 36)).astype("float32")
+    hidden = keras.layers.Dense(16, "tanh")
+    head = keras.layers.Dense(10)
+    inputs = keras.Input((36,))
+    plain = keras.Model(inputs, head(hidden(inputs)))
+    with_dropout = keras.Model(inputs, head(keras.layers.Dropout(0.5)(hidden(inputs))))
+    return x, np.argmax(plain(x).numpy(), axis=1), plain, with_dropout

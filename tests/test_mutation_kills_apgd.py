@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import dropout_twins
 
 from keras_gradreg import attacks
 from keras_gradreg.attacks import auto_pgd
@@ -23,14 +24,7 @@ from keras_gradreg.attacks import auto_pgd
 def test_apgd_attacks_the_model_in_inference_mode():
     # Dropout is the identity at inference: APGD on the net with it finds what it finds
     # on the same net without it (dropout at rate 0.5 during the attack would not).
-    rng = np.random.default_rng(0)
-    x = rng.uniform(size=(24, 36)).astype("float32")
-    hidden = keras.layers.Dense(16, "tanh")
-    head = keras.layers.Dense(10)
-    inputs = keras.Input((36,))
-    plain = keras.Model(inputs, head(hidden(inputs)))
-    with_dropout = keras.Model(inputs, head(keras.layers.Dropout(0.5)(hidden(inputs))))
-    y = np.argmax(plain(x).numpy(), axis=1)
+    x, y, plain, with_dropout = dropout_twins()
     args = dict(p=math.inf, steps=10, seed=7, return_correct=True)
     expected, expected_correct = attacks.apgd(plain, x, y, 0.1, **args)
     got, got_correct = attacks.apgd(with_dropout, x, y, 0.1, **args)

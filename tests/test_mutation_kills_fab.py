@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import math
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import dropout_twins
 
 from keras_gradreg import attacks
 from keras_gradreg.attacks.fab_attack import _within
@@ -76,14 +76,7 @@ def test_a_point_found_at_exactly_epsilon_breaks_the_image():
 def test_fab_attacks_the_model_in_inference_mode():
     # A Dropout layer is the identity at inference: FAB on the net with it finds what it
     # finds on the same net without it (dropout at rate 0.5 during the attack would not).
-    rng = np.random.default_rng(0)
-    x = rng.uniform(size=(24, 36)).astype("float32")
-    hidden = keras.layers.Dense(16, "tanh")
-    head = keras.layers.Dense(10)
-    inputs = keras.Input((36,))
-    plain = keras.Model(inputs, head(hidden(inputs)))
-    with_dropout = keras.Model(inputs, head(keras.layers.Dropout(0.5)(hidden(inputs))))
-    y = np.argmax(plain(x).numpy(), axis=1)
+    x, y, plain, with_dropout = dropout_twins()
     args = dict(targets=3, steps=20, seed=7)
     expected = attacks.fab(plain, x, y, 0.05, math.inf, **args).numpy()
     got = attacks.fab(with_dropout, x, y, 0.05, math.inf, **args).numpy()
