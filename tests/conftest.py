@@ -115,12 +115,17 @@ def dropout_twins(seed: int = 0):
     """A tanh net with and without a Dropout layer (shared weights), x and its labels.
 
     Dropout is the identity at inference: an attack that calls the model in
-    inference mode finds the same points on both.
+    inference mode finds the same points on both. The weights are drawn
+    with NumPy, so the nets are the same under every Keras release.
     """
-    x = np.random.default_rng(seed).uniform(size=(24, 36)).astype("float32")
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(size=(24, 36)).astype("float32")
     hidden = keras.layers.Dense(16, "tanh")
     head = keras.layers.Dense(10)
     inputs = keras.Input((36,))
     plain = keras.Model(inputs, head(hidden(inputs)))
     with_dropout = keras.Model(inputs, head(keras.layers.Dropout(0.5)(hidden(inputs))))
+    for layer, fan_in, units in ((hidden, 36, 16), (head, 16, 10)):
+        kernel = rng.normal(scale=fan_in**-0.5, size=(fan_in, units))
+        layer.set_weights([kernel.astype("float32"), np.zeros(units, "float32")])
     return x, np.argmax(plain(x).numpy(), axis=1), plain, with_dropout

@@ -26,8 +26,8 @@ def test_apgd_attacks_the_model_in_inference_mode():
     # on the same net without it (dropout at rate 0.5 during the attack would not).
     x, y, plain, with_dropout = dropout_twins()
     args = dict(p=math.inf, steps=10, seed=7, return_correct=True)
-    expected, expected_correct = attacks.apgd(plain, x, y, 0.1, **args)
-    got, got_correct = attacks.apgd(with_dropout, x, y, 0.1, **args)
+    expected, expected_correct = attacks.apgd(plain, x, y, 0.05, **args)
+    got, got_correct = attacks.apgd(with_dropout, x, y, 0.05, **args)
     np.testing.assert_array_equal(got.numpy(), expected.numpy())
     np.testing.assert_array_equal(got_correct.numpy(), expected_correct.numpy())
     assert 0 < np.sum(expected_correct) < len(x)  # Some broken, some held.
