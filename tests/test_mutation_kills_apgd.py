@@ -192,3 +192,37 @@ def test_a_checkpoint_halves_the_step_on_the_papers_two_conditions():
     np.testing.assert_array_equal(after["halved_last"].numpy(), halved)
     np.testing.assert_array_equal(after["increases"].numpy(), np.zeros(n))
     assert int(after["last_checkpoint"]) == 4
+
+
+def test_the_best_point_is_the_first_to_reach_the_best_loss():
+    # Croce and Hein's code (and tests/attack_reference.py) replace the best point only
+    # where the new loss is strictly higher: on a tie (a plateau the momentum crosses,
+    # where a clipped score gives two iterates the same loss) the earlier point stays.
+    # Example 0 ties, 1 rises, 2 falls; the loss counts a rise only for example 1.
+    n = 3
+    state = dict(
+        x=tf.zeros([n, 2]),
+        x_prev=tf.zeros([n, 2]),
+        x_adv=tf.zeros([n, 2]),
+        x_best=tf.zeros([n, 2]),
+        grad=tf.zeros([n, 2]),
+        grad_best=tf.zeros([n, 2]),
+        loss=tf.constant([1.0, 1.0, 1.0]),
+        loss_best=tf.constant([1.0, 1.0, 1.0]),
+        correct=tf.constant([True, True, True]),
+        increases=tf.constant([0, 0, 0]),
+    )
+    x_new, grad_new = tf.ones([n, 2]), tf.fill([n, 2], 2.0)
+    loss_new = tf.constant([1.0, 1.5, 0.5])
+    after = auto_pgd._record(state, x_new, loss_new, tf.constant([True] * n), grad_new)  # noqa: SLF001
+    replaced = np.array([False, True, False])
+    np.testing.assert_array_equal(
+        after["x_best"].numpy(), np.where(replaced[:, None], 1.0, 0.0) * np.ones((n, 2))
+    )
+    np.testing.assert_array_equal(
+        after["grad_best"].numpy(), np.where(replaced[:, None], 2.0, 0.0) * np.ones((n, 2))
+    )
+    np.testing.assert_array_equal(after["loss_best"].numpy(), [1.0, 1.5, 1.0])
+    np.testing.assert_array_equal(after["increases"].numpy(), [0, 1, 0])
+    np.testing.assert_array_equal(after["x"].numpy(), np.ones((n, 2)))
+    np.testing.assert_array_equal(after["x_prev"].numpy(), np.zeros((n, 2)))

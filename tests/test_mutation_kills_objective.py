@@ -199,6 +199,33 @@ def test_clean_weight_0_at_a_later_sigma_0_is_the_loss_at_the_clipped_input():
     assert float(result.penalty) == 0.0
 
 
+def test_clean_weight_0_leaves_an_infinite_clean_loss_out_of_the_total():
+    """At a fixed clean_weight 0 the clean loss is not differentiated: 0 * inf never enters.
+
+    One feature, logits (a x, -a x), label 1: the cross entropy is about
+    2 a x, which overflows float32 at x = 10 (a = 2e37) but not at the
+    ascent's point clip(x + sigma sign(g), 0, 1) = 1: the total is that
+    finite loss (NumPy, float64), the clean loss is inf, and the step's
+    parameter gradient is finite.
+    """
+    a = 2e37
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(2, use_bias=False)])
+    model.set_weights([np.array([[a, -a]], "float32")])
+    x, y = np.array([[10.0]], "float32"), np.array([1])
+    reg = kgr.GradientRegularizer(
+        method="adversarial", p=math.inf, sigma=0.5, clean_weight=0.0, clip=(0.0, 1.0)
+    )
+    with tf.GradientTape() as tape:
+        result = kgr.regularized_loss(model, x, y, LOSS, reg)
+    logits = np.array([a, -a])
+    moved = np.logaddexp(logits[0], logits[1]) - logits[1]
+    assert math.isinf(float(result.data_loss))
+    np.testing.assert_allclose(float(result.total), moved, rtol=1e-6)
+    np.testing.assert_allclose(float(result.penalty), moved, rtol=1e-6)
+    gradient = tape.gradient(result.total, model.trainable_variables)[0]
+    assert np.isfinite(gradient.numpy()).all()
+
+
 class _OptionalInput(keras.Model):
     """A linear model of inputs["x"]; inputs["extra"] may be None and is not read."""
 
