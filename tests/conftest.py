@@ -105,6 +105,13 @@ def linear_model(kind: str, regularizer, w=None, b=None, activation=None):
     return model
 
 
+def plain_linear_model(w, b) -> keras.Model:
+    """The unregularized linear model (logits = x w + b), as a Sequential."""
+    model = keras.Sequential([keras.Input((NUM_FEATURES,)), keras.layers.Dense(NUM_CLASSES)])
+    model.set_weights([w, b])
+    return model
+
+
 def compile_sgd(model, lr=0.1, probabilities=False, **kwargs):
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=not probabilities)
     model.compile(optimizer=keras.optimizers.SGD(lr), loss=loss, **kwargs)

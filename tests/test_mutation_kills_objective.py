@@ -17,7 +17,7 @@ import linear_reference as ref
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import NUM_CLASSES, NUM_FEATURES, linear_data
+from conftest import NUM_CLASSES, NUM_FEATURES, linear_data, plain_linear_model
 
 import keras_gradreg as kgr
 from keras_gradreg import objective
@@ -25,13 +25,6 @@ from keras_gradreg._estimators import Passes
 from keras_gradreg._subsets import gather_rows
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def _linear(w, b) -> keras.Model:
-    """The unregularized linear model, logits = x w + b."""
-    model = keras.Sequential([keras.Input((NUM_FEATURES,)), keras.layers.Dense(NUM_CLASSES)])
-    model.set_weights([w, b])
-    return model
 
 
 class _Replicas:
@@ -87,7 +80,7 @@ def test_a_step_with_a_run_time_choice_updates_the_state_once(every, fraction, s
     the step computes the term (step 0) or skips it (step 1 with every=2).
     """
     x, y, w, b = linear_data(12, 0)
-    model = _linear(w, b)
+    model = plain_linear_model(w, b)
     reg = kgr.GradientRegularizer(p=2, sigma=0.5, every=every, fraction=fraction)
     counter = keras.Variable(0.0)
     passes = _counting_passes(model, tf.constant(y), counter)
@@ -146,7 +139,7 @@ def test_a_later_sigma_0_gives_the_plain_values_even_after_an_overflow(fixed_set
     """
     x, y, w, b = linear_data(8, 0)
     w = 10.0 * w
-    model = _linear(w, b)
+    model = plain_linear_model(w, b)
     reg = kgr.GradientRegularizer(p=2, sigma=0.5)
     settings = dict(loss_scale=tf.Variable(3e38), fixed_settings=fixed_settings)
     step = tf.function(lambda: kgr.regularized_loss(model, x, y, LOSS, reg, **settings))
@@ -167,7 +160,7 @@ def test_regularized_objective_reads_sigma_at_run_time_by_default():
     trace, at 0.25.
     """
     x, y, w, b = linear_data(8, 0)
-    model = _linear(w, b)
+    model = plain_linear_model(w, b)
     reg = kgr.GradientRegularizer(p=2, sigma=0.5)
     counter = keras.Variable(0.0)
     passes = _counting_passes(model, tf.constant(y), counter)
@@ -186,7 +179,7 @@ def test_clean_weight_0_at_a_later_sigma_0_is_the_loss_at_the_clipped_input():
     clean loss L(x), which is still reported as `data_loss` (NumPy both).
     """
     x, y, w, b = linear_data(8, 0)
-    model = _linear(w, b)
+    model = plain_linear_model(w, b)
     reg = kgr.GradientRegularizer(
         method="adversarial", p=2, sigma=0.5, clean_weight=0.0, clip=(0.0, 1.0)
     )

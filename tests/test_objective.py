@@ -9,7 +9,7 @@ import linear_reference as ref
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import NUM_CLASSES, NUM_FEATURES
+from conftest import NUM_CLASSES, NUM_FEATURES, plain_linear_model
 from readme_code import GUIDE, code_block
 
 import keras_gradreg as kgr
@@ -124,8 +124,7 @@ def test_linear_golden_with_sample_weights(linear_problem, method, p):
     x, y, w, b = linear_problem
     settings = dict(p=p, sigma=0.3, method=method, clean_weight=0.25, fd_step=0.05)
     weights = np.linspace(0.2, 2.0, len(y))
-    model = keras.Sequential([keras.Input((NUM_FEATURES,)), keras.layers.Dense(NUM_CLASSES)])
-    model.set_weights([w, b])
+    model = plain_linear_model(w, b)
     with tf.GradientTape() as tape:
         result = kgr.regularized_loss(
             model, x, y, LOSS, settings, sample_weight=weights.astype("float32")
@@ -144,8 +143,7 @@ def test_linear_golden_with_sample_weights(linear_problem, method, p):
 def test_loss_reduction_is_the_loss_objects_own(linear_problem):
     """reduction="sum" sums losses and penalties; a per-example function gets the mean."""
     x, y, w, b = linear_problem
-    model = keras.Sequential([keras.Input((NUM_FEATURES,)), keras.layers.Dense(NUM_CLASSES)])
-    model.set_weights([w, b])
+    model = plain_linear_model(w, b)
     reg = kgr.GradientRegularizer(p=2, sigma=0.3)
     mean = kgr.regularized_loss(model, x, y, LOSS, reg)
     summed_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
@@ -166,8 +164,7 @@ def test_finite_difference_reads_each_examples_part_of_any_linear_reduction(line
     """The examples' parts come from the loss's own weighting: "sum" gives n times the
     mean's term; "mean_with_sample_weight" (not linear in the weights) is refused."""
     x, y, w, b = linear_problem
-    model = keras.Sequential([keras.Input((NUM_FEATURES,)), keras.layers.Dense(NUM_CLASSES)])
-    model.set_weights([w, b])
+    model = plain_linear_model(w, b)
     reg = kgr.GradientRegularizer(p=math.inf, sigma=0.3, method="finite_difference")
     mean = kgr.regularized_loss(model, x, y, LOSS, reg)
     summed_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
@@ -269,8 +266,7 @@ def test_eager_graph_and_xla_agree(method, form):
 def test_loss_and_input_gradient_golden(linear_problem):
     """Per-example losses, logits and (softmax - onehot) W^T from one pass."""
     x, y, w, b = linear_problem
-    model = keras.Sequential([keras.Input((NUM_FEATURES,)), keras.layers.Dense(NUM_CLASSES)])
-    model.set_weights([w, b])
+    model = plain_linear_model(w, b)
     result = kgr.loss_and_input_gradient(model, x, y, LOSS)
     x64, w64, b64 = (a.astype("float64") for a in (x, w, b))
     np.testing.assert_allclose(result.losses.numpy(), ref.per_example_loss(x64, y, w64, b64), 1e-5)
