@@ -16,6 +16,7 @@ from conftest import (
     fast_slice,
     linear_data,
     linear_model,
+    plain_linear_model,
 )
 
 import keras_gradreg as kgr
@@ -133,8 +134,7 @@ def test_subset_term_is_the_numpy_term_on_the_chosen_rows(method):
     """fraction=0.3 of 20 rows: 6 rows from the seed; total = L(batch) + T(rows), weighted."""
     x, y, w, b, weights = problem(20)
     reg = kgr.GradientRegularizer(fraction=0.3, **SETTINGS[method])
-    model = keras.Sequential([keras.Input((NUM_FEATURES,)), keras.layers.Dense(NUM_CLASSES)])
-    model.set_weights([w, b])
+    model = plain_linear_model(w, b)
     reg.build()
     seed = reg.subset_seed_generator().state.numpy()
     rows = ref.subset_rows(seed, 20, 0.3)
@@ -165,8 +165,7 @@ def test_subset_term_is_unbiased_over_many_draws():
     """
     x, y, w, b, weights = problem(16)
     settings = SETTINGS["penalty"]
-    model = keras.Sequential([keras.Input((NUM_FEATURES,)), keras.layers.Dense(NUM_CLASSES)])
-    model.set_weights([w, b])
+    model = plain_linear_model(w, b)
     reg = kgr.GradientRegularizer(fraction=0.25, **settings)
     full = kgr.GradientRegularizer(**settings)
     for regularizer in (reg, full):
@@ -330,7 +329,7 @@ def test_an_overflowed_counted_step_is_retried_on_the_next_step(policy):
 
 def test_a_custom_loop_needs_the_step_with_every():
     x, y, w, b, _ = problem(8)
-    model = keras.Sequential([keras.Input((NUM_FEATURES,)), keras.layers.Dense(NUM_CLASSES)])
+    model = plain_linear_model(w, b)
     with pytest.raises(ValueError, match=r"every=2 .*Received: step=None"):
         kgr.regularized_loss(model, x, y, LOSS, {"every": 2})
     with pytest.raises(ValueError, match=r"integer scalar\. Received: step=1\.5"):

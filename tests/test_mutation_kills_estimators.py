@@ -18,19 +18,13 @@ import linear_reference as ref
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import NUM_CLASSES, NUM_FEATURES, compile_sgd, linear_data, linear_model
+from conftest import compile_sgd, linear_data, linear_model, plain_linear_model
 
 import keras_gradreg as kgr
 from keras_gradreg import _estimators as estimators
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 BATCH = 20
-
-
-def _linear(w, b):
-    model = keras.Sequential([keras.Input((NUM_FEATURES,)), keras.layers.Dense(NUM_CLASSES)])
-    model.set_weights([w, b])
-    return model
 
 
 def _problem():
@@ -106,7 +100,7 @@ def test_trades_on_a_subset_weights_each_row_by_its_own_sample_weight():
     x, y, w, b, weights = _problem()
     reg = kgr.GradientRegularizer(method="trades", p=math.inf, sigma=0.3, beta=6.0, fraction=0.3)
     term, rows, _ = _same_draws(reg)
-    model = _linear(w, b)
+    model = plain_linear_model(w, b)
     assert sorted(rows) != list(range(len(rows)))  # Rows that are not the batch's first m.
     # The per-row terms: weight 1 on one chosen row, 0 on every other.
     per_row = []
@@ -133,7 +127,7 @@ def test_random_starts_on_a_subset_are_the_whole_batchs_starts_of_those_rows(met
         settings.update(random_start=True, clean_weight=0.0)
     subset_term, rows, start = _same_draws(kgr.GradientRegularizer(fraction=0.3, **settings))
     assert sorted(rows) != list(range(len(rows)))
-    model = _linear(w, b)
+    model = plain_linear_model(w, b)
     whole_term, _, _ = _same_draws(kgr.GradientRegularizer(**settings), start)
     only_rows = np.zeros(BATCH)
     only_rows[rows] = BATCH / len(rows)
@@ -151,7 +145,7 @@ def test_the_clean_input_gradient_is_unscaled_under_a_loss_scale(loss_scale):
     """Row i is d(mean loss)/dx_i = g_i / n (the linear softmax model's closed form), and the
     loss is L itself, whatever loss scale the inner gradient was taken at."""
     x, y, w, b, _ = _problem()
-    model = _linear(w, b)
+    model = plain_linear_model(w, b)
 
     def forward(inputs):
         y_pred = model(inputs)
