@@ -37,7 +37,10 @@ Runs go through `experiments.jobs` (as `experiments.reproduce`'s do): one
 workdir per run under `--workdir`, finished runs are read and not repeated,
 an interrupted run resumes; the evaluations made here are cached in the
 run's workdir. `--parallel=N` trains N runs at a time as subprocesses (the wall
-times are then not those of a run alone on the machine). Writes
+times are then not those of a run alone on the machine); `--selection_only`
+runs the selection runs and logs each row's choice, so that they can share
+the machine while the final runs, whose wall times the table reports, wait
+for it to be free. Writes
 `<name>.json`, `<name>.md` and `<name>.png` to `--results_dir`
 (experiments/README.md documents the JSON).
 """
@@ -141,6 +144,12 @@ flags.DEFINE_bool(
     "Also run a validation run for rows with one setting only (PGD-AT by default).",
 )
 flags.DEFINE_float("load_interval", 15.0, "Seconds between load-average samples.", lower_bound=1)
+flags.DEFINE_bool(
+    "selection_only",
+    False,
+    "Run the rows' selection runs only (their times are reported apart, so they may share "
+    "the machine) and log each row's choice; no final run, nothing written to --results_dir.",
+)
 
 LOAD_LOG = "load_samples.jsonl"  # Every sample of every sitting, in the workdir.
 EVAL_BATCH_SIZE = 500  # train_lib's EVAL_BATCH_SIZE (the batch size here is 100).
@@ -529,6 +538,25 @@ def selection_summary(
     return summary
 
 
+def selection_line(record: dict[str, Any]) -> str:
+    """One line on a row's selection: each setting's validation figures and the choice."""
+    settings = "; ".join(
+        f"{_setting_text(entry['setting'])}: error {entry['validation_error_percent']:.2f}%, "
+        f"robust {entry['validation_robust_percent']:.1f}%"
+        for entry in record["entries"]
+    )
+    chosen = _setting_text(record["entries"][record["chosen"]]["setting"])
+    admissible = "" if record["admissible"] else " (none admissible)"
+    return f"{record['row']} at {record['epsilon']:g}: {settings}; chosen: {chosen}{admissible}"
+
+
+def _setting_text(setting: dict[str, Any]) -> str:
+    return (
+        ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items())
+        or "default"
+    )
+
+
 # --------------------------------------------------------------------------- #
 # Evaluation of saved models (TensorFlow imported on first use).
 # --------------------------------------------------------------------------- #
@@ -745,6 +773,7 @@ class Plan:
     validation_robust: Callable[[str, float, int], float] | None = None
     finals: dict[str, tuple[Row, dict[str, Any], int]] = dataclasses.field(default_factory=dict)
     job_names: dict[str, str] = dataclasses.field(default_factory=dict)
+    selection_only: bool = False  # The selection runs' tasks only.
 
     def selection_rows(self) -> list[Row]:
         """Rows with validation runs, and the plain rows their error limits need."""
@@ -812,6 +841,8 @@ class Plan:
             for candidate in candidates(row, self.settings.grids):
                 job = selection_job(row, candidate, self.settings)
                 tasks.append(jobs_lib.Task(lambda _, job=job: job, stage=key))
+        if self.selection_only:
+            return tasks, summarize
         seeds = self.settings.seeds
         explicit = self.two_seed_rows or ()
         auto_rows = self.auto_candidates()
@@ -1284,7 +1315,7 @@ def main(argv: list[str]) -> None:
     except ValueError as error:
         raise app.UsageError(str(error)) from None
     two_seed = None if FLAGS.two_seed_rows == ["auto"] else tuple(FLAGS.two_seed_rows)
-    plan = Plan(rows, settings, two_seed, FLAGS.workdir)
+    plan = Plan(rows, settings, two_seed, FLAGS.workdir, selection_only=FLAGS.selection_only)
     check_plan(plan)
 
     from train import data as data_lib
@@ -1322,6 +1353,10 @@ def main(argv: list[str]) -> None:
     tasks, summarize = plan.tasks()
     results, summaries = jobs_lib.run_tasks(FLAGS.workdir, tasks, summarize, FLAGS.parallel)
     plan.sampler.stop()
+    if plan.selection_only:
+        for row in plan.selection_rows():
+            logging.info("%s", selection_line(plan.selection(row, summaries)))
+        return
 
     evaluation = dict(settings.evaluation)
     records = []

@@ -191,6 +191,32 @@ def test_selection_summary_and_the_auto_second_seed(tmp_path):
     assert set(summarize) == {t.stage for t in tasks}
 
 
+def test_selection_only_plans_the_selection_runs_and_logs_each_choice(tmp_path):
+    """--selection_only: the selection runs' tasks and nothing after them; one line per row."""
+    rows = [aat.parse_row(n) for n in ("penalty_gelu_eps0.1", "pgd_relu_eps0.1")]
+    plan = aat.Plan(rows, SETTINGS, None, str(tmp_path), selection_only=True)
+    tasks, summarize = plan.tasks()
+    assert [t.stage for t in tasks] == ["select/plain_gelu"] + ["select/penalty_gelu_eps0.1"] * 3
+    assert set(summarize) == {"select/plain_gelu", "select/penalty_gelu_eps0.1"}
+    sigmas = [0.05, 0.1, 0.2]  # --penalty_sigmas 0.5, 1, 2 times epsilon 0.1.
+    summaries = {
+        "select/plain_gelu": {"row": "plain_gelu", "entries": [entry(1.0, 0.0)]},
+        "select/penalty_gelu_eps0.1": {
+            "row": "penalty_gelu_eps0.1",
+            "entries": [
+                {**entry(e, r), "setting": {"sigma": s, "sigma_warmup_epochs": 5}}
+                for e, r, s in zip((1.2, 1.6, 2.4), (79.6, 83.4, 84.6), sigmas)
+            ],
+        },
+    }
+    assert aat.selection_line(plan.selection(rows[0], summaries)) == (
+        "penalty_gelu_eps0.1 at 0.1: sigma=0.05, sigma_warmup_epochs=5: error 1.20%, robust 79.6%; "
+        "sigma=0.1, sigma_warmup_epochs=5: error 1.60%, robust 83.4%; "
+        "sigma=0.2, sigma_warmup_epochs=5: error 2.40%, robust 84.6%; "
+        "chosen: sigma=0.1, sigma_warmup_epochs=5"
+    )  # 2.4% is over twice plain's 1.0%.
+
+
 def record(name, kind, eps, seed, error, robust, examples, seconds, flags=None, act="relu"):
     return {
         "name": name,
