@@ -541,20 +541,13 @@ def selection_summary(
 def selection_line(record: dict[str, Any]) -> str:
     """One line on a row's selection: each setting's validation figures and the choice."""
     settings = "; ".join(
-        f"{_setting_text(entry['setting'])}: error {entry['validation_error_percent']:.2f}%, "
+        f"{describe(entry['setting'])}: error {entry['validation_error_percent']:.2f}%, "
         f"robust {entry['validation_robust_percent']:.1f}%"
         for entry in record["entries"]
     )
-    chosen = _setting_text(record["entries"][record["chosen"]]["setting"])
+    chosen = describe(record["entries"][record["chosen"]]["setting"])
     admissible = "" if record["admissible"] else " (none admissible)"
     return f"{record['row']} at {record['epsilon']:g}: {settings}; chosen: {chosen}{admissible}"
-
-
-def _setting_text(setting: dict[str, Any]) -> str:
-    return (
-        ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items())
-        or "default"
-    )
 
 
 # --------------------------------------------------------------------------- #

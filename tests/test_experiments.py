@@ -210,10 +210,10 @@ def test_selection_only_plans_the_selection_runs_and_logs_each_choice(tmp_path):
         },
     }
     assert aat.selection_line(plan.selection(rows[0], summaries)) == (
-        "penalty_gelu_eps0.1 at 0.1: sigma=0.05, sigma_warmup_epochs=5: error 1.20%, robust 79.6%; "
-        "sigma=0.1, sigma_warmup_epochs=5: error 1.60%, robust 83.4%; "
-        "sigma=0.2, sigma_warmup_epochs=5: error 2.40%, robust 84.6%; "
-        "chosen: sigma=0.1, sigma_warmup_epochs=5"
+        "penalty_gelu_eps0.1 at 0.1: sigma=0.05, ramp=5: error 1.20%, robust 79.6%; "
+        "sigma=0.1, ramp=5: error 1.60%, robust 83.4%; "
+        "sigma=0.2, ramp=5: error 2.40%, robust 84.6%; "
+        "chosen: sigma=0.1, ramp=5"
     )  # 2.4% is over twice plain's 1.0%.
 
 

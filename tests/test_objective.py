@@ -80,7 +80,7 @@ def test_readme_loop_matches_fit(custom_loop, settings, capsys):
     tolerance is 1e-6 / fd_step: its quotient divides the float32 rounding of
     two losses, which the loop and `fit` round differently, by the step
     (measured: 1.8e-6 on one weight of 96 with fd_step 0.05, at
-    --randomly-seed=624315881, whose subsets differ).
+    --randomly-seed=624315881).
     """
     reg = kgr.GradientRegularizer(**{"sigma": 0.5, **settings})
     reg.build()
