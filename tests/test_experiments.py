@@ -286,9 +286,29 @@ def test_targets_are_computed_from_the_rows():
         "row": "penalty_gelu_eps0.3",
         "robust_percent": 84.5,
         "time_vs_pgd": 300 / 1230,
+        "time_basis": "wall time",
         "points_below_pgd": 2.5,
         "met": True,
     }
+
+
+def test_targets_compare_times_of_different_machines_over_their_plain_rows():
+    """Wall times of two machines do not compare; each row's time over its own sitting's
+    plain row does. fgsm took 450 s, over 1/3 of PGD-AT's 1230 s, but on a slower
+    machine: 2x plain against PGD-AT's 20.5x (mean of 20x and 21x), 0.098, within 1/3."""
+    rows = [dict(r, hardware="A", time_vs_plain=20.0 + r["seed"]) for r in ROWS[1:3]]
+    rows += [
+        dict(ROWS[3], hardware="B", time_vs_plain=5.0),
+        dict(ROWS[4], hardware="C", time_vs_plain=2.0),
+    ]
+    assert aat.time_versus(rows, "pgd_relu_eps0.3", "pgd_relu_eps0.3") == (1.0, "wall time")
+    (target,) = aat.targets(rows)
+    best = target["best_single_step"]
+    assert best["row"] == "fgsm_relu_eps0.3" and best["time_basis"] == "x plain"
+    assert best["time_vs_pgd"] == 2.0 / 20.5 and best["points_below_pgd"] == -3.0
+    assert best["met"] is True
+    rows[2]["time_vs_plain"] = None  # No plain row in its sitting: no comparison.
+    assert aat.time_versus(rows, "penalty_gelu_eps0.3", "pgd_relu_eps0.3") == (None, "x plain")
 
 
 def test_markdown_from_a_results_fixture():
@@ -344,6 +364,13 @@ def test_markdown_from_a_results_fixture():
         f"- L-inf 0.3: PGD-AT 87.0% ({pgd_low:.1f}-{pgd_high:.1f}); best single-step row "
         f"within 1/3 of its time: penalty_gelu_eps0.3, 84.5% ({low:.1f}-{high:.1f}) at 0.24x "
         "PGD-AT's time, 2.5 points below: met."
+    )
+    assert lines[0].endswith("epochs), hardware: cpu, 2 cores.")  # Rows without their own.
+    assert "the run's training epochs on its machine" in lines[1]
+    rows[0]["hardware"] = rows[2]["hardware"] = "AMD, 2 cores"
+    assert aat.hardware_text(results) == (
+        "AMD, 2 cores (plain_relu, pgd_relu_eps0.3); "
+        "cpu, 2 cores (pgd_relu_eps0.3, penalty_gelu_eps0.3, fgsm_relu_eps0.3)"
     )
     assert lines[-2:] == [
         "| penalty_gelu_eps0.3 | 0.3 | sigma=0.15 | 2.50 | 30.0 | 2.0 min |  |",
@@ -474,6 +501,13 @@ def test_earlier_rows_are_kept_and_replaced_by_this_runs(tmp_path):
     ]  # fmt: skip
     assert selections == {"plain_relu": {"new": True}, "fgsm_relu_eps0.3": {"old": True}}
     assert merged_settings["seeds"] == [0, 1]
+    # Kept rows without hardware of their own get the earlier results' machine.
+    loaded["hardware"] = "Intel"
+    loaded["rows"].append({"name": "fgsm_relu_eps0.3", "seed": 0, "setting": {}, "hardware": "AMD"})
+    records, _ = aat.with_earlier_rows(loaded, {**settings}, now, {})
+    assert {r["name"]: r.get("hardware") for r in records if r["seed"] == 0} == {
+        "pgd_relu_eps0.3": "Intel", "fgsm_relu_eps0.3": "AMD", "plain_relu": None,
+    }  # fmt: skip
     # Other settings are refused before any run, naming the way out.
     with pytest.raises(app.UsageError, match=r"other settings \(epochs\).*Received: epochs=5"):
         aat.earlier_results(str(path), {**settings, "epochs": 5})
