@@ -42,7 +42,8 @@ runs the selection runs and logs each row's choice, so that they can share
 the machine while the final runs, whose wall times the table reports, wait
 for it to be free. Writes
 `<name>.json`, `<name>.md` and `<name>.png` to `--results_dir`
-(experiments/README.md documents the JSON).
+(experiments/README.md documents the JSON) and the table between
+`--results_page`'s markers; `--render` writes the Markdown again from the JSON.
 """
 
 from __future__ import annotations
@@ -61,18 +62,21 @@ from typing import Any
 from absl import app, flags, logging
 
 from experiments import jobs as jobs_lib
+from experiments import mnist_table
 from keras_gradreg.robustness.report import WORST_CASE, find_row
 from train import config as config_lib
 from train.recording import error_percent
 
 FLAGS = flags.FLAGS
 NAME = "against_adversarial_training"
+PAGE_START = "<!-- against-adversarial-training-table:start -->"  # --results_page's markers.
+PAGE_END = "<!-- against-adversarial-training-table:end -->"
 PRESET = "mnist_cnn"
 # train.main's flags this command passes on to every run (the rows set the others).
 DATA_FLAGS = ("dataset", "data_npz", "tfds_data_dir", "steps_per_epoch")
 EVAL_FLAGS = ("eval_examples", "eval_apgd_steps", "eval_square_queries")
 jobs_lib.define_binary_flags(DATA_FLAGS + EVAL_FLAGS, __name__)
-jobs_lib.define_common_flags(__name__, pages=False)
+jobs_lib.define_common_flags(__name__)
 
 flags.DEFINE_list(
     "experiment_rows", [], "Rows to run (empty: the default set, see default_rows())."
@@ -1226,16 +1230,25 @@ def plot(results: dict[str, Any], path: str) -> None:
     plt.close(figure)
 
 
-def write_results(results: dict[str, Any], directory: str) -> dict[str, str]:
-    """<NAME>.json, .md and .png in `directory`; returns their paths."""
+def write_results(results: dict[str, Any], directory: str, page: str = "") -> dict[str, str]:
+    """<NAME>.json and .png in `directory`, and `write_markdown`'s files; returns their paths."""
     os.makedirs(directory, exist_ok=True)
     paths = {ext: os.path.join(directory, f"{NAME}.{ext}") for ext in ("json", "md", "png")}
     with open(paths["json"], "w") as f:
         json.dump(results, f, indent=2)
-    with open(paths["md"], "w") as f:
-        f.write(markdown(results))
+    write_markdown(results, directory, page)
     plot(results, paths["png"])
     return paths
+
+
+def write_markdown(results: dict[str, Any], directory: str, page: str = "") -> str:
+    """<NAME>.md in `directory` and the text between `page`'s markers ('': no page)."""
+    text = markdown(results)
+    with open(os.path.join(directory, f"{NAME}.md"), "w") as f:
+        f.write(text)
+    if page:
+        mnist_table.update_readme(page, text, PAGE_START, PAGE_END)
+    return text
 
 
 # --------------------------------------------------------------------------- #
@@ -1336,6 +1349,10 @@ def _check_flags() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.render:
+        with open(os.path.join(FLAGS.results_dir, f"{NAME}.json")) as f:
+            print(write_markdown(json.load(f), FLAGS.results_dir, FLAGS.results_page))
+        return
     _check_flags()
     settings = settings_from_flags()
     try:
@@ -1441,7 +1458,7 @@ def main(argv: list[str]) -> None:
         "targets": targets(records),
         "selections": selections,
     }
-    paths = write_results(results_json, FLAGS.results_dir)
+    paths = write_results(results_json, FLAGS.results_dir, FLAGS.results_page)
     print(markdown(results_json))
     logging.info("Wrote %s", ", ".join(paths.values()))
 

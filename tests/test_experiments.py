@@ -419,19 +419,23 @@ def test_smoke_run_writes_the_documented_results(tmp_path):
     arguments = [
         sys.executable, "-m", "experiments.against_adversarial_training",
         f"--data_npz={tmp_path / 'small.npz'}", f"--workdir={tmp_path / 'runs'}",
-        f"--results_dir={tmp_path / 'results'}",
+        f"--results_dir={tmp_path / 'results'}", f"--results_page={tmp_path / 'page.md'}",
         "--experiment_rows=plain_relu,penalty_relu_eps0.3", "--penalty_sigmas=0.5,1",
         "--training_epochs=1", "--eval_examples=20",
         "--other_eval_examples=10", "--validation_eval_examples=20", "--validation_apgd_steps=5",
         "--eval_apgd_steps=5", "--eval_square_queries=20", "--seeds=0", "--two_seed_rows=",
         "--parallel=2", "--load_interval=2",
     ]  # fmt: skip
+    (tmp_path / "page.md").write_text(f"intro\n{aat.PAGE_START}\nold\n{aat.PAGE_END}\noutro\n")
     subprocess.run(arguments, cwd=jobs.CHECKOUT, check=True, capture_output=True)
     with open(tmp_path / "results" / f"{aat.NAME}.json") as f:
         results = json.load(f)
     assert (tmp_path / "results" / f"{aat.NAME}.png").stat().st_size > 0
     with open(tmp_path / "results" / f"{aat.NAME}.md") as f:
         assert f.read() == aat.markdown(results)
+    assert (tmp_path / "page.md").read_text() == (
+        f"intro\n{aat.PAGE_START}\n{aat.markdown(results)}{aat.PAGE_END}\noutro\n"
+    )
     assert set(results) == {
         "experiment", "hardware", "cpu_count", "python", "selection_rule", "settings", "rows",
         "targets", "selections",
@@ -597,3 +601,36 @@ def test_a_sitting_stopped_mid_run_is_closed_when_the_next_one_starts(tmp_path):
     aat.record_start(root, other, sampler)
     closed = aat._read_json(aat._timing_path(root, other), {})["sittings"][0]
     assert closed["end"] == start and closed["load_samples"] == []
+
+
+def test_results_page_and_results_hold_what_the_generator_writes():
+    """The published table (docs/results.md between its markers, and
+    results/against_adversarial_training.md) is markdown(results/...json)."""
+    with open(os.path.join(jobs.CHECKOUT, "results", f"{aat.NAME}.json")) as f:
+        text = aat.markdown(json.load(f))
+    with open(os.path.join(jobs.CHECKOUT, "docs", "results.md")) as f:
+        page = f.read()
+    assert page.split(aat.PAGE_START + "\n")[1].split(aat.PAGE_END)[0] == text
+    with open(os.path.join(jobs.CHECKOUT, "results", f"{aat.NAME}.md")) as f:
+        assert f.read() == text
+
+
+@pytest.mark.slow  # A subprocess.
+def test_render_writes_the_markdown_from_the_json_alone(tmp_path):
+    """`--render` reads --results_dir's JSON and writes the .md and the page's table; it
+    needs no --workdir and runs nothing."""
+    results = tmp_path / "results"
+    results.mkdir()
+    source = os.path.join(jobs.CHECKOUT, "results", f"{aat.NAME}.json")
+    (results / f"{aat.NAME}.json").write_bytes(open(source, "rb").read())
+    page = tmp_path / "page.md"
+    page.write_text(f"a\n{aat.PAGE_START}\nold\n{aat.PAGE_END}\nb\n")
+    arguments = [
+        sys.executable, "-m", "experiments.against_adversarial_training", "--render",
+        f"--results_dir={results}", f"--results_page={page}",
+    ]  # fmt: skip
+    subprocess.run(arguments, cwd=jobs.CHECKOUT, check=True, capture_output=True)
+    with open(source) as f:
+        text = aat.markdown(json.load(f))
+    assert (results / f"{aat.NAME}.md").read_text() == text
+    assert page.read_text() == f"a\n{aat.PAGE_START}\n{text}{aat.PAGE_END}\nb\n"
