@@ -38,9 +38,13 @@ workdir per run under `--workdir`, finished runs are read and not repeated,
 an interrupted run resumes; the evaluations made here are cached in the
 run's workdir. `--parallel=N` trains N runs at a time as subprocesses (the wall
 times are then not those of a run alone on the machine); `--selection_only`
-runs the selection runs and logs each row's choice, so that they can share
-the machine while the final runs, whose wall times the table reports, wait
-for it to be free. Writes
+runs the selection runs, logs each row's choice and adds the selection
+records to the results, so that they can share the machine while the final
+runs, whose wall times the table reports, wait for it to be free. A row
+whose selection record the results already hold (same grid, epochs and
+epsilon) uses its choice and runs no selection (`--reselect` runs it): a
+later sitting, even on a machine without the workdir, trains its final run
+directly. Writes
 `<name>.json`, `<name>.md` and `<name>.png` to `--results_dir`
 (experiments/README.md documents the JSON) and the table between
 `--results_page`'s markers; `--render` writes the Markdown again from the JSON.
@@ -147,12 +151,19 @@ flags.DEFINE_bool(
     False,
     "Also run a validation run for rows with one setting only (PGD-AT by default).",
 )
+flags.DEFINE_bool(
+    "reselect",
+    False,
+    "Run the selection of rows whose selection record the results JSON in --results_dir "
+    "already holds (same grid, epochs and epsilon); by default their recorded choice is used.",
+)
 flags.DEFINE_float("load_interval", 15.0, "Seconds between load-average samples.", lower_bound=1)
 flags.DEFINE_bool(
     "selection_only",
     False,
     "Run the rows' selection runs only (their times are reported apart, so they may share "
-    "the machine) and log each row's choice; no final run, nothing written to --results_dir.",
+    "the machine), log each row's choice and add the selection records to the results "
+    "(the rows are left as they are); no final run.",
 )
 
 LOAD_LOG = "load_samples.jsonl"  # Every sample of every sitting, in the workdir.
@@ -771,10 +782,17 @@ class Plan:
     finals: dict[str, tuple[Row, dict[str, Any], int]] = dataclasses.field(default_factory=dict)
     job_names: dict[str, str] = dataclasses.field(default_factory=dict)
     selection_only: bool = False  # The selection runs' tasks only.
+    # Row name -> selection record read from earlier results (`recorded_selections`).
+    recorded: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def selection_rows(self) -> list[Row]:
-        """Rows with validation runs, and the plain rows their error limits need."""
-        chosen = [row for row in self.rows if needs_selection(row, self.settings)]
+        """Rows with validation runs to run (or read from the workdir), and the plain rows
+        their error limits need; rows with a recorded selection have none."""
+        chosen = [
+            row
+            for row in self.rows
+            if needs_selection(row, self.settings) and row.name not in self.recorded
+        ]
         plains = {Row("plain", row.activation) for row in chosen}
         extra = [row for row in sorted(plains, key=lambda r: r.name) if row not in chosen]
         return extra + chosen
@@ -800,6 +818,8 @@ class Plan:
 
     def selection(self, row: Row, summaries: dict[str, Any]) -> dict[str, Any] | None:
         """The selection record of a row (None without validation runs)."""
+        if row.name in self.recorded:
+            return self.recorded[row.name]
         key = f"select/{row.name}"
         if key not in summaries:
             return None
@@ -811,7 +831,7 @@ class Plan:
         return candidates(row, self.settings.grids)[0 if record is None else record["chosen"]]
 
     def _needs(self, row: Row) -> tuple[str, ...]:
-        if not needs_selection(row, self.settings):
+        if not needs_selection(row, self.settings) or row.name in self.recorded:
             return ()
         return tuple(dict.fromkeys([f"select/{row.name}", f"select/plain_{row.activation}"]))
 
@@ -1305,6 +1325,30 @@ def settings_from_flags() -> Settings:
     )
 
 
+def recorded_selections(
+    earlier: dict[str, Any] | None, rows: Sequence[Row], settings: Settings
+) -> dict[str, dict[str, Any]]:
+    """The selection records of `earlier` results that `rows` can use instead of running
+    their selection again: same settings grid (in order), epochs and epsilon.
+
+    `earlier_results` has already checked the other settings (validation split,
+    attack, error factor, data) against this run's.
+    """
+    found = {}
+    for row in rows:
+        record = ((earlier or {}).get("selections") or {}).get(row.name)
+        if record is None or not needs_selection(row, settings):
+            continue
+        grid = json.loads(json.dumps(candidates(row, settings.grids)))  # As the JSON has it.
+        if (
+            [entry["setting"] for entry in record["entries"]] == grid
+            and record["epochs"] == settings.selection_epochs
+            and math.isclose(record["epsilon"], selection_epsilon(row, settings))
+        ):
+            found[row.name] = record
+    return found
+
+
 def check_plan(plan: Plan) -> None:
     """Validates every run's settings (train.main's checks) before any work."""
     settings = plan.settings
@@ -1381,6 +1425,10 @@ def main(argv: list[str]) -> None:
     earlier = None
     if FLAGS.keep_earlier_rows:  # Checked before any run.
         earlier = earlier_results(os.path.join(FLAGS.results_dir, f"{NAME}.json"), settings_json)
+    if not FLAGS.reselect:
+        plan.recorded = recorded_selections(earlier, rows, settings)
+        for record in plan.recorded.values():
+            logging.info("Read from the results (--reselect runs it): %s", selection_line(record))
     x_val = arrays.x_validation[: settings.validation_examples]
     y_val = arrays.y_validation[: settings.validation_examples]
 
@@ -1404,11 +1452,10 @@ def main(argv: list[str]) -> None:
     tasks, summarize = plan.tasks()
     results, summaries = jobs_lib.run_tasks(FLAGS.workdir, tasks, summarize, FLAGS.parallel)
     plan.sampler.stop()
+    selections = {row.name: plan.selection(row, summaries) for row in plan.selection_rows()}
     if plan.selection_only:
-        for row in plan.selection_rows():
-            logging.info("%s", selection_line(plan.selection(row, summaries)))
-        return
-
+        for record in selections.values():
+            logging.info("%s", selection_line(record))
     evaluation = dict(settings.evaluation)
     machine = jobs_lib.hardware()
     records = []
@@ -1435,10 +1482,6 @@ def main(argv: list[str]) -> None:
             )  # fmt: skip
         load = load_summary(FLAGS.workdir, summaries[stage])
         records.append(row_record(row, candidate, seed, result, other, settings, load, machine))
-    selections = {}
-    for row in plan.selection_rows():
-        record = plan.selection(row, summaries)
-        selections[row.name] = record
     add_time_ratios(records)  # Within this sitting: kept rows keep their own sitting's.
     if earlier is not None:
         records, selections = with_earlier_rows(earlier, settings_json, records, selections)

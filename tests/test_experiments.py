@@ -217,6 +217,35 @@ def test_selection_only_plans_the_selection_runs_and_logs_each_choice(tmp_path):
     )  # 2.4% is over twice plain's 1.0%.
 
 
+def test_a_selection_recorded_in_the_results_is_used_instead_of_run_again(tmp_path):
+    """A row whose selection the results hold (same grid, epochs, epsilon) runs none, and
+    its final run takes the recorded choice; nor does the plain row it alone needed. A
+    record of another grid, other epochs or another epsilon is not used."""
+    rows = [aat.parse_row(n) for n in ("penalty_gelu_eps0.1", "fgsm_relu_eps0.3")]
+    grid = [{"sigma": s, "sigma_warmup_epochs": 5} for s in (0.05, 0.1, 0.2)]
+    recorded = {
+        "row": "penalty_gelu_eps0.1", "epsilon": 0.1, "epochs": SETTINGS.selection_epochs,
+        "entries": [{**entry(1.0, 80.0), "setting": setting} for setting in grid],
+        "chosen": 2, "admissible": True, "error_limit_percent": 2.0, "plain_row": "plain_gelu",
+    }  # fmt: skip
+    earlier = {"selections": {"penalty_gelu_eps0.1": recorded}}
+    found = aat.recorded_selections(earlier, rows, SETTINGS)
+    assert found == {"penalty_gelu_eps0.1": recorded}
+    plan = aat.Plan(rows, SETTINGS, (), str(tmp_path), recorded=found)
+    tasks, _ = plan.tasks()
+    assert [t.stage for t in tasks] == [
+        "select/plain_relu", "select/fgsm_relu_eps0.3", "select/fgsm_relu_eps0.3",
+        "final/penalty_gelu_eps0.1/seed0", "final/fgsm_relu_eps0.3/seed0",
+    ]  # fmt: skip
+    assert tasks[3].needs == ()
+    assert tasks[3].make({}).name == "final/penalty_gelu_eps0.1/sigma0.2_ramp5_seed0"
+    assert plan.selection(rows[0], {}) is recorded
+    for changed in ({"epochs": 3}, {"epsilon": 0.3}, {"entries": recorded["entries"][:2]}):
+        other = {"selections": {"penalty_gelu_eps0.1": {**recorded, **changed}}}
+        assert aat.recorded_selections(other, rows, SETTINGS) == {}, changed
+    assert aat.recorded_selections(None, rows, SETTINGS) == {}
+
+
 def record(name, kind, eps, seed, error, robust, examples, seconds, flags=None, act="relu"):
     return {
         "name": name,
@@ -469,7 +498,10 @@ def test_smoke_run_writes_the_documented_results(tmp_path):
     )
     again = subprocess.run(arguments, cwd=jobs.CHECKOUT, check=True, capture_output=True, text=True)
     assert ": training" not in again.stderr
-    assert again.stderr.count("finished earlier, reading it") == 5  # 3 selection, 2 final runs.
+    # The selections are read from the results it wrote (plain and penalty), the final
+    # runs from the workdir.
+    assert again.stderr.count("Read from the results (--reselect runs it)") == 2
+    assert again.stderr.count("finished earlier, reading it") == 2
     after = os.path.getmtime(
         tmp_path / "runs" / "final" / "plain_relu" / "default_seed0" / "metrics.json"
     )
