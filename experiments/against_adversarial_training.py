@@ -1329,7 +1329,8 @@ def recorded_selections(
     earlier: dict[str, Any] | None, rows: Sequence[Row], settings: Settings
 ) -> dict[str, dict[str, Any]]:
     """The selection records of `earlier` results that `rows` can use instead of running
-    their selection again: same settings grid (in order), epochs and epsilon.
+    their selection again: same settings grid (in order), epochs and epsilon; a plain
+    row's only if no row of its activation runs its selection.
 
     `earlier_results` has already checked the other settings (validation split,
     attack, error factor, data) against this run's.
@@ -1346,6 +1347,10 @@ def recorded_selections(
             and math.isclose(record["epsilon"], selection_epsilon(row, settings))
         ):
             found[row.name] = record
+    # A plain row whose selection runs for another row's error limit is not read either.
+    for row in rows:
+        if row.kind != "plain" and needs_selection(row, settings) and row.name not in found:
+            found.pop(f"plain_{row.activation}", None)
     return found
 
 

@@ -244,6 +244,15 @@ def test_a_selection_recorded_in_the_results_is_used_instead_of_run_again(tmp_pa
         other = {"selections": {"penalty_gelu_eps0.1": {**recorded, **changed}}}
         assert aat.recorded_selections(other, rows, SETTINGS) == {}, changed
     assert aat.recorded_selections(None, rows, SETTINGS) == {}
+    # Plain relu's recorded selection is not read while fgsm runs its own beside it.
+    plain = {**recorded, "row": "plain_relu", "epsilon": 0.3, "chosen": 0, "plain_row": None,
+             "entries": [{**entry(1.0, 0.0), "setting": {}}]}  # fmt: skip
+    earlier["selections"]["plain_relu"] = plain
+    with_plain = [aat.parse_row("plain_relu"), *rows]
+    assert set(aat.recorded_selections(earlier, with_plain, SETTINGS)) == {"penalty_gelu_eps0.1"}
+    assert set(aat.recorded_selections(earlier, with_plain[:2], SETTINGS)) == {
+        "plain_relu", "penalty_gelu_eps0.1",
+    }  # fmt: skip
 
 
 def record(name, kind, eps, seed, error, robust, examples, seconds, flags=None, act="relu"):
