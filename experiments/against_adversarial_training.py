@@ -39,12 +39,12 @@ an interrupted run resumes; the evaluations made here are cached in the
 run's workdir. `--parallel=N` trains N runs at a time as subprocesses (the wall
 times are then not those of a run alone on the machine); `--selection_only`
 runs the selection runs, logs each row's choice and adds the selection
-records to the results, so that they can share the machine while the final
-runs, whose wall times the table reports, wait for it to be free. A row
-whose selection record the results already hold (same grid, epochs and
-epsilon) uses its choice and runs no selection (`--reselect` runs it): a
-later sitting, even on a machine without the workdir, trains its final run
-directly. Writes
+records to the results (if there are any), so that they can share the
+machine while the final runs, whose wall times the table reports, wait for
+it to be free. A row whose selection record the results already hold (same
+epsilon) uses its choice and runs no selection (`--reselect` runs it); a
+recorded plain row gives later rows their error limit: a later sitting,
+even on a machine without the workdir, trains its final run directly. Writes
 `<name>.json`, `<name>.md` and `<name>.png` to `--results_dir`
 (experiments/README.md documents the JSON) and the table between
 `--results_page`'s markers; `--render` writes the Markdown again from the JSON.
@@ -155,15 +155,15 @@ flags.DEFINE_bool(
     "reselect",
     False,
     "Run the selection of rows whose selection record the results JSON in --results_dir "
-    "already holds (same grid, epochs and epsilon); by default their recorded choice is used.",
+    "already holds (same epsilon); by default their recorded choice is used.",
 )
 flags.DEFINE_float("load_interval", 15.0, "Seconds between load-average samples.", lower_bound=1)
 flags.DEFINE_bool(
     "selection_only",
     False,
     "Run the rows' selection runs only (their times are reported apart, so they may share "
-    "the machine), log each row's choice and add the selection records to the results "
-    "(the rows are left as they are); no final run.",
+    "the machine), log each row's choice and add the selection records to existing results "
+    "(their rows are kept); no final run.",
 )
 
 LOAD_LOG = "load_samples.jsonl"  # Every sample of every sitting, in the workdir.
@@ -793,7 +793,11 @@ class Plan:
             for row in self.rows
             if needs_selection(row, self.settings) and row.name not in self.recorded
         ]
-        plains = {Row("plain", row.activation) for row in chosen}
+        plains = {
+            Row("plain", row.activation)
+            for row in chosen
+            if f"plain_{row.activation}" not in self.recorded
+        }
         extra = [row for row in sorted(plains, key=lambda r: r.name) if row not in chosen]
         return extra + chosen
 
@@ -823,7 +827,11 @@ class Plan:
         key = f"select/{row.name}"
         if key not in summaries:
             return None
-        reference = None if row.kind == "plain" else summaries[f"select/plain_{row.activation}"]
+        plain = f"plain_{row.activation}"
+        reference = (
+            None if row.kind == "plain"
+            else self.recorded.get(plain) or summaries[f"select/{plain}"]
+        )  # fmt: skip
         return selection_summary(row, summaries[key]["entries"], reference, self.settings)
 
     def chosen(self, row: Row, summaries: dict[str, Any]) -> dict[str, Any]:
@@ -833,7 +841,8 @@ class Plan:
     def _needs(self, row: Row) -> tuple[str, ...]:
         if not needs_selection(row, self.settings) or row.name in self.recorded:
             return ()
-        return tuple(dict.fromkeys([f"select/{row.name}", f"select/plain_{row.activation}"]))
+        stages = [f"select/{row.name}", f"select/plain_{row.activation}"]
+        return tuple(s for s in dict.fromkeys(stages) if s[len("select/") :] not in self.recorded)
 
     def _final_task(self, stage: str, needs: tuple[str, ...], pick: Callable) -> jobs_lib.Task:
         """A final run; its own stage closes its timing when it has finished."""
@@ -1005,23 +1014,21 @@ def images_interval(runs: list[dict[str, Any]], key: str) -> list[float] | None:
     return list(wilson_interval(round(_mean(values) * count / 100), count))
 
 
-def time_versus(rows: list[dict[str, Any]], name: str, reference: str) -> tuple[float | None, str]:
-    """Row `name`'s training time over row `reference`'s (means over seeds), and its basis.
+def time_versus(rows: list[dict[str, Any]], name: str, reference: str) -> float | None:
+    """Row `name`'s training time over row `reference`'s: their times over the plain row
+    of their own sitting (`time_vs_plain`, means over seeds), divided.
 
-    Wall times if every run of both was trained on the same hardware;
-    otherwise their times over the plain row of their own sitting ("x plain"),
-    since wall times of different machines do not compare.
+    Not wall times: rows trained in other sittings may come from other machines,
+    which /proc/cpuinfo's model name does not tell apart (the closed-form
+    estimator at 0.1 took 934 s on one "AMD EPYC" and 519 s on another). None if
+    a run's sitting had no plain row of its activation. A gelu row's ratio is
+    over plain gelu, PGD-AT's over plain relu.
     """
-    runs = [r for r in rows if r["name"] == name]
-    references = [r for r in rows if r["name"] == reference]
-    if len({r.get("hardware") for r in runs + references}) == 1:
-        return _mean([r["train_seconds"] for r in runs]) / _mean(
-            [r["train_seconds"] for r in references]
-        ), "wall time"
-    ratios = [r.get("time_vs_plain") for r in runs + references]
-    if None in ratios:
-        return None, "x plain"
-    return _mean(ratios[: len(runs)]) / _mean(ratios[len(runs) :]), "x plain"
+    runs = [r.get("time_vs_plain") for r in rows if r["name"] == name]
+    references = [r.get("time_vs_plain") for r in rows if r["name"] == reference]
+    if not runs or not references or None in runs + references:
+        return None
+    return _mean(runs) / _mean(references)
 
 
 def targets(rows: list[dict[str, Any]], margin: float = 3.0, time_share: float = 1 / 3) -> list:
@@ -1029,7 +1036,8 @@ def targets(rows: list[dict[str, Any]], margin: float = 3.0, time_share: float =
 
     PGD-AT's robust accuracy at its training epsilon, and the single-step row
     with the highest robust accuracy among those trained in at most
-    `time_share` of PGD-AT's time (`time_versus`; or, if none, the fastest one).
+    `time_share` of PGD-AT's time (`time_versus`: over each row's plain row; or,
+    if none, the fastest one). Rows without a time ratio are not scored.
     """
     found = []
     for epsilon in sorted({r["train_epsilon"] for r in rows if r["kind"] == "pgd"}, reverse=True):
@@ -1049,7 +1057,7 @@ def targets(rows: list[dict[str, Any]], margin: float = 3.0, time_share: float =
             {r["name"] for r in rows if r["single_step"] and r["train_epsilon"] == epsilon}
         )
         scored = [
-            (name, mean_of(name, "robust_percent"), *time_versus(rows, name, pgd_name))
+            (name, mean_of(name, "robust_percent"), time_versus(rows, name, pgd_name))
             for name in single
         ]
         scored = [s for s in scored if s[1] is not None and s[2] is not None]
@@ -1067,6 +1075,7 @@ def targets(rows: list[dict[str, Any]], margin: float = 3.0, time_share: float =
             "pgd_robust_percent": pgd_robust,
             "pgd_robust_ci95": interval_of(pgd_name),
             "pgd_train_seconds": pgd_time,
+            "pgd_time_vs_plain": mean_of(pgd_name, "time_vs_plain"),
             "best_single_step": None,
         }
         if best is not None and pgd_robust is not None:
@@ -1075,7 +1084,6 @@ def targets(rows: list[dict[str, Any]], margin: float = 3.0, time_share: float =
                 "robust_percent": best[1],
                 "robust_ci95": interval_of(best[0]),
                 "time_vs_pgd": best[2],
-                "time_basis": best[3],
                 "points_below_pgd": pgd_robust - best[1],
                 "met": bool(fast) and pgd_robust - best[1] <= margin,
             }
@@ -1095,9 +1103,11 @@ def hardware_text(results: dict[str, Any]) -> str:
     """The hardware the rows were trained on: one machine, or each with its rows."""
     rows_on: dict[str, list[str]] = {}
     for r in results["rows"]:
-        rows_on.setdefault(r.get("hardware", results["hardware"]), []).append(r["name"])
-    if len(rows_on) <= 1:
-        return next(iter(rows_on), results["hardware"])
+        rows_on.setdefault(r.get("hardware") or "not recorded", []).append(r["name"])
+    if not rows_on or set(rows_on) == {"not recorded"}:  # Results written before rows had it.
+        return results["hardware"]
+    if len(rows_on) == 1:
+        return next(iter(rows_on))
     return "; ".join(
         f"{machine} ({', '.join(dict.fromkeys(names))})" for machine, names in rows_on.items()
     )
@@ -1168,13 +1178,7 @@ def markdown(results: dict[str, Any]) -> str:
             text += (
                 f"; best single-step row within 1/3 of its time: {best['row']}, "
                 f"{best['robust_percent']:.1f}%{_interval(best.get('robust_ci95'))} at "
-                f"{best['time_vs_pgd']:.2f}x PGD-AT's time"
-                + (
-                    " (over each row's x plain: trained on different machines)"
-                    if best.get("time_basis") == "x plain"
-                    else ""
-                )
-                + ", "
+                f"{best['time_vs_pgd']:.2f}x PGD-AT's time (each over its sitting's plain row), "
                 f"{best['points_below_pgd']:.1f} points below: "
                 + ("met." if best["met"] else "not met.")
             )
@@ -1220,25 +1224,29 @@ def plot(results: dict[str, Any], path: str) -> None:
         key = f"{epsilon:g}"
         labelled = set()
         for r in results["rows"]:
-            if r["train_epsilon"] not in (None, epsilon) or r["robust_percent"].get(key) is None:
+            if (
+                r["train_epsilon"] not in (None, epsilon)
+                or r["robust_percent"].get(key) is None
+                or r.get("time_vs_plain") is None
+            ):
                 continue
             color = colors.setdefault(r["activation"], f"C{len(colors)}")
             label = f"{KINDS[r['kind']].label}, {r['activation']}"
             axis.scatter(
-                r["train_seconds"] / 60, r["robust_percent"][key], marker=MARKERS[r["kind"]],
+                r["time_vs_plain"], r["robust_percent"][key], marker=MARKERS[r["kind"]],
                 color=color, s=60, alpha=0.8, label=None if label in labelled else label,
             )  # fmt: skip
             labelled.add(label)
         for t in results["targets"]:
             if (
                 t["epsilon"] == epsilon
-                and t["pgd_train_seconds"]
+                and t.get("pgd_time_vs_plain")
                 and t["pgd_robust_percent"] is not None
             ):
-                axis.axvline(t["pgd_train_seconds"] / 180, color="grey", linestyle=":")
+                axis.axvline(t["pgd_time_vs_plain"] / 3, color="grey", linestyle=":")
                 axis.axhline(t["pgd_robust_percent"] - 3, color="grey", linestyle=":")
         axis.set_xscale("log")
-        axis.set_xlabel("training wall time (min, log scale)")
+        axis.set_xlabel("training time over its sitting's plain row (x plain, log scale)")
         axis.set_ylabel(f"robust accuracy at L-inf {key} (%)")
         axis.set_title(f"trained and attacked at L-inf {key}")
         axis.set_ylim(-2, 102)
@@ -1262,7 +1270,8 @@ def write_results(results: dict[str, Any], directory: str, page: str = "") -> di
 
 
 def write_markdown(results: dict[str, Any], directory: str, page: str = "") -> str:
-    """<NAME>.md in `directory` and the text between `page`'s markers ('': no page)."""
+    """Writes <NAME>.md in `directory` and the text between `page`'s markers ('': no
+    page); returns the text."""
     text = markdown(results)
     with open(os.path.join(directory, f"{NAME}.md"), "w") as f:
         f.write(text)
@@ -1329,14 +1338,15 @@ def recorded_selections(
     earlier: dict[str, Any] | None, rows: Sequence[Row], settings: Settings
 ) -> dict[str, dict[str, Any]]:
     """The selection records of `earlier` results that `rows` can use instead of running
-    their selection again: same settings grid (in order), epochs and epsilon; a plain
-    row's only if no row of its activation runs its selection.
+    their selection again (same epsilon; `earlier_results` has refused results of
+    another grid or selection epochs, and the grid is checked again here). The plain
+    rows' records are read whether or not they are in `rows`: a row selected now
+    takes its error limit from the published plain record.
 
-    `earlier_results` has already checked the other settings (validation split,
-    attack, error factor, data) against this run's.
     """
     found = {}
-    for row in rows:
+    plains = {Row("plain", row.activation) for row in rows if needs_selection(row, settings)}
+    for row in [*rows, *sorted(plains - set(rows), key=lambda r: r.name)]:
         record = ((earlier or {}).get("selections") or {}).get(row.name)
         if record is None or not needs_selection(row, settings):
             continue
@@ -1347,10 +1357,6 @@ def recorded_selections(
             and math.isclose(record["epsilon"], selection_epsilon(row, settings))
         ):
             found[row.name] = record
-    # A plain row whose selection runs for another row's error limit is not read either.
-    for row in rows:
-        if row.kind != "plain" and needs_selection(row, settings) and row.name not in found:
-            found.pop(f"plain_{row.activation}", None)
     return found
 
 
@@ -1461,6 +1467,12 @@ def main(argv: list[str]) -> None:
     if plan.selection_only:
         for record in selections.values():
             logging.info("%s", selection_line(record))
+        if earlier is None:  # Results with no rows would blank the published table.
+            logging.warning(
+                "No results in %s to add the selections to: none written (the final runs "
+                "read them from the workdir).", FLAGS.results_dir,
+            )  # fmt: skip
+            return
     evaluation = dict(settings.evaluation)
     machine = jobs_lib.hardware()
     records = []
@@ -1488,7 +1500,8 @@ def main(argv: list[str]) -> None:
         load = load_summary(FLAGS.workdir, summaries[stage])
         records.append(row_record(row, candidate, seed, result, other, settings, load, machine))
     add_time_ratios(records)  # Within this sitting: kept rows keep their own sitting's.
-    if earlier is not None:
+    if earlier is not None:  # Read again: another command may have written rows since.
+        earlier = earlier_results(os.path.join(FLAGS.results_dir, f"{NAME}.json"), settings_json)
         records, selections = with_earlier_rows(earlier, settings_json, records, selections)
     defaults = default_rows(
         settings.threat_epsilon, settings.extra_epsilons, settings.smooth_activation
@@ -1546,17 +1559,13 @@ def with_earlier_rows(
 
     A row (name and seed) or selection this run produced replaces the earlier
     one; kept rows keep their `time_vs_plain` (their own sitting's plain
-    row) and their hardware (the earlier results' if they have none); the
-    seeds of `settings_json` become the union.
+    row) and hardware; the seeds of `settings_json` become the union.
 
     Raises:
         app.UsageError: If a kept row (another seed) has another setting than
             this run's row of that name.
     """
     kept = jobs_lib.kept_earlier(earlier["rows"], records, key=lambda r: (r["name"], r["seed"]))
-    # Rows written before rows had their own hardware: the machine that wrote them.
-    if "hardware" in earlier:
-        kept = [{"hardware": earlier["hardware"], **record} for record in kept]
     settings_of = {r["name"]: r["setting"] for r in records}
     for record in kept:
         if settings_of.get(record["name"], record["setting"]) != record["setting"]:
