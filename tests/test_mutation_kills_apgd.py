@@ -109,10 +109,14 @@ def test_from_logits_is_read_from_the_compiled_loss():
 
 def test_one_hot_targets_are_read_as_their_classes():
     # y given one-hot (batch, classes) is the same labels as the integers it encodes.
+    # The weights are set (not drawn by Keras, whose draws depended on the tests run
+    # before: once none of the 16 stayed correct), the labels the model's own on 12.
     rng = np.random.default_rng(2)
     x = rng.uniform(size=(16, 6)).astype("float32")
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
-    y = rng.integers(0, 4, size=16)
+    model.layers[0].set_weights([rng.normal(size=(6, 4)).astype("float32"), np.zeros(4, "f4")])
+    y = np.argmax(model(x).numpy(), axis=1)
+    y[12:] = (y[12:] + 1) % 4  # Four misclassified.
     args = dict(p=math.inf, steps=5, seed=3, return_correct=True)
     labels, labels_correct = attacks.apgd(model, x, y, 0.1, **args)
     one_hot, one_hot_correct = attacks.apgd(model, x, np.eye(4, dtype="float32")[y], 0.1, **args)
