@@ -793,10 +793,8 @@ class Plan:
             for row in self.rows
             if needs_selection(row, self.settings) and row.name not in self.recorded
         ]
-        plains = {
-            Row("plain", row.activation)
-            for row in chosen
-            if f"plain_{row.activation}" not in self.recorded
+        plains = {Row("plain", row.activation) for row in chosen} - {
+            row for row in map(parse_row, self.recorded) if row.kind == "plain"
         }
         extra = [row for row in sorted(plains, key=lambda r: r.name) if row not in chosen]
         return extra + chosen
@@ -827,7 +825,7 @@ class Plan:
         key = f"select/{row.name}"
         if key not in summaries:
             return None
-        plain = f"plain_{row.activation}"
+        plain = Row("plain", row.activation).name
         reference = (
             None if row.kind == "plain"
             else self.recorded.get(plain) or summaries[f"select/{plain}"]
@@ -841,8 +839,8 @@ class Plan:
     def _needs(self, row: Row) -> tuple[str, ...]:
         if not needs_selection(row, self.settings) or row.name in self.recorded:
             return ()
-        stages = [f"select/{row.name}", f"select/plain_{row.activation}"]
-        return tuple(s for s in dict.fromkeys(stages) if s[len("select/") :] not in self.recorded)
+        names = dict.fromkeys([row.name, Row("plain", row.activation).name])
+        return tuple(f"select/{name}" for name in names if name not in self.recorded)
 
     def _final_task(self, stage: str, needs: tuple[str, ...], pick: Callable) -> jobs_lib.Task:
         """A final run; its own stage closes its timing when it has finished."""
@@ -1342,7 +1340,6 @@ def recorded_selections(
     another grid or selection epochs, and the grid is checked again here). The plain
     rows' records are read whether or not they are in `rows`: a row selected now
     takes its error limit from the published plain record.
-
     """
     found = {}
     plains = {Row("plain", row.activation) for row in rows if needs_selection(row, settings)}
@@ -1404,8 +1401,9 @@ def _check_flags() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    results_path = os.path.join(FLAGS.results_dir, f"{NAME}.json")
     if FLAGS.render:
-        with open(os.path.join(FLAGS.results_dir, f"{NAME}.json")) as f:
+        with open(results_path) as f:
             print(write_markdown(json.load(f), FLAGS.results_dir, FLAGS.results_page))
         return
     _check_flags()
@@ -1435,7 +1433,7 @@ def main(argv: list[str]) -> None:
     settings_json = settings_record(settings, arrays.record)
     earlier = None
     if FLAGS.keep_earlier_rows:  # Checked before any run.
-        earlier = earlier_results(os.path.join(FLAGS.results_dir, f"{NAME}.json"), settings_json)
+        earlier = earlier_results(results_path, settings_json)
     if not FLAGS.reselect:
         plan.recorded = recorded_selections(earlier, rows, settings)
         for record in plan.recorded.values():
@@ -1501,7 +1499,7 @@ def main(argv: list[str]) -> None:
         records.append(row_record(row, candidate, seed, result, other, settings, load, machine))
     add_time_ratios(records)  # Within this sitting: kept rows keep their own sitting's.
     if earlier is not None:  # Read again: another command may have written rows since.
-        earlier = earlier_results(os.path.join(FLAGS.results_dir, f"{NAME}.json"), settings_json)
+        earlier = earlier_results(results_path, settings_json) or earlier
         records, selections = with_earlier_rows(earlier, settings_json, records, selections)
     defaults = default_rows(
         settings.threat_epsilon, settings.extra_epsilons, settings.smooth_activation
